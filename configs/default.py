@@ -1,0 +1,53 @@
+"""Defaults that every experiment config starts from; not an experiment by itself.
+
+    resnet-jax train --config configs/default.py --workdir runs/default
+
+trains ResNet-20 on Fashion-MNIST for 2,000 steps; the tuned recipe is configs/fashion_mnist_resnet20.py.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+
+    # Model: any name of `resnet-jax models` (or a CIFAR depth), with ResNet attribute overrides.
+    config.model = "resnet20"
+    config.model_overrides = ml_collections.ConfigDict({"zero_init_residual": False})
+    config.dtype = "float32"  # "bfloat16": bf16 compute, fp32 parameters and BN statistics
+
+    # Data: fashion_mnist, mnist, cifar10, cifar100, imagenet2012, synthetic.
+    config.dataset = "fashion_mnist"
+    config.data_dir = ml_collections.config_dict.placeholder(str)  # None: the dataset's default place
+    config.augment = True
+    config.crop_padding = 4  # He et al. CIFAR: pad 4 and random-crop back; 0 turns cropping off
+    config.random_flip = True
+    config.mixup_alpha = 0.0
+    config.label_smoothing = 0.0
+
+    # Optimisation: SGD with coupled L2 weight decay, as in the papers.
+    config.batch_size = 128  # global, over every device and process
+    config.eval_batch_size = 500
+    config.num_train_steps = 2_000
+    config.optimizer = "sgd"
+    config.learning_rate = 0.1
+    config.scale_learning_rate_by_batch = False  # lr = learning_rate * batch_size / 256
+    config.momentum = 0.9
+    config.nesterov = False
+    config.weight_decay = 1e-4
+    config.weight_decay_exclude_bn_and_bias = False
+    config.grad_clip_norm = 0.0  # 0: no clipping
+    config.lr_schedule = "cosine"  # "constant", "step" or "cosine"
+    config.lr_boundaries_steps = ()  # "step": divide by 1 / lr_decay_factor at these steps ...
+    config.lr_boundaries_epochs = ()  # ... and at these epochs
+    config.lr_decay_factor = 0.1
+    config.warmup_steps = 0
+    config.warmup_start_learning_rate = 0.0
+
+    # Bookkeeping.
+    config.seed = 0
+    config.log_every_steps = 50
+    config.eval_every_steps = 500
+    config.checkpoint_every_steps = 500
+    config.keep_checkpoints = 3  # the latest k, plus the best by test accuracy
+    return config

@@ -1,0 +1,45 @@
+"""Input pipelines: deterministic, resumable at any step, and sharded by process for multi-host training.
+
+``load_source(dataset, split)`` gives the data; ``train_batches`` and ``eval_batches`` turn it into
+numpy batches for this process. The in-memory data sets (IDX files, synthetic) never import TensorFlow.
+"""
+
+from resnet_jax.data.augment import CHANNEL_STATS, mixup, normalize, one_hot, random_crop_flip
+from resnet_jax.data.pipeline import (
+    eval_batches,
+    local_batch_size,
+    measure_input_throughput,
+    steps_per_epoch,
+    train_batches,
+)
+from resnet_jax.data.sources import (
+    DATASETS,
+    ArraySource,
+    StreamSource,
+    load_idx_folder,
+    load_source,
+    load_tfds_arrays,
+    read_idx,
+    synthetic,
+)
+
+__all__ = [
+    "CHANNEL_STATS",
+    "DATASETS",
+    "ArraySource",
+    "StreamSource",
+    "eval_batches",
+    "load_idx_folder",
+    "load_source",
+    "load_tfds_arrays",
+    "local_batch_size",
+    "measure_input_throughput",
+    "mixup",
+    "normalize",
+    "one_hot",
+    "random_crop_flip",
+    "read_idx",
+    "steps_per_epoch",
+    "synthetic",
+    "train_batches",
+]

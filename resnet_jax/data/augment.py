@@ -1,0 +1,71 @@
+"""Host-side augmentation in numpy, vectorised over the batch.
+
+Every random choice is drawn from an explicit ``np.random.Generator`` and sampling is kept apart
+from applying, so that the pipeline can draw the choices of a whole global batch from one seed and
+apply them to the rows of one process only: a batch then depends on (seed, step) alone.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# Per-channel mean and standard deviation of the training images, in [0, 1].
+CHANNEL_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "mnist": ((0.1307,), (0.3081,)),
+    "fashion_mnist": ((0.2860,), (0.3530,)),
+    "imagenet2012": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+
+
+def sample_crop_flip(rng: np.random.Generator, n: int, pad: int, flip: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Draw the crop offsets (n, 2) in [0, 2 * pad] and the flip flags (n,) of ``n`` images."""
+    offsets = rng.integers(0, 2 * pad + 1, size=(n, 2))
+    flips = rng.random(n) < 0.5 if flip else np.zeros(n, dtype=bool)
+    return offsets, flips
+
+
+def apply_crop_flip(images: np.ndarray, offsets: np.ndarray, flips: np.ndarray, pad: int) -> np.ndarray:
+    """Zero-pad NHWC ``images`` by ``pad``, crop each back to H x W at its offset and mirror the flagged ones."""
+    n, h, w, _ = images.shape
+    if pad == 0 and not flips.any():
+        return images
+    padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    rows = offsets[:, :1] + np.arange(h)
+    cols = offsets[:, 1:] + np.where(flips[:, None], np.arange(w - 1, -1, -1), np.arange(w))
+    # One flat gather of whole pixels: about 3x faster than indexing with three broadcast index arrays.
+    pixel = (np.arange(n)[:, None, None] * (h + 2 * pad) + rows[:, :, None]) * (w + 2 * pad) + cols[:, None, :]
+    return np.take(padded.reshape(-1, images.shape[-1]), pixel, axis=0)
+
+
+def random_crop_flip(images: np.ndarray, rng: np.random.Generator, pad: int = 4, flip: bool = True) -> np.ndarray:
+    """He et al. (2016) CIFAR augmentation: pad by ``pad`` zeros, random crop to the original size, random mirror."""
+    offsets, flips = sample_crop_flip(rng, len(images), pad, flip)
+    return apply_crop_flip(images, offsets, flips, pad)
+
+
+def normalize(images: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """uint8 images to float32 with zero mean and unit variance per channel (stats given in [0, 1])."""
+    out = np.subtract(images, 255 * np.asarray(mean, np.float32), dtype=np.float32)
+    out *= 1 / (255 * np.asarray(std, np.float32))
+    return out
+
+
+def one_hot(labels: np.ndarray, num_classes: int, smoothing: float = 0.0) -> np.ndarray:
+    """float32 one-hot targets; ``smoothing`` spreads that much probability mass uniformly over all classes."""
+    targets = np.eye(num_classes, dtype=np.float32)[labels]
+    return targets * (1 - smoothing) + smoothing / num_classes if smoothing else targets
+
+
+def sample_mixup(rng: np.random.Generator, n: int, alpha: float) -> tuple[float, np.ndarray]:
+    """Draw the mixup weight lambda ~ Beta(alpha, alpha) of a batch and the partner of each of its ``n`` rows."""
+    return float(rng.beta(alpha, alpha)), rng.permutation(n)
+
+
+def mixup(
+    images: np.ndarray, labels_onehot: np.ndarray, rng: np.random.Generator, alpha: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Zhang et al. (2018): blend each (float) image and target with those of a random partner in the batch."""
+    lam, partner = sample_mixup(rng, len(images), alpha)
+    return lam * images + (1 - lam) * images[partner], lam * labels_onehot + (1 - lam) * labels_onehot[partner]

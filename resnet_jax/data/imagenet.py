@@ -1,0 +1,200 @@
+"""ImageNet (tfds ``imagenet2012``) streamed through tf.data: JPEG bytes are decoded and augmented on the fly.
+
+Deterministic and resumable like the in-memory pipeline: the shuffle of epoch e is seeded by
+(seed, e), each example's crop and flip by (seed, its position in this process's stream), and
+tf.data keeps the order, so ``start_step=k`` yields the batches k, k+1, ... of a run from 0 that
+had the same process count, after reading (not decoding) at most one epoch of records.
+TensorFlow is imported inside the functions: the in-memory data sets never load it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from resnet_jax.data.augment import CHANNEL_STATS
+from resnet_jax.data.pipeline import local_batch_size
+from resnet_jax.data.sources import StreamSource
+
+if TYPE_CHECKING:
+    import numpy as np
+    import tensorflow as tf
+
+NAME = "imagenet2012"
+IMAGE_SIZE = 224
+RESIZE_SIZE = 256  # evaluation: shorter side resized to this, then the central IMAGE_SIZE square
+
+
+def load_imagenet(split: str = "train", data_dir: str | None = None) -> StreamSource:
+    """Check that the tfds ``imagenet2012`` split is prepared and count it; nothing is read yet."""
+    import tensorflow_datasets as tfds
+
+    try:
+        records = tfds.builder(NAME, data_dir=data_dir).as_dataset(split=split, shuffle_files=False)
+    except AssertionError as error:  # tfds' way of saying the data set is not prepared
+        raise FileNotFoundError(
+            f"imagenet2012 is not prepared in {data_dir or '~/tensorflow_datasets'}. ImageNet cannot be downloaded "
+            "automatically: get ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar from https://image-net.org, put "
+            "them in DIR/downloads/manual/, run `tfds build imagenet2012 --data_dir DIR` and pass data_dir=DIR."
+        ) from error
+    mean, std = CHANNEL_STATS[NAME]
+    return StreamSource(
+        name=NAME,
+        split=split,
+        data_dir=data_dir,
+        num_examples=int(records.cardinality()),
+        num_classes=1000,
+        image_shape=(IMAGE_SIZE, IMAGE_SIZE, 3),
+        mean=mean,
+        std=std,
+    )
+
+
+def random_resized_crop(
+    image_bytes: tf.Tensor,
+    seed: tf.Tensor,
+    image_size: int = IMAGE_SIZE,
+    flip: bool = True,
+    area_range: tuple[float, float] = (0.08, 1.0),
+    aspect_ratio_range: tuple[float, float] = (3 / 4, 4 / 3),
+) -> tf.Tensor:
+    """Inception-style training crop of a JPEG: a random box of 8-100% of the area and aspect 3/4-4/3, resized to
+    ``image_size`` and mirrored with probability 1/2; a pure function of ``seed`` (shape (2,)). float32 in [0, 255].
+
+    Only the box is decoded. When 10 tries find no box, the whole image is used.
+    """
+    import tensorflow as tf
+
+    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        tf.image.extract_jpeg_shape(image_bytes),
+        bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
+        seed=crop_seed,
+        min_object_covered=0.0,
+        aspect_ratio_range=aspect_ratio_range,
+        area_range=area_range,
+        max_attempts=10,
+        use_image_if_no_bounding_boxes=True,
+    )
+    window = tf.stack([begin[0], begin[1], size[0], size[1]])
+    image = tf.image.decode_and_crop_jpeg(image_bytes, window, channels=3)
+    image = tf.image.resize(image, (image_size, image_size), method="bilinear", antialias=True)
+    return tf.image.stateless_random_flip_left_right(image, flip_seed) if flip else image
+
+
+def resize_center_crop(
+    image_bytes: tf.Tensor, image_size: int = IMAGE_SIZE, resize_size: int = RESIZE_SIZE
+) -> tf.Tensor:
+    """Evaluation view of a JPEG: shorter side resized to ``resize_size`` (aspect kept), central ``image_size``
+    square. float32 in [0, 255]."""
+    import tensorflow as tf
+
+    image = tf.io.decode_jpeg(image_bytes, channels=3)
+    height_width = tf.cast(tf.shape(image)[:2], tf.float32)
+    new_size = tf.cast(tf.round(height_width * resize_size / tf.reduce_min(height_width)), tf.int32)
+    image = tf.image.resize(image, new_size, method="bilinear", antialias=True)
+    top, left = tf.unstack((new_size - image_size) // 2)
+    return tf.ensure_shape(image[top : top + image_size, left : left + image_size], (image_size, image_size, 3))
+
+
+def train_dataset(
+    source: StreamSource,
+    *,
+    global_batch_size: int,
+    seed: int,
+    start_step: int = 0,
+    augment: bool = True,
+    flip: bool = True,
+    process_index: int = 0,
+    process_count: int = 1,
+    shuffle_buffer: int = 16_384,
+) -> tf.data.Dataset:
+    """Endless batches of this process's equal share of the split; epochs never mix within a batch."""
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+
+    local = local_batch_size(global_batch_size, process_count)
+    shard = tfds.even_splits(source.split, n=process_count, drop_remainder=True)[process_index]
+    records = _records(source, shard)
+    num_records = int(records.cardinality())
+    steps = num_records // local
+    if steps == 0:
+        raise ValueError(f"{source.split} has {num_records} examples per process, fewer than one batch of {local}.")
+    first_epoch, first_step = divmod(start_step, steps)
+
+    def epoch(e: tf.Tensor) -> tf.data.Dataset:
+        epoch_seed = tf.stack([tf.constant(seed, tf.int64), e])
+        shuffle_seed = tf.random.stateless_uniform([], epoch_seed, minval=None, maxval=None, dtype=tf.int64)
+        shuffled = records.shuffle(shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
+        stream_start = (e * process_count + process_index) * num_records
+        skip = tf.where(e == first_epoch, tf.constant(first_step * local, tf.int64), 0)
+        return shuffled.take(steps * local).enumerate(stream_start).skip(skip)
+
+    mean, std = _scale(source)
+
+    def preprocess(position: tf.Tensor, example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        if augment:
+            image = random_resized_crop(example["image"], tf.stack([tf.constant(seed, tf.int64), position]), flip=flip)
+        else:
+            image = resize_center_crop(example["image"])
+        return {"image": (image - mean) / std, "label": tf.cast(example["label"], tf.int32)}
+
+    dataset = tf.data.Dataset.range(first_epoch, tf.int64.max).flat_map(epoch)
+    dataset = dataset.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+    return _finish(dataset.batch(local, drop_remainder=True))
+
+
+def eval_dataset(
+    source: StreamSource, *, batch_size: int, process_index: int = 0, process_count: int = 1
+) -> tf.data.Dataset:
+    """Every example of the split once over all processes, in batches of one shape, padding masked out.
+
+    Every process yields the same number of batches (the multi-host eval step runs in lockstep).
+    """
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+
+    local = local_batch_size(batch_size, process_count)
+    shard = tfds.split_for_jax_process(source.split, process_index=process_index, process_count=process_count)
+    per_process = -(-source.num_examples // process_count)
+    num_batches = -(-per_process // local)
+    mean, std = _scale(source)
+
+    def preprocess(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        image = (resize_center_crop(example["image"]) - mean) / std
+        return {"image": image, "label": tf.cast(example["label"], tf.int32), "mask": tf.constant(1.0)}
+
+    padding = {"image": tf.zeros(source.image_shape), "label": tf.constant(0), "mask": tf.constant(0.0)}
+    dataset = _records(source, shard).map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+    dataset = dataset.concatenate(tf.data.Dataset.from_tensors(padding).repeat()).take(num_batches * local)
+    return _finish(dataset.batch(local))
+
+
+def as_numpy(dataset: tf.data.Dataset) -> Iterator[dict[str, np.ndarray]]:
+    """The batches of a tf.data pipeline as numpy dicts, like the in-memory pipeline's."""
+    import tensorflow_datasets as tfds
+
+    return iter(tfds.as_numpy(dataset))
+
+
+def _records(source: StreamSource, split: str) -> tf.data.Dataset:
+    """The undecoded examples of ``split`` in their stored order (tfds shuffled them when it prepared the data)."""
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder(source.name, data_dir=source.data_dir)
+    return builder.as_dataset(split=split, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()})
+
+
+def _scale(source: StreamSource) -> tuple[tf.Tensor, tf.Tensor]:
+    """Mean and std in pixel units, to normalise images in [0, 255]."""
+    import tensorflow as tf
+
+    return tf.constant(source.mean) * 255, tf.constant(source.std) * 255
+
+
+def _finish(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    import tensorflow as tf
+
+    options = tf.data.Options()
+    options.deterministic = True
+    return dataset.prefetch(tf.data.AUTOTUNE).with_options(options)

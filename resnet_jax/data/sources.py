@@ -1,0 +1,253 @@
+"""Data sets as sources of examples: small ones fully in memory (``ArraySource``), ImageNet streamed.
+
+The in-memory path (IDX files, synthetic data) imports no TensorFlow; tfds data sets import it
+only when loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import math
+import re
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from resnet_jax.data.augment import CHANNEL_STATS
+
+# Where the Debian package `dataset-fashion-mnist` puts the four IDX files.
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+IDX_DATASETS = ("fashion_mnist", "mnist")
+TFDS_DATASETS = ("cifar10", "cifar100", "mnist", "fashion_mnist")
+DATASETS = ("fashion_mnist", "mnist", "cifar10", "cifar100", "imagenet2012", "synthetic")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ArraySource:
+    """A whole split in memory: uint8 NHWC images and int32 labels, with what the pipeline needs to normalise."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    num_classes: int
+    name: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    class_names: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != np.uint8 or self.images.ndim != 4:
+            raise ValueError(f"images must be uint8 NHWC; got {self.images.dtype} of shape {self.images.shape}.")
+        if self.labels.shape != (len(self.images),):
+            raise ValueError(f"labels must have shape ({len(self.images)},); got {self.labels.shape}.")
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.images)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamSource:
+    """A tfds split too large for memory (ImageNet), read and decoded by tf.data as it is consumed."""
+
+    name: str
+    split: str
+    data_dir: str | None
+    num_examples: int
+    num_classes: int
+    image_shape: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+def load_source(
+    dataset: str, split: str = "train", data_dir: str | None = None, **synthetic_args: Any
+) -> ArraySource | StreamSource:
+    """The ``split`` of ``dataset`` ("train", "test" or a slice such as "train[:45000]").
+
+    fashion_mnist and mnist are read from IDX files when ``data_dir`` holds them (or, for
+    fashion_mnist, when ``data_dir`` is None and the Debian package is installed), else from tfds.
+    ``synthetic_args`` go to ``synthetic`` (num_examples, image_shape, num_classes, seed).
+    """
+    if dataset not in DATASETS:
+        raise ValueError(f"Unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}.")
+    if synthetic_args and dataset != "synthetic":
+        raise ValueError(f"{', '.join(synthetic_args)} only apply to the synthetic dataset, not {dataset}.")
+    if dataset == "synthetic":
+        base, rows = parse_split(split)
+        seed = synthetic_args.pop("seed", 0)
+        return _take(synthetic(**synthetic_args, seed=(seed, zlib.crc32(base.encode()))), rows)
+    if dataset == "imagenet2012":
+        from resnet_jax.data.imagenet import load_imagenet
+
+        return load_imagenet(split, data_dir)
+    if dataset in IDX_DATASETS:
+        folder = Path(data_dir) if data_dir else FASHION_MNIST_DIR if dataset == "fashion_mnist" else None
+        if folder is not None and _holds_idx(folder):
+            return load_idx_folder(folder, split, name=dataset)
+    return load_tfds_arrays(dataset, split, data_dir)
+
+
+def parse_split(split: str) -> tuple[str, slice]:
+    """ "train" -> ("train", [:]); "train[:45000]" -> ("train", [:45000]) (the He et al. 45k/5k validation split)."""
+    match = re.fullmatch(r"(\w+)(?:\[(-?\d*):(-?\d*)\])?", split)
+    if not match:
+        raise ValueError(
+            f"Bad split {split!r}: use a name such as 'train' or 'test', optionally sliced: 'train[:45000]'."
+        )
+    name, start, stop = match.groups()
+    return name, slice(int(start) if start else None, int(stop) if stop else None)
+
+
+def load_idx_folder(
+    folder: str | Path = FASHION_MNIST_DIR, split: str = "train", name: str = "fashion_mnist"
+) -> ArraySource:
+    """Read a split from a folder of the four standard IDX files (plain or .gz), as MNIST and Fashion-MNIST ship."""
+    folder = Path(folder)
+    base, rows = parse_split(split)
+    if base not in IDX_FILES:
+        raise ValueError(f"IDX folders hold the splits {', '.join(IDX_FILES)}; got {split!r}.")
+    image_file, label_file = (_find_idx(folder, f) for f in IDX_FILES[base])
+    images, labels = read_idx(image_file), read_idx(label_file)
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise ValueError(
+            f"{image_file} and {label_file} must hold N images (N, H, W) and N labels (N,); "
+            f"got shapes {images.shape} and {labels.shape}."
+        )
+    num_classes = 10
+    if labels.size and labels.max() >= num_classes:
+        raise ValueError(f"{label_file} has label {labels.max()}; MNIST-style data sets have labels 0..9.")
+    mean, std = CHANNEL_STATS[name] if name in CHANNEL_STATS else _stats(images[..., None])
+    class_names = FASHION_MNIST_CLASSES if name == "fashion_mnist" else tuple(map(str, range(num_classes)))
+    return ArraySource(
+        images=images[rows, :, :, None],
+        labels=labels[rows].astype(np.int32),
+        num_classes=num_classes,
+        name=name,
+        mean=mean,
+        std=std,
+        class_names=class_names,
+    )
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Parse one IDX file of unsigned bytes: magic 0x0000 0x08 NDIM, NDIM big-endian uint32 sizes, then the data."""
+    path = Path(path)
+    data = (gzip.open if path.suffix == ".gz" else open)(path, "rb").read()
+    if len(data) < 4 or data[:2] != b"\0\0":
+        raise ValueError(f"{path} is not an IDX file (its first two bytes must be zero).")
+    dtype_code, ndim = data[2], data[3]
+    if dtype_code != 0x08:
+        raise ValueError(f"{path} holds IDX type 0x{dtype_code:02x}; only unsigned bytes (0x08) are image data.")
+    header = 4 + 4 * ndim
+    shape = tuple(int(d) for d in np.frombuffer(data[4:header], dtype=">u4"))
+    if len(shape) != ndim or len(data) - header != math.prod(shape):
+        raise ValueError(f"{path} is truncated or corrupt: its header says shape {shape}, its size disagrees.")
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def load_tfds_arrays(name: str, split: str = "train", data_dir: str | None = None) -> ArraySource:
+    """A prepared tfds data set (cifar10, cifar100, mnist, fashion_mnist) read whole into memory; never downloads."""
+    if name not in TFDS_DATASETS:
+        raise ValueError(f"In-memory tfds data sets are {', '.join(TFDS_DATASETS)}; got {name!r}.")
+    import tensorflow_datasets as tfds
+
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+        dataset = builder.as_dataset(split=split, shuffle_files=False)
+    except AssertionError as error:  # tfds' way of saying the data set is not prepared
+        raise FileNotFoundError(_not_prepared(name, data_dir)) from error
+    # In chunks rather than tfds' batch_size=-1, which needs split sizes that tfds' mock data lacks.
+    chunks = list(tfds.as_numpy(dataset.batch(10_000)))
+    images = np.concatenate([c["image"] for c in chunks])
+    labels = np.concatenate([c["label"] for c in chunks]).astype(np.int32)
+    label_feature = builder.info.features["label"]
+    return ArraySource(
+        images=images,
+        labels=labels,
+        num_classes=label_feature.num_classes,
+        name=name,
+        mean=CHANNEL_STATS[name][0],
+        std=CHANNEL_STATS[name][1],
+        class_names=tuple(label_feature.names),
+    )
+
+
+def synthetic(
+    num_examples: int = 10_000,
+    image_shape: tuple[int, int, int] = (32, 32, 3),
+    num_classes: int = 10,
+    seed: int | tuple[int, ...] = 0,
+) -> ArraySource:
+    """Uniform random images and labels of any shape, for benchmarks and tests (nothing to learn)."""
+    rng = np.random.default_rng(seed)
+    channels = image_shape[-1]
+    std = math.sqrt((256**2 - 1) / 12) / 255  # of a uniform byte, in [0, 1]
+    return ArraySource(
+        images=rng.integers(0, 256, size=(num_examples, *image_shape), dtype=np.uint8),
+        labels=rng.integers(0, num_classes, size=num_examples, dtype=np.int32),
+        num_classes=num_classes,
+        name="synthetic",
+        mean=(0.5,) * channels,
+        std=(std,) * channels,
+        class_names=tuple(map(str, range(num_classes))),
+    )
+
+
+def _take(source: ArraySource, rows: slice) -> ArraySource:
+    return dataclasses.replace(source, images=source.images[rows], labels=source.labels[rows])
+
+
+def _stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std in [0, 1], for IDX data sets without published constants."""
+    pixels = images.reshape(-1, images.shape[-1]) / 255
+    return tuple(pixels.mean(0).tolist()), tuple(pixels.std(0).tolist())
+
+
+def _holds_idx(folder: Path) -> bool:
+    return any((folder / f"{IDX_FILES['train'][0]}{suffix}").is_file() for suffix in ("", ".gz"))
+
+
+def _find_idx(folder: Path, stem: str) -> Path:
+    for path in (folder / stem, folder / f"{stem}.gz"):
+        if path.is_file():
+            return path
+    raise FileNotFoundError(
+        f"No {stem} (or {stem}.gz) in {folder}. For Fashion-MNIST run `sudo apt-get install dataset-fashion-mnist` "
+        f"(it installs to {FASHION_MNIST_DIR}), or download the four IDX files from "
+        "https://github.com/zalandoresearch/fashion-mnist (data/fashion) into a folder and pass data_dir=FOLDER."
+    )
+
+
+def _not_prepared(name: str, data_dir: str | None) -> str:
+    where = data_dir or "~/tensorflow_datasets"
+    message = (
+        f"The tfds data set {name} is not prepared in {where}, and nothing is downloaded here. On a machine "
+        f"with network run `tfds build {name} --data_dir DIR`, copy DIR to this machine and pass data_dir=DIR."
+    )
+    if name in IDX_DATASETS:
+        message += " Or pass data_dir= a folder of its four IDX files"
+        message += " (for Fashion-MNIST: `sudo apt-get install dataset-fashion-mnist`)."
+    return message

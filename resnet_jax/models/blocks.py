@@ -1,0 +1,228 @@
+"""Residual blocks: a residual branch F, a shortcut, and the rule that joins them.
+
+Every block is a `ResidualBlock` holding its branch as the submodule ``branch`` and, where the
+shortcut has layers or changes the shape, the submodule ``shortcut``. Keeping F and the shortcut
+as separate submodules is what lets the analysis tools gate, delete or differentiate either part
+(through ``nn.intercept_methods``) without a second copy of the model code.
+
+Post-activation (He et al. 2015):  y = relu(shortcut(x) + F(x))
+Pre-activation (He et al. 2016):   a = relu(bn(x));  y = shortcut(x or a) + F(a)
+Plain (no shortcut):               y = relu(F(x))  or  y = F(a)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import Any, ClassVar
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+ModuleDef = Any
+
+# He et al. (2015) initialisation as torchvision applies it: N(0, 2 / fan_out), untruncated.
+he_normal_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+class Conv(nn.Conv):
+    """Bias-free conv with torch-style symmetric padding k // 2 and He (fan_out) init.
+
+    Explicit padding matters: "SAME" pads stride-2 convs asymmetrically, which shifts every
+    downsampled feature map by one pixel against the published (Torch/Caffe) models.
+    """
+
+    use_bias: bool = False
+    kernel_init: Callable = he_normal_fan_out
+
+
+def conv_args(features: int, kernel: int, strides: int = 1, **kwargs: Any) -> dict[str, Any]:
+    """Arguments of a square `Conv` with padding kernel // 2."""
+    pad = kernel // 2
+    return dict(
+        features=features,
+        kernel_size=(kernel, kernel),
+        strides=(strides, strides),
+        padding=((pad, pad), (pad, pad)),
+        **kwargs,
+    )
+
+
+class SqueezeExcite(nn.Module):
+    """Squeeze-and-excitation (Hu et al. 2018): channel gates from globally pooled features."""
+
+    reduction: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        channels = x.shape[-1]
+        dense = partial(nn.Dense, dtype=self.dtype)
+        s = jnp.mean(x, axis=(1, 2))
+        s = nn.relu(dense(max(channels // self.reduction, 1), name="reduce")(s))
+        s = nn.sigmoid(dense(channels, name="expand")(s))
+        return x * s[:, None, None, :].astype(x.dtype)
+
+
+class BasicBranch(nn.Module):
+    """Residual function of the basic block: two 3x3 convs.
+
+    Post-activation: conv-BN-ReLU-conv-BN. Pre-activation: conv-BN-ReLU-conv (the block applies
+    the leading BN-ReLU, shared with a projection shortcut).
+    """
+
+    width: int
+    strides: int
+    conv: ModuleDef
+    norm: ModuleDef
+    preact: bool = False
+    groups: int = 1
+    width_per_group: int = 64
+    stride_in_1x1: bool = False
+    se_reduction: int | None = None
+    zero_init_last: bool = False
+
+    expansion: ClassVar[int] = 1
+
+    @staticmethod
+    def grouped_width(width: int, groups: int, width_per_group: int) -> int:
+        """Channels of the grouped 3x3 conv (only the plain width for basic blocks)."""
+        return width
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = self.conv(**conv_args(self.width, 3, self.strides, feature_group_count=self.groups), name="conv1")(x)
+        y = nn.relu(self.norm(name="bn1")(y))
+        y = _last_layer(self, y, conv_args(self.width, 3, feature_group_count=self.groups), index=2)
+        return _maybe_squeeze_excite(self, y)
+
+
+class BottleneckBranch(nn.Module):
+    """Residual function of the bottleneck: 1x1 reduce, 3x3 (grouped for ResNeXt), 1x1 expand.
+
+    The stride sits on the 3x3 conv (ResNet v1.5, torchvision) unless ``stride_in_1x1`` (v1, the
+    original paper). The grouped width follows torchvision: int(width * width_per_group / 64) * groups.
+    """
+
+    width: int
+    strides: int
+    conv: ModuleDef
+    norm: ModuleDef
+    preact: bool = False
+    groups: int = 1
+    width_per_group: int = 64
+    stride_in_1x1: bool = False
+    se_reduction: int | None = None
+    zero_init_last: bool = False
+
+    expansion: ClassVar[int] = 4
+
+    @staticmethod
+    def grouped_width(width: int, groups: int, width_per_group: int) -> int:
+        """Channels of the grouped 3x3 conv."""
+        return int(width * width_per_group / 64) * groups
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        inner = self.grouped_width(self.width, self.groups, self.width_per_group)
+        s1, s3 = (self.strides, 1) if self.stride_in_1x1 else (1, self.strides)
+        y = self.conv(**conv_args(inner, 1, s1), name="conv1")(x)
+        y = nn.relu(self.norm(name="bn1")(y))
+        y = self.conv(**conv_args(inner, 3, s3, feature_group_count=self.groups), name="conv2")(y)
+        y = nn.relu(self.norm(name="bn2")(y))
+        y = _last_layer(self, y, conv_args(self.width * self.expansion, 1), index=3)
+        return _maybe_squeeze_excite(self, y)
+
+
+def _last_layer(branch: nn.Module, y: jax.Array, conv_kwargs: dict[str, Any], index: int) -> jax.Array:
+    """The branch's last conv (+ BN when post-activation); zero-initialised on request.
+
+    Zero-init (Goyal et al. 2017) sets the last BN scale to 0, or for pre-activation branches,
+    which end in a conv, the last conv kernel, so every block starts as the identity.
+    """
+    zero = branch.zero_init_last
+    if branch.preact:
+        init = {"kernel_init": nn.initializers.zeros} if zero else {}
+        return branch.conv(**conv_kwargs, **init, name=f"conv{index}")(y)
+    y = branch.conv(**conv_kwargs, name=f"conv{index}")(y)
+    scale_init = nn.initializers.zeros if zero else nn.initializers.ones
+    return branch.norm(scale_init=scale_init, name=f"bn{index}")(y)
+
+
+def _maybe_squeeze_excite(branch: nn.Module, y: jax.Array) -> jax.Array:
+    if branch.se_reduction is None:
+        return y
+    return SqueezeExcite(branch.se_reduction, dtype=y.dtype, name="se")(y)
+
+
+class PadShortcut(nn.Module):
+    """Option A (He et al. 2015): subsample by the stride and zero-pad the new channels. No parameters.
+
+    The input's channels stay first; the added channels are zeros, so the map P is an identity
+    embedding followed by subsampling.
+    """
+
+    features: int
+    strides: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x[:, :: self.strides, :: self.strides, :]
+        return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, self.features - x.shape[-1])))
+
+
+class ProjectionShortcut(nn.Module):
+    """Options B and C: a strided 1x1 conv, followed by BN in post-activation blocks."""
+
+    features: int
+    strides: int
+    conv: ModuleDef
+    norm: ModuleDef
+    preact: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = self.conv(**conv_args(self.features, 1, self.strides), name="conv")(x)
+        return x if self.preact else self.norm(name="bn")(x)
+
+
+class ResidualBlock(nn.Module):
+    """One block: ``branch`` (a `BasicBranch`/`BottleneckBranch` partial) joined to a shortcut.
+
+    ``shortcut`` is "A", "B" or "C" (He et al. 2015); ``residual=False`` drops the shortcut
+    (the plain networks of the degradation experiments). With ``mutable=["intermediates"]`` the
+    block sows its ``input``, the branch output ``residual`` and its ``output``.
+    """
+
+    branch: ModuleDef
+    features: int
+    strides: int
+    conv: ModuleDef
+    norm: ModuleDef
+    shortcut: str = "B"
+    preact: bool = False
+    residual: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        self.sow("intermediates", "input", x)
+        branch_input = nn.relu(self.norm(name="preact_bn")(x)) if self.preact else x
+        f = self.branch(name="branch")(branch_input)
+        self.sow("intermediates", "residual", f)
+        y = f + self._shortcut(x, branch_input) if self.residual else f
+        if not self.preact:
+            y = nn.relu(y)
+        self.sow("intermediates", "output", y)
+        return y
+
+    def _shortcut(self, x: jax.Array, preactivated: jax.Array) -> jax.Array:
+        reshapes = self.strides != 1 or x.shape[-1] != self.features
+        if self.shortcut == "C" or (reshapes and self.shortcut == "B"):
+            projection = ProjectionShortcut(
+                self.features, self.strides, self.conv, self.norm, self.preact, name="shortcut"
+            )
+            return projection(preactivated)
+        if reshapes:
+            return PadShortcut(self.features, self.strides, name="shortcut")(x)
+        return x

@@ -1,0 +1,230 @@
+"""One `ResNet` module for the whole family: ImageNet and CIFAR stems, v1/v1.5, pre-activation,
+plain, wide, ResNeXt and squeeze-and-excitation variants are settings of it (see `registry`).
+
+``model.apply(variables, images, train=...)`` returns ``(logits, features)``. ``features`` maps
+"stem", one "c<l>" per stage (the stage output at stride 2**l: c2..c5 for ImageNet models,
+c0..c2 for CIFAR ones) and "pre_logits" (the pooled vector the head reads).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from functools import partial
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from resnet_jax.models.blocks import (
+    BasicBranch,
+    BottleneckBranch,
+    Conv,
+    ModuleDef,
+    ResidualBlock,
+    conv_args,
+)
+
+BRANCHES = {"basic": BasicBranch, "bottleneck": BottleneckBranch}
+SHORTCUTS = ("A", "B", "C")
+STEMS = {"imagenet": 4, "cifar": 1}  # stem kind -> its stride
+
+
+class Stem(nn.Module):
+    """ImageNet: 7x7/2 conv, BN, ReLU, 3x3/2 max-pool. CIFAR: 3x3 conv, BN, ReLU.
+
+    Pre-activation stems stop after the conv (and pool): the first block normalises its input.
+    """
+
+    kind: str
+    width: int
+    conv: ModuleDef
+    norm: ModuleDef
+    preact: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        imagenet = self.kind == "imagenet"
+        x = self.conv(**conv_args(self.width, 7 if imagenet else 3, 2 if imagenet else 1), name="conv")(x)
+        if not self.preact:
+            x = nn.relu(self.norm(name="bn")(x))
+        if imagenet:
+            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        return x
+
+
+class Stage(nn.Module):
+    """``num_blocks`` residual blocks; the first one takes the stride and the change of width."""
+
+    num_blocks: int
+    width: int
+    strides: int
+    block: ModuleDef
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for i in range(self.num_blocks):
+            x = self.block(width=self.width, strides=self.strides if i == 0 else 1, name=f"block{i}")(x)
+        return x
+
+
+class ResNet(nn.Module):
+    """A residual network (or its plain counterpart), NHWC, batch statistics in ``batch_stats``.
+
+    Attributes:
+      stage_sizes: blocks per stage, e.g. (3, 4, 6, 3) for ResNet-50.
+      block: "basic" or "bottleneck".
+      stage_widths: base width of each stage (bottleneck outputs are 4x wider).
+      stem: "imagenet" (7x7/2 conv + max-pool, stride 4) or "cifar" (3x3 conv, stride 1).
+      stem_width: channels of the stem conv.
+      num_classes: outputs of the linear head.
+      shortcut: "A" parameter-free subsample-and-pad, "B" projection where the shape changes,
+        "C" projection everywhere.
+      preact: pre-activation (v2) blocks, with a final BN-ReLU before pooling.
+      residual: False gives the plain network (same layers, no shortcuts).
+      groups, width_per_group: ResNeXt cardinality and width per group; wide ResNets use
+        width_per_group=128.
+      stride_in_1x1: ResNet v1 (stride on the first 1x1 conv) instead of v1.5.
+      se_reduction: add squeeze-and-excitation with this reduction to every block.
+      zero_init_residual: start every residual branch at zero (last BN scale, or last conv in
+        pre-activation branches), so each block starts as its shortcut.
+      dtype: computation dtype (bfloat16/float16 for mixed precision); parameters stay param_dtype.
+    """
+
+    stage_sizes: Sequence[int]
+    block: str = "basic"
+    stage_widths: Sequence[int] = (64, 128, 256, 512)
+    stem: str = "imagenet"
+    stem_width: int = 64
+    num_classes: int = 1000
+    shortcut: str = "B"
+    preact: bool = False
+    residual: bool = True
+    groups: int = 1
+    width_per_group: int = 64
+    stride_in_1x1: bool = False
+    se_reduction: int | None = None
+    zero_init_residual: bool = False
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def __post_init__(self) -> None:
+        validate_config(self)
+        super().__post_init__()
+
+    @property
+    def stage_strides(self) -> tuple[int, ...]:
+        """Cumulative stride of every stage output."""
+        stride, strides = STEMS[self.stem], []
+        for i in range(len(self.stage_sizes)):
+            stride *= 1 if i == 0 else 2
+            strides.append(stride)
+        return tuple(strides)
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
+        self._check_input(x)
+        conv = partial(Conv, dtype=self.dtype, param_dtype=self.param_dtype)
+        norm = partial(
+            nn.BatchNorm,
+            use_running_average=not train,
+            momentum=0.9,  # torch's 0.1
+            epsilon=1e-5,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
+        branch = partial(
+            BRANCHES[self.block],
+            conv=conv,
+            norm=norm,
+            preact=self.preact,
+            groups=self.groups,
+            width_per_group=self.width_per_group,
+            stride_in_1x1=self.stride_in_1x1,
+            se_reduction=self.se_reduction,
+            zero_init_last=self.zero_init_residual,
+        )
+
+        def block(width: int, strides: int, name: str) -> ResidualBlock:
+            return ResidualBlock(
+                branch=partial(branch, width=width, strides=strides),
+                features=width * BRANCHES[self.block].expansion,
+                strides=strides,
+                conv=conv,
+                norm=norm,
+                shortcut=self.shortcut,
+                preact=self.preact,
+                residual=self.residual,
+                name=name,
+            )
+
+        x = x.astype(self.dtype)
+        x = Stem(self.stem, self.stem_width, conv, norm, self.preact, name="stem")(x)
+        features = {"stem": x}
+        for i, (num_blocks, width, stride) in enumerate(
+            zip(self.stage_sizes, self.stage_widths, self.stage_strides, strict=True)
+        ):
+            x = Stage(num_blocks, width, 1 if i == 0 else 2, block, name=f"stage{i + 1}")(x)
+            features[f"c{int(math.log2(stride))}"] = x
+        if self.preact:
+            x = nn.relu(norm(name="final_bn")(x))
+        x = jnp.mean(x, axis=(1, 2))
+        features["pre_logits"] = x
+        logits = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name="head")(x)
+        return logits.astype(jnp.float32), features
+
+    def _check_input(self, x: jax.Array) -> None:
+        if x.ndim != 4:
+            hint = " (add a channel axis: images[..., None])" if x.ndim == 3 else ""
+            raise ValueError(
+                f"{type(self).__name__} expects NHWC images of shape (batch, height, width, channels); "
+                f"got shape {tuple(x.shape)}{hint}."
+            )
+        if not self.is_initializing() and self.has_variable("params", "stem"):
+            expected = self.variables["params"]["stem"]["conv"]["kernel"].shape[2]
+            if x.shape[-1] != expected:
+                raise ValueError(
+                    f"These parameters were initialised for {expected}-channel images; got "
+                    f"{x.shape[-1]} channels (input shape {tuple(x.shape)}). Initialise the model on "
+                    f"images with {x.shape[-1]} channels, or convert the images to {expected}."
+                )
+
+
+def validate_config(model: ResNet) -> None:
+    """Reject impossible settings with a message that names the valid ones."""
+
+    def fail(message: str) -> None:
+        raise ValueError(f"Invalid ResNet setting: {message}")
+
+    if model.block not in BRANCHES:
+        fail(f"block={model.block!r}; valid blocks are {sorted(BRANCHES)}.")
+    if model.stem not in STEMS:
+        fail(f"stem={model.stem!r}; valid stems are {sorted(STEMS)}.")
+    if model.shortcut not in SHORTCUTS:
+        fail(
+            f"shortcut={model.shortcut!r}; valid options are 'A' (pad), 'B' (project on change), 'C' (always project)."
+        )
+    sizes, widths = tuple(model.stage_sizes), tuple(model.stage_widths)
+    if not sizes or any(not isinstance(n, int) or n < 1 for n in sizes):
+        fail(f"stage_sizes={sizes}; give one positive block count per stage, e.g. (3, 4, 6, 3).")
+    if len(widths) != len(sizes):
+        fail(f"{len(sizes)} stage_sizes but {len(widths)} stage_widths; give one width per stage.")
+    if model.num_classes < 1:
+        fail(f"num_classes={model.num_classes}; it must be at least 1.")
+    if model.se_reduction is not None and model.se_reduction < 1:
+        fail(f"se_reduction={model.se_reduction}; use a positive integer such as 16, or None.")
+    if model.groups < 1:
+        fail(f"groups={model.groups}; the cardinality must be a positive integer.")
+    if model.block == "basic" and (model.width_per_group != 64 or model.stride_in_1x1):
+        fail("width_per_group and stride_in_1x1 apply to bottleneck blocks only; use block='bottleneck'.")
+    branch = BRANCHES[model.block]
+    for stage, width in enumerate(widths, start=1):
+        grouped = branch.grouped_width(width, model.groups, model.width_per_group)
+        inputs = model.stem_width if stage == 1 and model.block == "basic" else grouped
+        if grouped < model.groups or grouped % model.groups or inputs % model.groups:
+            fail(
+                f"cardinality groups={model.groups} does not divide the {grouped} channels of stage "
+                f"{stage}'s grouped convs (input {inputs}); choose groups dividing every stage width "
+                f"{widths} (and the stem width {model.stem_width})."
+            )

@@ -1,0 +1,62 @@
+"""Orbax checkpoints in ``WORKDIR/checkpoints``: the latest k and the best by test accuracy.
+
+Each checkpoint holds the train state and a JSON ``meta`` item (model, dataset, config and the
+data position, which is the step: the input pipeline is a pure function of seed and step). Orbax
+writes to a temporary directory and renames it when complete, so a crash never leaves a
+half-written checkpoint in place of a good one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import preservation_policy as keep
+
+ACCURACY = "test_accuracy"
+
+
+class Checkpoints:
+    """Save every ``every_steps`` and at the end; restore the latest (or a given) step."""
+
+    def __init__(self, workdir: str | Path, *, every_steps: int, keep_latest: int, async_save: bool = True) -> None:
+        self.directory = Path(workdir).resolve() / "checkpoints"
+        policy = keep.AnyPreservationPolicy(
+            [keep.LatestN(keep_latest), keep.BestN(get_metric_fn=lambda m: m[ACCURACY], n=1)]
+        )
+        options = ocp.CheckpointManagerOptions(
+            save_decision_policy=ocp.checkpoint_managers.FixedIntervalPolicy(every_steps),
+            preservation_policy=policy,
+            enable_async_checkpointing=async_save,
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def best_step(self) -> int | None:
+        return self.manager.best_step()
+
+    def save(self, step: int, state: Any, meta: dict, metrics: dict | None = None, force: bool = False) -> bool:
+        """Start an (asynchronous) save; ``metrics`` holds the test accuracy that ranks "best"."""
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+        return self.manager.save(step, args=args, metrics=metrics, force=force)
+
+    def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
+        """The state (shaped and sharded like ``abstract_state``) and meta of ``step`` (default latest)."""
+        step = self.latest_step() if step is None else step
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()),
+        )
+        return restored.state, restored.meta
+
+    def read_meta(self, step: int | None = None) -> dict:
+        step = self.latest_step() if step is None else step
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
+    def close(self) -> None:
+        """Wait for saves in flight and release the manager."""
+        self.manager.wait_until_finished()
+        self.manager.close()

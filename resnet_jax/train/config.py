@@ -1,0 +1,89 @@
+"""Load an experiment config file and apply ``--config.KEY=VALUE`` overrides, checked against its keys."""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import ml_collections
+
+# Every config must define these (the CLI, the README and the tests rely on them).
+REQUIRED_KEYS = (
+    "model",
+    "dataset",
+    "data_dir",
+    "batch_size",
+    "num_train_steps",
+    "learning_rate",
+    "seed",
+    "eval_every_steps",
+    "checkpoint_every_steps",
+)
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """``get_config()`` of the file at ``path``, with ``KEY=VALUE`` overrides (nested keys by dots)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"No config file {str(path)!r}; the experiments are in configs/ (e.g. configs/default.py)."
+        )
+    # Experiment files import `configs.default`: make the folder holding configs/ importable.
+    root = str(path.resolve().parent.parent)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    spec = importlib.util.spec_from_file_location(f"_resnet_jax_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    missing = [k for k in REQUIRED_KEYS if k not in config]
+    if missing:
+        raise ValueError(f"Config {str(path)!r} lacks the keys {missing}; start it from configs/default.py.")
+    for override in overrides:
+        apply_override(config, override)
+    return config
+
+
+def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
+    """Set ``KEY=VALUE`` (``a.b=VALUE`` for nested keys) with VALUE parsed as a Python literal."""
+    key, sep, text = override.removeprefix("--config.").removeprefix("config.").partition("=")
+    if not sep:
+        raise ValueError(f"Override {override!r} is not KEY=VALUE (for example --config.batch_size=256).")
+    *parents, leaf = key.split(".")
+    node = config
+    for depth, name in enumerate([*parents, leaf]):
+        if name not in node:
+            prefix = ".".join(parents[:depth] + [name])
+            close = difflib.get_close_matches(name, list(node.keys()), n=1)
+            hint = f" Did you mean {'.'.join(parents[:depth] + close)!r}?" if close else ""
+            raise ValueError(f"Unknown config key {prefix!r}.{hint} Valid keys here: {sorted(node.keys())}.")
+        if name != leaf:
+            node = node[name]
+    current = node[leaf]
+    value = _parse(text, current)
+    try:
+        node[leaf] = value
+    except TypeError as error:
+        raise ValueError(f"--config.{key}={text}: {error}") from None
+
+
+def _parse(text: str, current: object) -> object:
+    if isinstance(current, bool):
+        if text.lower() in ("true", "1", "yes"):
+            return True
+        if text.lower() in ("false", "0", "no"):
+            return False
+        raise ValueError(f"Expected true or false, got {text!r}.")
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text  # a bare word: a string
+    if isinstance(current, float) and isinstance(value, int):
+        return float(value)
+    if isinstance(current, tuple) and isinstance(value, list):
+        return tuple(value)
+    return value

@@ -1,0 +1,175 @@
+"""``train_and_evaluate`` and ``evaluate``: the whole job, importable from a notebook.
+
+A run lives in its workdir: checkpoints/, metrics.jsonl, tensorboard/ and curves.png. Starting
+again on the same workdir resumes from the latest checkpoint, with the data stream at the same step.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from resnet_jax import data
+from resnet_jax.models import ResNet, create_model
+from resnet_jax.train.checkpoint import ACCURACY, Checkpoints
+from resnet_jax.train.optim import create_optimizer, learning_rate_schedule
+from resnet_jax.train.reporting import MetricsLog, Progress, format_duration, plot_curves
+from resnet_jax.train.steps import TrainState, compile_steps, create_train_state, make_mesh, replicate, shard_batch
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int) -> ResNet:
+    return create_model(config.model, num_classes=num_classes, dtype=config.dtype, **config.model_overrides)
+
+
+def check_batch_sizes(config: ml_collections.ConfigDict) -> None:
+    """Both batch sizes must split evenly over the devices (and processes) before anything compiles."""
+    devices, processes = jax.device_count(), jax.process_count()
+    for key in ("batch_size", "eval_batch_size"):
+        size = config[key]
+        if size % devices or size % processes:
+            raise ValueError(
+                f"{key}={size} does not divide over {devices} devices ({processes} processes); use a multiple "
+                f"of {np.lcm(devices, processes)}, e.g. --config.{key}={max(1, size // devices) * devices}."
+            )
+
+
+def run_meta(config: ml_collections.ConfigDict, step: int) -> dict[str, Any]:
+    """What a checkpoint says about its run; the data position is the step itself."""
+    return {"model": config.model, "dataset": config.dataset, "step": step, "config": config.to_dict()}
+
+
+def evaluate_state(eval_step: Any, state: TrainState, source: Any, config: ml_collections.ConfigDict, mesh: Any):
+    """Loss and accuracy over every example of ``source`` (padded batches, masked)."""
+    totals = None
+    batches = data.eval_batches(
+        source,
+        batch_size=config.eval_batch_size,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    for batch in batches:
+        sums = eval_step(state, shard_batch(mesh, batch))
+        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    totals = jax.device_get(totals)
+    return {"loss": float(totals["loss_sum"] / totals["count"]), "accuracy": float(totals["correct"] / totals["count"])}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, float]:
+    """Train ``config`` in ``workdir`` (resuming if it holds a checkpoint); return the final test metrics."""
+    workdir = Path(workdir)
+    lead = jax.process_index() == 0
+    check_batch_sizes(config)
+    train_source = data.load_source(config.dataset, "train", config.data_dir)
+    test_source = data.load_source(config.dataset, "test", config.data_dir)
+    model = build_model(config, train_source.num_classes)
+    steps_per_epoch = data.steps_per_epoch(train_source.num_examples, config.batch_size)
+    schedule = learning_rate_schedule(config, steps_per_epoch)
+    tx = create_optimizer(config, schedule)
+
+    checkpoints = Checkpoints(workdir, every_steps=config.checkpoint_every_steps, keep_latest=config.keep_checkpoints)
+    state = create_train_state(model, tx, train_source.image_shape, config.seed)
+    progress = Progress(config.num_train_steps, 0, config.batch_size, enabled=lead)
+    if checkpoints.latest_step() is not None:
+        meta = checkpoints.read_meta()
+        if (meta["model"], meta["dataset"]) != (config.model, config.dataset):
+            raise ValueError(
+                f"{workdir} holds a run of {meta['model']} on {meta['dataset']}, not {config.model} on "
+                f"{config.dataset}; choose another --workdir."
+            )
+        state, _ = checkpoints.restore(state)
+        progress.message(f"resumed from step {int(state.step)} in {checkpoints.directory}")
+    mesh = make_mesh()
+    state = replicate(mesh, state)
+    start = int(state.step)
+
+    batches = data.train_batches(
+        train_source,
+        global_batch_size=config.batch_size,
+        seed=config.seed,
+        start_step=start,
+        augment=config.augment,
+        pad=config.crop_padding,
+        flip=config.random_flip,
+        mixup_alpha=config.mixup_alpha,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    train_step, eval_step = compile_steps(mesh, config.label_smoothing)
+    log = MetricsLog(workdir, enabled=lead)
+    progress.message(
+        f"{config.model} on {config.dataset}: {train_source.num_examples:,} training images, batch "
+        f"{config.batch_size}, {config.num_train_steps:,} steps ({config.num_train_steps / steps_per_epoch:.1f} "
+        f"epochs), {jax.device_count()} {jax.devices()[0].platform} device(s)"
+    )
+
+    began = time.perf_counter()
+    test_metrics: dict[str, float] = {}
+    window: list[dict[str, jax.Array]] = []
+    for step in range(start, config.num_train_steps):
+        batch = shard_batch(mesh, next(batches))
+        if step == start:
+            compile_began = time.perf_counter()
+            train_step = train_step.lower(state, batch).compile()
+            progress.compiled(time.perf_counter() - compile_began)
+            progress.start_timing(step)
+        state, metrics = train_step(state, batch)
+        window.append(metrics)
+        done = step + 1
+        if done % config.log_every_steps == 0 or done == config.num_train_steps:
+            means = {
+                k: float(np.mean(v)) for k, v in jax.device_get(jax.tree.map(lambda *m: jnp.stack(m), *window)).items()
+            }
+            means["learning_rate"] = float(schedule(step))
+            window = []
+            log.write(done, "train", means)
+            progress.update(done, {k: means[k] for k in ("loss", "accuracy")})
+        evaluated = done % config.eval_every_steps == 0 or done == config.num_train_steps
+        if evaluated:
+            test_metrics = evaluate_state(eval_step, state, test_source, config, mesh)
+            log.write(done, "test", test_metrics)
+            progress.message(
+                f"step {done}: test loss {test_metrics['loss']:.4f}, accuracy {test_metrics['accuracy']:.4f}"
+            )
+            progress.start_timing(done)  # img/s counts training only
+        checkpoints.save(
+            done,
+            state,
+            run_meta(config, done),
+            metrics={ACCURACY: test_metrics["accuracy"]} if evaluated else None,
+            force=done == config.num_train_steps,
+        )
+
+    checkpoints.close()
+    log.close()
+    if not test_metrics:  # resumed a finished run: evaluate it again
+        test_metrics = evaluate_state(eval_step, state, test_source, config, mesh)
+    if lead:
+        curves = plot_curves(workdir)
+        progress.message(f"done in {format_duration(time.perf_counter() - began)}; curves in {curves}")
+        print(f"final test_accuracy={test_metrics['accuracy']:.4f} test_loss={test_metrics['loss']:.4f}")
+    return test_metrics
+
+
+def evaluate(workdir: str | Path, step: int | None = None) -> dict[str, float]:
+    """Test metrics of the checkpoint at ``step`` (default: the latest) of the run in ``workdir``."""
+    checkpoints = Checkpoints(workdir, every_steps=1, keep_latest=1, async_save=False)
+    if checkpoints.latest_step() is None:
+        raise FileNotFoundError(f"No checkpoint in {checkpoints.directory}; train first with `resnet-jax train`.")
+    config = ml_collections.ConfigDict(checkpoints.read_meta(step)["config"])
+    check_batch_sizes(config)
+    test_source = data.load_source(config.dataset, "test", config.data_dir)
+    model = build_model(config, test_source.num_classes)
+    tx = create_optimizer(config, learning_rate_schedule(config, steps_per_epoch=1))  # fixes the state's structure
+    abstract = jax.eval_shape(lambda: create_train_state(model, tx, test_source.image_shape, config.seed))
+    state, meta = checkpoints.restore(abstract, step)
+    mesh = make_mesh()
+    _, eval_step = compile_steps(mesh)
+    metrics = evaluate_state(eval_step, replicate(mesh, state), test_source, config, mesh)
+    print(f"step {meta['step']} test_accuracy={metrics['accuracy']:.4f} test_loss={metrics['loss']:.4f}")
+    return metrics

@@ -1,0 +1,121 @@
+"""What a run shows and leaves behind: a progress line, metrics.jsonl, TensorBoard events and plots."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import TextIO
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricsLog:
+    """JSON lines and TensorBoard events in the workdir (process 0 only: others pass enabled=False)."""
+
+    def __init__(self, workdir: str | Path, enabled: bool = True) -> None:
+        self.path = Path(workdir) / METRICS_FILE
+        self.enabled = enabled
+        self._tensorboard = None
+        if enabled:
+            from tensorboardX import SummaryWriter
+
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._tensorboard = SummaryWriter(str(Path(workdir) / "tensorboard"))
+
+    def write(self, step: int, split: str, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, "split": split, **metrics}) + "\n")
+        for name, value in metrics.items():
+            self._tensorboard.add_scalar(f"{split}/{name}", value, step)
+        self._tensorboard.flush()
+
+    def close(self) -> None:
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+
+
+def read_metrics(workdir: str | Path) -> list[dict]:
+    path = Path(workdir) / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def plot_curves(workdir: str | Path) -> Path:
+    """``curves.png``: loss and accuracy against step, training and test side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(workdir)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, metric in zip(axes, ("loss", "accuracy"), strict=True):
+        for split, style in (("train", "-"), ("test", "o-")):
+            points = [(r["step"], r[metric]) for r in records if r["split"] == split and metric in r]
+            if points:
+                ax.plot(*zip(*points, strict=True), style, label=split, markersize=4)
+        ax.set_xlabel("step")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    axes[0].set_yscale("log")
+    fig.suptitle(Path(workdir).name)
+    fig.tight_layout()
+    out = Path(workdir) / "curves.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+class Progress:
+    """One status line: step, loss, accuracy, img/s and ETA; compile time is reported once, apart.
+
+    On a terminal the line rewrites itself; in a log file each update is a new line.
+    """
+
+    def __init__(
+        self, total_steps: int, start_step: int, batch_size: int, enabled: bool = True, stream: TextIO = sys.stdout
+    ):
+        self.total, self.batch_size, self.enabled, self.stream = total_steps, batch_size, enabled, stream
+        self.tty = stream.isatty()
+        self._mark_step, self._mark_time = start_step, None
+        self._rate = None
+
+    def compiled(self, seconds: float) -> None:
+        self._print(f"compiled the train step in {seconds:.1f}s", newline=True)
+
+    def start_timing(self, step: int) -> None:
+        """Start the img/s clock (after compilation, so compile time never counts as training)."""
+        self._mark_step, self._mark_time = step, time.perf_counter()
+
+    def update(self, step: int, metrics: dict[str, float]) -> None:
+        now = time.perf_counter()
+        if self._mark_time is not None and step > self._mark_step:
+            self._rate = (step - self._mark_step) * self.batch_size / (now - self._mark_time)
+        self._mark_step, self._mark_time = step, now
+        parts = [f"step {step}/{self.total}"] + [f"{k} {v:.4f}" for k, v in metrics.items()]
+        if self._rate:
+            eta = (self.total - step) * self.batch_size / self._rate
+            parts += [f"{self._rate:,.0f} img/s", f"ETA {format_duration(eta)}"]
+        self._print(" | ".join(parts), newline=not self.tty)
+
+    def message(self, text: str) -> None:
+        self._print(text, newline=True, clear=self.tty)
+
+    def _print(self, text: str, newline: bool, clear: bool = False) -> None:
+        if not self.enabled:
+            return
+        if self.tty:
+            self.stream.write("\r\033[K" + text + ("\n" if newline else ""))
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
