@@ -3,7 +3,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-slow lint format clean
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: demo fashion-mnist test test-slow lint format clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -11,9 +14,21 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
-# The main job (completed by the training issue): for now, the default model's summary.
-demo: $(BIN)/.installed
-	$(BIN)/resnet-jax summary resnet20 --input-size 28 28 1
+# The main job: ResNet-20 on Fashion-MNIST (configs/fashion_mnist_resnet20.py).
+demo: $(BIN)/.installed fashion-mnist
+	$(BIN)/resnet-jax train --config configs/fashion_mnist_resnet20.py --workdir runs/fashion_mnist_resnet20
+
+# Fashion-MNIST from Debian's package (apt), else from tfds (network), else say what to do.
+fashion-mnist: $(BIN)/.installed
+	@if [ -d $(FASHION_MNIST) ]; then exit 0; fi; \
+	if command -v apt-get >/dev/null && $(SUDO) apt-get update -qq && \
+	   $(SUDO) apt-get install -y -qq dataset-fashion-mnist; then exit 0; fi; \
+	echo "apt could not install dataset-fashion-mnist; trying tensorflow-datasets (needs network)"; \
+	$(BIN)/tfds build fashion_mnist || { \
+	  echo "No Fashion-MNIST. Put the four IDX files (train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz,"; \
+	  echo "t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz) from the Fashion-MNIST repository in a folder"; \
+	  echo "and run: $(BIN)/resnet-jax train --config configs/fashion_mnist_resnet20.py --workdir runs/fm --config.data_dir=FOLDER"; \
+	  exit 1; }
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .

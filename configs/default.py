@@ -19,6 +19,8 @@ def get_config() -> ml_collections.ConfigDict:
     # Data: fashion_mnist, mnist, cifar10, cifar100, imagenet2012, synthetic.
     config.dataset = "fashion_mnist"
     config.data_dir = ml_collections.config_dict.placeholder(str)  # None: the dataset's default place
+    config.train_split = "train"  # e.g. "train[:45000]" for He et al.'s 45k/5k CIFAR split
+    config.eval_split = "test"
     config.augment = True
     config.crop_padding = 4  # He et al. CIFAR: pad 4 and random-crop back; 0 turns cropping off
     config.random_flip = True

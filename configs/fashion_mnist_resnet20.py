@@ -15,11 +15,11 @@ def get_config():
     config.dataset = "fashion_mnist"
     config.crop_padding = 2
     config.batch_size = 128
-    config.num_train_steps = 900
+    config.num_train_steps = 1_200
     config.learning_rate = 0.2
     config.lr_schedule = "cosine"
     config.warmup_steps = 50
     config.weight_decay = 5e-4
-    config.eval_every_steps = 300
-    config.checkpoint_every_steps = 300
+    config.eval_every_steps = 400
+    config.checkpoint_every_steps = 400
     return config

@@ -5,15 +5,14 @@ sharded by process. Data sets are written here in their real on-disk formats, or
 from __future__ import annotations
 
 import gc
-import gzip
 import itertools
 import subprocess
 import sys
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
+from idx_files import make_idx_folder, write_idx
 
 from resnet_jax.data import (
     ArraySource,
@@ -35,28 +34,6 @@ from resnet_jax.data import (
 from resnet_jax.data.augment import apply_crop_flip
 from resnet_jax.data.pipeline import _prefetch
 from resnet_jax.data.sources import FASHION_MNIST_DIR
-
-
-def write_idx(path: Path, array: np.ndarray) -> None:
-    """The IDX format: two zero bytes, type 0x08 (unsigned byte), the number of dims, each dim as a
-    big-endian uint32, then the data in C order."""
-    data = bytes([0, 0, 0x08, array.ndim]) + np.asarray(array.shape, ">u4").tobytes() + array.tobytes()
-    if path.suffix == ".gz":
-        data = gzip.compress(data)
-    path.write_bytes(data)
-
-
-def make_idx_folder(folder: Path, compressed: bool, num_train: int = 30, num_test: int = 17) -> dict:
-    rng = np.random.default_rng(0)
-    suffix = ".gz" if compressed else ""
-    arrays = {}
-    for prefix, n in (("train", num_train), ("t10k", num_test)):
-        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
-        labels = (np.arange(n) % 10).astype(np.uint8)
-        write_idx(folder / f"{prefix}-images-idx3-ubyte{suffix}", images)
-        write_idx(folder / f"{prefix}-labels-idx1-ubyte{suffix}", labels)
-        arrays[prefix] = (images, labels)
-    return arrays
 
 
 def take(batches, n: int) -> list[dict]:

@@ -59,8 +59,7 @@ def _torch_module_name(path: tuple[str, ...]) -> str:
             return "bn1"
         case ("head",):
             return "fc"
-        # The residual-branch submodule is "branch" (formerly "residual"); accept either name.
-        case (stage, block, "branch" | "residual", layer) if stage.startswith("stage") and block.startswith("block"):
+        case (stage, block, "branch", layer) if stage.startswith("stage") and block.startswith("block"):
             return f"layer{int(stage[5:])}.{int(block[5:])}.{layer}"
         case (stage, block, "shortcut", "conv" | "bn" as layer) if stage.startswith("stage"):
             index = {"conv": 0, "bn": 1}[layer]

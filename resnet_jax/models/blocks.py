@@ -192,7 +192,8 @@ class ResidualBlock(nn.Module):
 
     ``shortcut`` is "A", "B" or "C" (He et al. 2015); ``residual=False`` drops the shortcut
     (the plain networks of the degradation experiments). With ``mutable=["intermediates"]`` the
-    block sows its ``input``, the branch output ``residual`` and its ``output``.
+    block sows its ``input``, the branch output ``residual``, the ``shortcut`` value (residual
+    blocks) and its ``output``: y = relu(shortcut + residual), or shortcut + residual if preact.
     """
 
     branch: ModuleDef
@@ -210,7 +211,11 @@ class ResidualBlock(nn.Module):
         branch_input = nn.relu(self.norm(name="preact_bn")(x)) if self.preact else x
         f = self.branch(name="branch")(branch_input)
         self.sow("intermediates", "residual", f)
-        y = f + self._shortcut(x, branch_input) if self.residual else f
+        y = f
+        if self.residual:
+            shortcut = self._shortcut(x, branch_input)
+            self.sow("intermediates", "shortcut", shortcut)
+            y = y + shortcut
         if not self.preact:
             y = nn.relu(y)
         self.sow("intermediates", "output", y)

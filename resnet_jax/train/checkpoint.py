@@ -8,6 +8,7 @@ half-written checkpoint in place of a good one.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,9 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy as keep
 
 ACCURACY = "test_accuracy"
 
+# Checkpoints between evaluations carry no accuracy by design; orbax would warn at each of them.
+logging.getLogger("absl").addFilter(lambda record: "did not provide metrics" not in record.getMessage())
+
 
 class Checkpoints:
     """Save every ``every_steps`` and at the end; restore the latest (or a given) step."""
@@ -23,11 +27,15 @@ class Checkpoints:
     def __init__(self, workdir: str | Path, *, every_steps: int, keep_latest: int, async_save: bool = True) -> None:
         self.directory = Path(workdir).resolve() / "checkpoints"
         policy = keep.AnyPreservationPolicy(
-            [keep.LatestN(keep_latest), keep.BestN(get_metric_fn=lambda m: m[ACCURACY], n=1)]
+            [
+                keep.LatestN(keep_latest),
+                keep.BestN(get_metric_fn=lambda m: m[ACCURACY], n=1, keep_checkpoints_without_metrics=False),
+            ]
         )
         options = ocp.CheckpointManagerOptions(
             save_decision_policy=ocp.checkpoint_managers.FixedIntervalPolicy(every_steps),
             preservation_policy=policy,
+            best_fn=lambda m: m[ACCURACY],  # makes orbax store the metrics with each checkpoint
             enable_async_checkpointing=async_save,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
@@ -36,7 +44,13 @@ class Checkpoints:
         return self.manager.latest_step()
 
     def best_step(self) -> int | None:
-        return self.manager.best_step()
+        """The kept step with the highest test accuracy (the latest among equals)."""
+        scored = []
+        for step in self.manager.all_steps():
+            metrics = self.manager.metrics(step)
+            if metrics and ACCURACY in metrics:
+                scored.append((metrics[ACCURACY], step))
+        return max(scored)[1] if scored else None
 
     def save(self, step: int, state: Any, meta: dict, metrics: dict | None = None, force: bool = False) -> bool:
         """Start an (asynchronous) save; ``metrics`` holds the test accuracy that ranks "best"."""

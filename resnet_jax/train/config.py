@@ -57,9 +57,9 @@ def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
     node = config
     for depth, name in enumerate([*parents, leaf]):
         if name not in node:
-            prefix = ".".join(parents[:depth] + [name])
+            prefix = ".".join([*parents[:depth], name])
             close = difflib.get_close_matches(name, list(node.keys()), n=1)
-            hint = f" Did you mean {'.'.join(parents[:depth] + close)!r}?" if close else ""
+            hint = f" Did you mean {'.'.join([*parents[:depth], *close])!r}?" if close else ""
             raise ValueError(f"Unknown config key {prefix!r}.{hint} Valid keys here: {sorted(node.keys())}.")
         if name != leaf:
             node = node[name]

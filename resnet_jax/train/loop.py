@@ -6,6 +6,7 @@ again on the same workdir resumes from the latest checkpoint, with the data stre
 
 from __future__ import annotations
 
+import itertools
 import time
 from pathlib import Path
 from typing import Any
@@ -65,8 +66,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     workdir = Path(workdir)
     lead = jax.process_index() == 0
     check_batch_sizes(config)
-    train_source = data.load_source(config.dataset, "train", config.data_dir)
-    test_source = data.load_source(config.dataset, "test", config.data_dir)
+    train_source = data.load_source(config.dataset, config.train_split, config.data_dir)
+    test_source = data.load_source(config.dataset, config.eval_split, config.data_dir)
     model = build_model(config, train_source.num_classes)
     steps_per_epoch = data.steps_per_epoch(train_source.num_examples, config.batch_size)
     schedule = learning_rate_schedule(config, steps_per_epoch)
@@ -156,20 +157,71 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     return test_metrics
 
 
-def evaluate(workdir: str | Path, step: int | None = None) -> dict[str, float]:
-    """Test metrics of the checkpoint at ``step`` (default: the latest) of the run in ``workdir``."""
+def load_run(workdir: str | Path, step: int | None = None) -> tuple[ResNet, TrainState, ml_collections.ConfigDict]:
+    """The model, train state and config of the checkpoint at ``step`` (default: the latest) of a run."""
     checkpoints = Checkpoints(workdir, every_steps=1, keep_latest=1, async_save=False)
     if checkpoints.latest_step() is None:
         raise FileNotFoundError(f"No checkpoint in {checkpoints.directory}; train first with `resnet-jax train`.")
     config = ml_collections.ConfigDict(checkpoints.read_meta(step)["config"])
-    check_batch_sizes(config)
-    test_source = data.load_source(config.dataset, "test", config.data_dir)
-    model = build_model(config, test_source.num_classes)
+    source = data.load_source(config.dataset, config.eval_split, config.data_dir)
+    model = build_model(config, source.num_classes)
     tx = create_optimizer(config, learning_rate_schedule(config, steps_per_epoch=1))  # fixes the state's structure
-    abstract = jax.eval_shape(lambda: create_train_state(model, tx, test_source.image_shape, config.seed))
-    state, meta = checkpoints.restore(abstract, step)
+    abstract = jax.eval_shape(lambda: create_train_state(model, tx, source.image_shape, config.seed))
+    state, _ = checkpoints.restore(abstract, step)
+    checkpoints.close()
+    return model, state, config
+
+
+def evaluate(workdir: str | Path, step: int | None = None) -> dict[str, float]:
+    """Test metrics of the checkpoint at ``step`` (default: the latest) of the run in ``workdir``."""
+    _, state, config = load_run(workdir, step)
+    check_batch_sizes(config)
+    test_source = data.load_source(config.dataset, config.eval_split, config.data_dir)
     mesh = make_mesh()
     _, eval_step = compile_steps(mesh)
     metrics = evaluate_state(eval_step, replicate(mesh, state), test_source, config, mesh)
-    print(f"step {meta['step']} test_accuracy={metrics['accuracy']:.4f} test_loss={metrics['loss']:.4f}")
+    print(f"step {int(state.step)} test_accuracy={metrics['accuracy']:.4f} test_loss={metrics['loss']:.4f}")
     return metrics
+
+
+def measure_throughput(config: ml_collections.ConfigDict, num_steps: int = 50) -> dict[str, float]:
+    """Input-only and train-step images/s for ``config``, medians over ``num_steps`` after compilation.
+
+    The input must outpace the step: if ``input_img_per_s`` is not far above ``train_img_per_s``,
+    the pipeline is the bottleneck.
+    """
+    check_batch_sizes(config)
+    source = data.load_source(config.dataset, config.train_split, config.data_dir)
+    batch_options = dict(
+        global_batch_size=config.batch_size,
+        seed=config.seed,
+        augment=config.augment,
+        pad=config.crop_padding,
+        flip=config.random_flip,
+        mixup_alpha=config.mixup_alpha,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    input_rate = data.measure_input_throughput(data.train_batches(source, **batch_options), num_steps)
+    model = build_model(config, source.num_classes)
+    tx = create_optimizer(
+        config, learning_rate_schedule(config, data.steps_per_epoch(source.num_examples, config.batch_size))
+    )
+    mesh = make_mesh()
+    state = replicate(mesh, create_train_state(model, tx, source.image_shape, config.seed))
+    train_step, _ = compile_steps(mesh, config.label_smoothing)
+    batches = [shard_batch(mesh, b) for b in itertools.islice(data.train_batches(source, **batch_options), 2)]
+    began = time.perf_counter()
+    train_step = train_step.lower(state, batches[0]).compile()
+    compile_seconds = time.perf_counter() - began
+    times = []
+    for i in range(num_steps + 1):
+        began = time.perf_counter()
+        state, metrics = train_step(state, batches[i % 2])
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - began)
+    return {
+        "input_img_per_s": input_rate,
+        "train_img_per_s": config.batch_size / float(np.median(times[1:])),
+        "compile_seconds": compile_seconds,
+    }

@@ -83,10 +83,11 @@ class Progress:
     """
 
     def __init__(
-        self, total_steps: int, start_step: int, batch_size: int, enabled: bool = True, stream: TextIO = sys.stdout
+        self, total_steps: int, start_step: int, batch_size: int, enabled: bool = True, stream: TextIO | None = None
     ):
-        self.total, self.batch_size, self.enabled, self.stream = total_steps, batch_size, enabled, stream
-        self.tty = stream.isatty()
+        self.total, self.batch_size, self.enabled = total_steps, batch_size, enabled
+        self.stream = stream or sys.stdout
+        self.tty = self.stream.isatty()
         self._mark_step, self._mark_time = start_step, None
         self._rate = None
 

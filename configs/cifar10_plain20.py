@@ -1,0 +1,16 @@
+"""plain20 on CIFAR-10 with the He et al. (2015) recipe (see configs/_cifar.py).
+
+    resnet-jax train --config configs/cifar10_plain20.py --workdir runs/cifar10_plain20
+
+Expected: about 8.2% error (Li et al. 2018 report 8.18% without skip connections; He et al.
+2015 Fig. 6 shows it only as a curve): final test_accuracy about 0.92.
+Time: TIME_plain20.
+"""
+
+from configs import _cifar
+
+
+def get_config():
+    config = _cifar.get_config()
+    config.model = "plain20"
+    return config

@@ -1,0 +1,15 @@
+"""resnet20 on CIFAR-10 with the He et al. (2015) recipe (see configs/_cifar.py).
+
+    resnet-jax train --config configs/cifar10_resnet20.py --workdir runs/cifar10_resnet20
+
+Expected: 8.75% error (He et al. 2015, Table 6): final test_accuracy about 0.912.
+Time: TIME_resnet20.
+"""
+
+from configs import _cifar
+
+
+def get_config():
+    config = _cifar.get_config()
+    config.model = "resnet20"
+    return config

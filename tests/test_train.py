@@ -1,0 +1,309 @@
+"""Optimisation recipes, config handling, checkpoints and the training loop, run for real on small data."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+from idx_files import make_idx_folder
+
+from resnet_jax.cli import main
+from resnet_jax.data import load_source, train_batches
+from resnet_jax.train.checkpoint import Checkpoints
+from resnet_jax.train.config import REQUIRED_KEYS, load_config
+from resnet_jax.train.loop import build_model, evaluate, train_and_evaluate
+from resnet_jax.train.optim import create_optimizer, learning_rate_schedule
+from resnet_jax.train.reporting import read_metrics
+from resnet_jax.train.steps import compile_steps, create_train_state, make_mesh, replicate, shard_batch
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = sorted((REPO / "configs").glob("*.py"))
+
+
+def small_config(data_dir: Path, **changes):
+    config = load_config(REPO / "configs" / "default.py")
+    config.model = "resnet8"
+    config.data_dir = str(data_dir)
+    config.batch_size = 8
+    config.eval_batch_size = 8
+    config.num_train_steps = 6
+    config.log_every_steps = 2
+    config.eval_every_steps = 3
+    config.checkpoint_every_steps = 3
+    config.update(changes)
+    return config
+
+
+@pytest.fixture(scope="module")
+def idx_dir(tmp_path_factory) -> Path:
+    """Fashion-MNIST-shaped IDX files: 64 training images and a prime number (17) of test images."""
+    folder = tmp_path_factory.mktemp("idx")
+    make_idx_folder(folder, compressed=True, num_train=64, num_test=17)
+    return folder
+
+
+def params_of(workdir: Path, step: int | None = None):
+    checkpoints = Checkpoints(workdir, every_steps=1, keep_latest=1, async_save=False)
+    step = checkpoints.latest_step() if step is None else step
+    restored = checkpoints.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    return restored.state["params"]
+
+
+# --- schedules and optimizer -------------------------------------------------------------------
+
+
+def recipe(**changes):
+    config = load_config(REPO / "configs" / "default.py")
+    config.update(changes)
+    return config
+
+
+def test_he_cifar_step_schedule_divides_by_ten_at_32k_and_48k():
+    config = recipe(lr_schedule="step", learning_rate=0.1, lr_boundaries_steps=(32_000, 48_000), num_train_steps=64_000)
+    schedule = learning_rate_schedule(config, steps_per_epoch=391)
+    rates = [float(schedule(s)) for s in (0, 31_999, 32_000, 47_999, 48_000, 63_999)]
+    np.testing.assert_allclose(rates, [0.1, 0.1, 0.01, 0.01, 0.001, 0.001], rtol=1e-6)
+
+
+def test_imagenet_epoch_schedule_with_warmup_and_linear_scaling():
+    config = recipe(
+        lr_schedule="step",
+        learning_rate=0.1,
+        batch_size=1024,
+        scale_learning_rate_by_batch=True,
+        lr_boundaries_epochs=(30, 60, 80),
+        warmup_steps=500,
+        num_train_steps=90 * 1000,
+    )
+    schedule = learning_rate_schedule(config, steps_per_epoch=1000)
+    assert float(schedule(0)) == 0.0
+    assert float(schedule(250)) == pytest.approx(0.2)
+    assert float(schedule(500)) == pytest.approx(0.4)  # 0.1 * 1024 / 256
+    assert float(schedule(29_999)) == pytest.approx(0.4)
+    assert float(schedule(30_000)) == pytest.approx(0.04)
+    assert float(schedule(60_000)) == pytest.approx(0.004)
+    assert float(schedule(80_000)) == pytest.approx(0.0004)
+
+
+def test_cosine_schedule_decays_to_zero():
+    schedule = learning_rate_schedule(recipe(lr_schedule="cosine", learning_rate=0.2, num_train_steps=100), 10)
+    assert float(schedule(0)) == pytest.approx(0.2)
+    assert float(schedule(50)) == pytest.approx(0.1)
+    assert float(schedule(100)) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_weight_decay_is_coupled_l2_and_can_skip_bn_and_bias():
+    params = {"kernel": jnp.full((2, 2), 2.0), "bias": jnp.full((2,), 2.0)}
+    grads = {"kernel": jnp.full((2, 2), 0.5), "bias": jnp.full((2,), 0.5)}
+    for exclude, bias_step in ((False, -0.1 * (0.5 + 0.01 * 2.0)), (True, -0.1 * 0.5)):
+        config = recipe(lr_schedule="constant", learning_rate=0.1, momentum=0.0, weight_decay=0.01)
+        config.weight_decay_exclude_bn_and_bias = exclude
+        tx = create_optimizer(config, learning_rate_schedule(config, 1))
+        updates, _ = tx.update(grads, tx.init(params), params)
+        np.testing.assert_allclose(updates["kernel"], -0.1 * (0.5 + 0.01 * 2.0), rtol=1e-6)
+        np.testing.assert_allclose(updates["bias"], bias_step, rtol=1e-6)
+
+
+def test_gradient_clipping_and_nesterov():
+    config = recipe(lr_schedule="constant", learning_rate=1.0, weight_decay=0.0, grad_clip_norm=1.0, nesterov=True)
+    tx = create_optimizer(config, learning_rate_schedule(config, 1))
+    params = {"w": jnp.zeros(4)}
+    updates, _ = tx.update({"w": jnp.full(4, 10.0)}, tx.init(params), params)
+    # clipped to norm 1 (each 0.5); Nesterov applies g + momentum * (momentum buffer = g)
+    np.testing.assert_allclose(updates["w"], -(0.5 + 0.9 * 0.5), rtol=1e-6)
+    assert optax.tree.norm(updates) > 1.0
+
+
+# --- configs -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_config_has_the_required_keys_and_documents_its_command(path):
+    config = load_config(path)
+    assert all(key in config for key in REQUIRED_KEYS)
+    doc = ast.get_docstring(ast.parse(path.read_text()))
+    if path.name != "default.py" and not path.name.startswith("_"):  # shared recipes are not experiments
+        assert f"resnet-jax train --config configs/{path.name}" in doc
+        assert "Expected" in doc
+
+
+def test_overrides_parse_types_and_nested_keys():
+    config = load_config(
+        REPO / "configs" / "default.py",
+        [
+            "--config.learning_rate=1",
+            "--config.augment=false",
+            "--config.lr_boundaries_steps=(10, 20)",
+            "--config.model=resnet56",
+            "--config.model_overrides.zero_init_residual=true",
+        ],
+    )
+    assert config.learning_rate == 1.0 and isinstance(config.learning_rate, float)
+    assert config.augment is False
+    assert config.lr_boundaries_steps == (10, 20)
+    assert config.model == "resnet56"
+    assert config.model_overrides.zero_init_residual is True
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("--config.learnig_rate=0.1", r"Unknown config key 'learnig_rate'. Did you mean 'learning_rate'"),
+        ("--config.model_overrides.zero_init=1", r"'model_overrides.zero_init'.*Did you mean"),
+        ("--config.augment=maybe", r"true or false"),
+        ("--config.batch_size", r"KEY=VALUE"),
+    ],
+)
+def test_bad_overrides_are_explained(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(REPO / "configs" / "default.py", [override])
+
+
+def test_cli_rejects_an_unknown_key_before_training(tmp_path, capsys):
+    code = main(["train", "--config", "configs/default.py", "--workdir", str(tmp_path), "--config.bach_size=4"])
+    assert code == 2
+    assert "Did you mean 'batch_size'" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+# --- the training loop -------------------------------------------------------------------------
+
+
+def test_train_and_evaluate_writes_checkpoints_metrics_and_plots(idx_dir, tmp_path, capsys):
+    workdir = tmp_path / "run"
+    metrics = train_and_evaluate(small_config(idx_dir, keep_checkpoints=1), workdir)
+    out = capsys.readouterr().out
+    assert f"final test_accuracy={metrics['accuracy']:.4f}" in out
+    assert "compiled the train step" in out and "img/s" in out
+    records = read_metrics(workdir)
+    assert [r["step"] for r in records if r["split"] == "train"] == [2, 4, 6]
+    assert [r["step"] for r in records if r["split"] == "test"] == [3, 6]
+    assert all(np.isfinite(r["loss"]) for r in records)
+    assert (workdir / "curves.png").stat().st_size > 10_000
+    assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) in ([3, 6], [6])
+    # 17 test images: an accuracy of k/17 proves that no example was dropped or counted twice
+    assert round(metrics["accuracy"] * 17, 4) == round(metrics["accuracy"] * 17)
+    assert evaluate(workdir) == pytest.approx(metrics)
+
+
+def test_restart_resumes_from_the_checkpoint_and_matches_an_uninterrupted_run(idx_dir, tmp_path, capsys):
+    config = small_config(idx_dir, lr_schedule="constant", eval_every_steps=100)
+    train_and_evaluate(config, tmp_path / "straight")
+    config.num_train_steps = 3
+    train_and_evaluate(config, tmp_path / "resumed")
+    config.num_train_steps = 6
+    train_and_evaluate(config, tmp_path / "resumed")
+    assert "resumed from step 3" in capsys.readouterr().out
+    straight, resumed = params_of(tmp_path / "straight"), params_of(tmp_path / "resumed")
+    assert jax.tree.all(jax.tree.map(np.array_equal, straight, resumed))
+
+
+def test_a_workdir_of_another_model_is_refused(idx_dir, tmp_path):
+    train_and_evaluate(small_config(idx_dir, num_train_steps=3), tmp_path)
+    with pytest.raises(ValueError, match=r"holds a run of resnet8.*choose another --workdir"):
+        train_and_evaluate(small_config(idx_dir, model="resnet14", num_train_steps=6), tmp_path)
+
+
+def test_checkpoints_keep_the_latest_and_the_best(tmp_path):
+    checkpoints = Checkpoints(tmp_path, every_steps=1, keep_latest=2, async_save=False)
+
+    def save(checkpoints, step, accuracy):  # None: a checkpoint between evaluations
+        metrics = None if accuracy is None else {"test_accuracy": accuracy}
+        checkpoints.save(step, {"w": np.full(3, step, np.float32)}, {"step": step}, metrics)
+
+    def kept():
+        return sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+
+    for step, accuracy in [(1, 0.5), (2, 0.9), (3, 0.6), (4, None), (5, 0.65)]:
+        save(checkpoints, step, accuracy)
+    checkpoints.close()
+    assert kept() == [2, 4, 5]
+    reopened = Checkpoints(tmp_path, every_steps=1, keep_latest=2, async_save=False)
+    assert reopened.best_step() == 2  # the ranking survives a restart
+    state, meta = reopened.restore({"w": jax.ShapeDtypeStruct((3,), jnp.float32)})
+    assert meta == {"step": 5} and float(state["w"][0]) == 5.0
+    for step in (6, 7):
+        save(reopened, step, 0.1)
+    reopened.close()
+    assert kept() == [2, 6, 7]
+
+
+MULTI_DEVICE = textwrap.dedent(
+    """
+    import json, sys
+    import jax, numpy as np
+    from resnet_jax.data import load_source, train_batches
+    from resnet_jax.models import create_model
+    from resnet_jax.train.optim import create_optimizer, learning_rate_schedule
+    from resnet_jax.train.config import load_config
+    from resnet_jax.train.steps import compile_steps, create_train_state, make_mesh, replicate, shard_batch
+    from resnet_jax.train.loop import check_batch_sizes
+
+    config = load_config("configs/default.py")
+    source = load_source("synthetic", "train", num_examples=64, image_shape=(16, 16, 3), num_classes=10)
+    results = {}
+    for devices in (jax.devices()[:1], jax.devices()):
+        mesh = make_mesh(devices)
+        tx = create_optimizer(config, learning_rate_schedule(config, 4))
+        state = replicate(mesh, create_train_state(create_model("resnet8"), tx, (16, 16, 3), seed=0))
+        train_step, _ = compile_steps(mesh)
+        batches = train_batches(source, global_batch_size=16, seed=0)
+        for _ in range(3):
+            state, metrics = train_step(state, shard_batch(mesh, next(batches)))
+        results[len(devices)] = jax.device_get(state.params)
+    one, eight = results[1], results[8]
+    error = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(eight)))
+    scale = max(float(np.max(np.abs(a))) for a in jax.tree.leaves(one))
+    config.batch_size = 12
+    try:
+        check_batch_sizes(config)
+        message = ""
+    except ValueError as e:
+        message = str(e)
+    print(json.dumps({"devices": jax.device_count(), "error": error, "scale": scale, "message": message}))
+    """
+)
+
+
+def test_eight_devices_train_like_one_device_on_the_same_global_batch():
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run(
+        [sys.executable, "-c", MULTI_DEVICE], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["devices"] == 8
+    assert report["error"] <= 1e-5 * report["scale"]  # BN statistics and gradients are those of the global batch
+    assert "batch_size=12 does not divide over 8 devices" in report["message"]
+
+
+def test_bfloat16_training_keeps_float32_parameters_and_statistics():
+    config = load_config(REPO / "configs" / "default.py", ["--config.dtype=bfloat16"])
+    source = load_source("synthetic", "train", num_examples=32, image_shape=(16, 16, 3), num_classes=10)
+    mesh = make_mesh()
+    tx = create_optimizer(config, learning_rate_schedule(config, 4))
+    state = replicate(mesh, create_train_state(build_model(config, 10), tx, (16, 16, 3), seed=0))
+    train_step, _ = compile_steps(mesh)
+    batch = next(train_batches(source, global_batch_size=16, seed=0))
+    before = jax.device_get(state.batch_stats)  # the step donates (deletes) the old state
+    new_state, metrics = train_step(state, shard_batch(mesh, batch))
+    assert {x.dtype for x in jax.tree.leaves((new_state.params, new_state.batch_stats))} == {jnp.dtype("float32")}
+    assert np.isfinite(float(metrics["loss"]))
+    moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), before, new_state.batch_stats)
+    assert all(jax.tree.leaves(moved))
+    logits, features = new_state.apply_fn(
+        {"params": new_state.params, "batch_stats": new_state.batch_stats}, batch["image"], train=False
+    )
+    assert features["c2"].dtype == jnp.bfloat16 and logits.dtype == jnp.float32
