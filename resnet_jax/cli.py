@@ -7,6 +7,8 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from resnet_jax.analysis.cli import add_analyze_command
+
 if TYPE_CHECKING:
     from resnet_jax.models import ResNet
 
@@ -92,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("models", help="list the named models")
     p.set_defaults(run=list_names)
+    add_analyze_command(commands)
     return parser
 
 

@@ -167,15 +167,17 @@ def test_bfloat16_compute_keeps_float32_params_and_close_logits(resnet20):
     np.testing.assert_allclose(logits, reference, atol=0.05 * float(jnp.abs(reference).max()))
 
 
-def test_blocks_sow_input_residual_and_output(resnet20):
+def test_blocks_sow_input_residual_skip_and_output(resnet20):
     model, variables, images = resnet20
     _, state = model.apply(variables, images, train=False, mutable=["intermediates"])
     block = state["intermediates"]["stage1"]["block1"]  # identity shortcut
     (x,), (f,), (y,) = block["input"], block["residual"], block["output"]
     np.testing.assert_allclose(y, jax.nn.relu(x + f), rtol=1e-6)
+    np.testing.assert_array_equal(block["skip"][0], x)
     down = state["intermediates"]["stage2"]["block0"]  # option A: subsample and zero-pad
-    (x,), (f,), (y,) = down["input"], down["residual"], down["output"]
+    (x,), (f,), (s,), (y,) = down["input"], down["residual"], down["skip"], down["output"]
     padded = jnp.pad(x[:, ::2, ::2, :], ((0, 0), (0, 0), (0, 0), (0, 16)))
+    np.testing.assert_array_equal(s, padded)
     np.testing.assert_allclose(y, jax.nn.relu(padded + f), rtol=1e-6)
 
 

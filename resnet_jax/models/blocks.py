@@ -65,12 +65,8 @@ class SqueezeExcite(nn.Module):
         return x * s[:, None, None, :].astype(x.dtype)
 
 
-class BasicBranch(nn.Module):
-    """Residual function of the basic block: two 3x3 convs.
-
-    Post-activation: conv-BN-ReLU-conv-BN. Pre-activation: conv-BN-ReLU-conv (the block applies
-    the leading BN-ReLU, shared with a projection shortcut).
-    """
+class Branch(nn.Module):
+    """What every residual function is configured with (set by `ResNet`; see its attributes)."""
 
     width: int
     strides: int
@@ -82,6 +78,16 @@ class BasicBranch(nn.Module):
     stride_in_1x1: bool = False
     se_reduction: int | None = None
     zero_init_last: bool = False
+
+    expansion: ClassVar[int] = 1
+
+
+class BasicBranch(Branch):
+    """Residual function of the basic block: two 3x3 convs.
+
+    Post-activation: conv-BN-ReLU-conv-BN. Pre-activation: conv-BN-ReLU-conv (the block applies
+    the leading BN-ReLU, shared with a projection shortcut).
+    """
 
     expansion: ClassVar[int] = 1
 
@@ -98,23 +104,12 @@ class BasicBranch(nn.Module):
         return _maybe_squeeze_excite(self, y)
 
 
-class BottleneckBranch(nn.Module):
+class BottleneckBranch(Branch):
     """Residual function of the bottleneck: 1x1 reduce, 3x3 (grouped for ResNeXt), 1x1 expand.
 
     The stride sits on the 3x3 conv (ResNet v1.5, torchvision) unless ``stride_in_1x1`` (v1, the
     original paper). The grouped width follows torchvision: int(width * width_per_group / 64) * groups.
     """
-
-    width: int
-    strides: int
-    conv: ModuleDef
-    norm: ModuleDef
-    preact: bool = False
-    groups: int = 1
-    width_per_group: int = 64
-    stride_in_1x1: bool = False
-    se_reduction: int | None = None
-    zero_init_last: bool = False
 
     expansion: ClassVar[int] = 4
 
@@ -192,8 +187,8 @@ class ResidualBlock(nn.Module):
 
     ``shortcut`` is "A", "B" or "C" (He et al. 2015); ``residual=False`` drops the shortcut
     (the plain networks of the degradation experiments). With ``mutable=["intermediates"]`` the
-    block sows its ``input``, the branch output ``residual``, the ``shortcut`` value (residual
-    blocks) and its ``output``: y = relu(shortcut + residual), or shortcut + residual if preact.
+    block sows its ``input``, the branch output ``residual``, the shortcut's value ``skip`` (residual
+    blocks) and its ``output``: y = relu(skip + residual), or skip + residual if preact.
     """
 
     branch: ModuleDef
@@ -214,7 +209,7 @@ class ResidualBlock(nn.Module):
         y = f
         if self.residual:
             shortcut = self._shortcut(x, branch_input)
-            self.sow("intermediates", "shortcut", shortcut)
+            self.sow("intermediates", "skip", shortcut)
             y = y + shortcut
         if not self.preact:
             y = nn.relu(y)

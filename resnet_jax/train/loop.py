@@ -40,6 +40,22 @@ def check_batch_sizes(config: ml_collections.ConfigDict) -> None:
             )
 
 
+def training_batches(config: ml_collections.ConfigDict, source: Any, start_step: int = 0) -> Any:
+    """This process's training batches from ``start_step`` on, augmented as the config says."""
+    return data.train_batches(
+        source,
+        global_batch_size=config.batch_size,
+        seed=config.seed,
+        start_step=start_step,
+        augment=config.augment,
+        pad=config.crop_padding,
+        flip=config.random_flip,
+        mixup_alpha=config.mixup_alpha,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+
+
 def run_meta(config: ml_collections.ConfigDict, step: int) -> dict[str, Any]:
     """What a checkpoint says about its run; the data position is the step itself."""
     return {"model": config.model, "dataset": config.dataset, "step": step, "config": config.to_dict()}
@@ -89,18 +105,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     state = replicate(mesh, state)
     start = int(state.step)
 
-    batches = data.train_batches(
-        train_source,
-        global_batch_size=config.batch_size,
-        seed=config.seed,
-        start_step=start,
-        augment=config.augment,
-        pad=config.crop_padding,
-        flip=config.random_flip,
-        mixup_alpha=config.mixup_alpha,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
+    batches = training_batches(config, train_source, start)
     train_step, eval_step = compile_steps(mesh, config.label_smoothing)
     log = MetricsLog(workdir, enabled=lead)
     progress.message(
@@ -192,17 +197,7 @@ def measure_throughput(config: ml_collections.ConfigDict, num_steps: int = 50) -
     """
     check_batch_sizes(config)
     source = data.load_source(config.dataset, config.train_split, config.data_dir)
-    batch_options = dict(
-        global_batch_size=config.batch_size,
-        seed=config.seed,
-        augment=config.augment,
-        pad=config.crop_padding,
-        flip=config.random_flip,
-        mixup_alpha=config.mixup_alpha,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
-    input_rate = data.measure_input_throughput(data.train_batches(source, **batch_options), num_steps)
+    input_rate = data.measure_input_throughput(training_batches(config, source), num_steps)
     model = build_model(config, source.num_classes)
     tx = create_optimizer(
         config, learning_rate_schedule(config, data.steps_per_epoch(source.num_examples, config.batch_size))
@@ -210,7 +205,7 @@ def measure_throughput(config: ml_collections.ConfigDict, num_steps: int = 50) -
     mesh = make_mesh()
     state = replicate(mesh, create_train_state(model, tx, source.image_shape, config.seed))
     train_step, _ = compile_steps(mesh, config.label_smoothing)
-    batches = [shard_batch(mesh, b) for b in itertools.islice(data.train_batches(source, **batch_options), 2)]
+    batches = [shard_batch(mesh, b) for b in itertools.islice(training_batches(config, source), 2)]
     began = time.perf_counter()
     train_step = train_step.lower(state, batches[0]).compile()
     compile_seconds = time.perf_counter() - began
