@@ -14,7 +14,8 @@ def get_config() -> ml_collections.ConfigDict:
     # Model: any name of `resnet-jax models` (or a CIFAR depth), with ResNet attribute overrides.
     config.model = "resnet20"
     config.model_overrides = ml_collections.ConfigDict({"zero_init_residual": False})
-    config.dtype = "float32"  # "bfloat16": bf16 compute, fp32 parameters and BN statistics
+    config.dtype = "float32"  # "bfloat16"/"float16": half compute, fp32 parameters and BN statistics
+    # (float16 adds dynamic loss scaling)
 
     # Data: fashion_mnist, mnist, cifar10, cifar100, imagenet2012, synthetic.
     config.dataset = "fashion_mnist"
@@ -45,6 +46,19 @@ def get_config() -> ml_collections.ConfigDict:
     config.lr_decay_factor = 0.1
     config.warmup_steps = 0
     config.warmup_start_learning_rate = 0.0
+
+    # Scale: "jit" (one program over a mesh of every device) or "pmap" (one program per device,
+    # per-device BN statistics); joining a multi-process job (README: "Many hosts").
+    config.parallelism = "jit"
+    config.distributed = ml_collections.ConfigDict(
+        {
+            "coordinator_address": ml_collections.config_dict.placeholder(str),  # "host:port" of process 0
+            "num_processes": ml_collections.config_dict.placeholder(int),
+            "process_id": ml_collections.config_dict.placeholder(int),
+            "auto_detect": False,  # TPU pods, SLURM, ...: let JAX find the above
+            "cpu_collectives": False,  # CPU-only processes: collectives through gloo
+        }
+    )
 
     # Bookkeeping.
     config.seed = 0

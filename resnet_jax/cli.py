@@ -104,11 +104,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [a for a in extra if not a.startswith("--config.")]
     if unknown or (args.overrides and args.command not in ("train", "throughput")):
         build_parser().error(f"unrecognised arguments: {' '.join(unknown or args.overrides)}")
+    from resnet_jax.train.loop import TrainingInterruptedError
+
     try:
         args.run(args)
     except (ValueError, FileNotFoundError) as error:  # bad user input: one clear line, no traceback
         print(f"resnet-jax {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except FloatingPointError as error:
+        print(f"resnet-jax {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    except TrainingInterruptedError as stopped:
+        print(f"resnet-jax {args.command}: {stopped}", file=sys.stderr)
+        return 128 + stopped.signum  # the shell's convention for "ended by this signal"
     return 0
 
 

@@ -14,7 +14,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import pytest
 from idx_files import make_idx_folder
 
@@ -25,7 +24,7 @@ from resnet_jax.train.config import REQUIRED_KEYS, load_config
 from resnet_jax.train.loop import build_model, evaluate, train_and_evaluate
 from resnet_jax.train.optim import create_optimizer, learning_rate_schedule
 from resnet_jax.train.reporting import read_metrics
-from resnet_jax.train.steps import compile_steps, create_train_state, make_mesh, replicate, shard_batch
+from resnet_jax.train.steps import compile_steps, create_train_state, make_mesh
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((REPO / "configs").glob("*.py"))
@@ -54,10 +53,7 @@ def idx_dir(tmp_path_factory) -> Path:
 
 
 def params_of(workdir: Path, step: int | None = None):
-    checkpoints = Checkpoints(workdir, every_steps=1, keep_latest=1, async_save=False)
-    step = checkpoints.latest_step() if step is None else step
-    restored = checkpoints.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    return restored.state["params"]
+    return Checkpoints(workdir, every_steps=1, keep_latest=1, async_save=False).read_state(step)["params"]
 
 
 # --- schedules and optimizer -------------------------------------------------------------------
@@ -248,20 +244,19 @@ MULTI_DEVICE = textwrap.dedent(
     from resnet_jax.models import create_model
     from resnet_jax.train.optim import create_optimizer, learning_rate_schedule
     from resnet_jax.train.config import load_config
-    from resnet_jax.train.steps import compile_steps, create_train_state, make_mesh, replicate, shard_batch
+    from resnet_jax.train.steps import compile_steps, create_train_state, make_mesh
     from resnet_jax.train.loop import check_batch_sizes
 
     config = load_config("configs/default.py")
     source = load_source("synthetic", "train", num_examples=64, image_shape=(16, 16, 3), num_classes=10)
     results = {}
     for devices in (jax.devices()[:1], jax.devices()):
-        mesh = make_mesh(devices)
+        steps = compile_steps(make_mesh(devices))
         tx = create_optimizer(config, learning_rate_schedule(config, 4))
-        state = replicate(mesh, create_train_state(create_model("resnet8"), tx, (16, 16, 3), seed=0))
-        train_step, _ = compile_steps(mesh)
+        state = steps.put_state(create_train_state(create_model("resnet8"), tx, (16, 16, 3), seed=0))
         batches = train_batches(source, global_batch_size=16, seed=0)
         for _ in range(3):
-            state, metrics = train_step(state, shard_batch(mesh, next(batches)))
+            state, metrics = steps.train(state, steps.put_batch(next(batches)))
         results[len(devices)] = jax.device_get(state.params)
     one, eight = results[1], results[8]
     error = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(eight)))
@@ -290,15 +285,14 @@ def test_eight_devices_train_like_one_device_on_the_same_global_batch():
 
 
 def test_bfloat16_training_keeps_float32_parameters_and_statistics():
-    config = load_config(REPO / "configs" / "default.py", ["--config.dtype=bfloat16"])
+    config = load_config(REPO / "configs" / "default.py", ["--config.dtype=bfloat16", "--config.model=resnet8"])
     source = load_source("synthetic", "train", num_examples=32, image_shape=(16, 16, 3), num_classes=10)
-    mesh = make_mesh()
+    steps = compile_steps(make_mesh())
     tx = create_optimizer(config, learning_rate_schedule(config, 4))
-    state = replicate(mesh, create_train_state(build_model(config, 10), tx, (16, 16, 3), seed=0))
-    train_step, _ = compile_steps(mesh)
+    state = steps.put_state(create_train_state(build_model(config, 10), tx, (16, 16, 3), seed=0))
     batch = next(train_batches(source, global_batch_size=16, seed=0))
     before = jax.device_get(state.batch_stats)  # the step donates (deletes) the old state
-    new_state, metrics = train_step(state, shard_batch(mesh, batch))
+    new_state, metrics = steps.train(state, steps.put_batch(batch))
     assert {x.dtype for x in jax.tree.leaves((new_state.params, new_state.batch_stats))} == {jnp.dtype("float32")}
     assert np.isfinite(float(metrics["loss"]))
     moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), before, new_state.batch_stats)

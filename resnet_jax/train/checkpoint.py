@@ -9,10 +9,14 @@ half-written checkpoint in place of a good one.
 from __future__ import annotations
 
 import logging
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import preservation_policy as keep
 
 ACCURACY = "test_accuracy"
@@ -38,7 +42,8 @@ class Checkpoints:
             best_fn=lambda m: m[ACCURACY],  # makes orbax store the metrics with each checkpoint
             enable_async_checkpointing=async_save,
         )
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+        handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -65,6 +70,56 @@ class Checkpoints:
             args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()),
         )
         return restored.state, restored.meta
+
+    def read_state(self, step: int | None = None) -> dict:
+        """The saved train state as a plain tree on this process's first device, whatever wrote it.
+
+        For reading a checkpoint without rebuilding its model and optimizer (analysis, tests), also
+        one written by another number of devices or processes.
+        """
+        step = self.latest_step() if step is None else step
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        metadata = self.manager.item_metadata(step)["state"]
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
+        return self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
+
+    def restore_latest_valid(self, abstract_state: Any, check_meta: Callable[[dict], None]) -> tuple[Any, dict] | None:
+        """The newest readable checkpoint, or None if there is none.
+
+        An unreadable one (truncated or corrupted files) is moved to ``corrupt_checkpoints/`` with a
+        warning and the one before it is tried. ``check_meta`` may refuse a checkpoint of another run
+        by raising: that is the user's mistake, not corruption, so nothing is moved.
+        """
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                meta = self.read_meta(step)
+            except Exception as error:  # orbax raises many types for unreadable files
+                self._set_aside(step, error)
+                continue
+            check_meta(meta)
+            try:
+                state, _ = self.restore(abstract_state, step)
+            except Exception as error:
+                self._set_aside(step, error)
+                continue
+            return state, meta
+        return None
+
+    def _set_aside(self, step: int, error: Exception) -> None:
+        aside = self.directory.parent / "corrupt_checkpoints" / str(step)
+        logging.warning(
+            "Checkpoint %d in %s is unreadable (%s: %s); moved it to %s and trying the previous one.",
+            step,
+            self.directory,
+            type(error).__name__,
+            str(error)[:300],
+            aside,
+        )
+        if jax.process_index() == 0:
+            aside.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(self.directory / str(step), aside)
+        multihost_utils.sync_global_devices(f"set aside checkpoint {step}")
+        self.manager.reload()
 
     def read_meta(self, step: int | None = None) -> dict:
         step = self.latest_step() if step is None else step

@@ -1,27 +1,66 @@
 """``train_and_evaluate`` and ``evaluate``: the whole job, importable from a notebook.
 
 A run lives in its workdir: checkpoints/, metrics.jsonl, tensorboard/ and curves.png. Starting
-again on the same workdir resumes from the latest checkpoint, with the data stream at the same step.
+again on the same workdir resumes from the latest readable checkpoint, with the data stream at the
+same example, so that a run killed at any moment and restarted ends with the same parameters.
+SIGTERM or SIGINT (preemption, Ctrl-C) finishes the current step, saves a checkpoint and stops.
 """
 
 from __future__ import annotations
 
 import itertools
+import signal
 import time
 from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from resnet_jax import data
 from resnet_jax.models import ResNet, create_model
+from resnet_jax.train import distributed
 from resnet_jax.train.checkpoint import ACCURACY, Checkpoints
 from resnet_jax.train.optim import create_optimizer, learning_rate_schedule
 from resnet_jax.train.reporting import MetricsLog, Progress, format_duration, plot_curves
-from resnet_jax.train.steps import TrainState, compile_steps, create_train_state, make_mesh, replicate, shard_batch
+from resnet_jax.train.steps import Steps, TrainState, compile_steps, create_train_state, make_mesh
+
+
+class TrainingInterruptedError(Exception):
+    """Training stopped on a signal after saving a checkpoint; the same command resumes it."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
+class StopSignals:
+    """Remembers SIGTERM/SIGINT instead of dying mid-step, so the loop can checkpoint first."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous = {}
+
+    def __enter__(self) -> StopSignals:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.received = signum
+
+    def agreed(self) -> int | None:
+        """The signal any process received (all processes must stop at the same step)."""
+        if jax.process_count() == 1:
+            return self.received
+        received = multihost_utils.process_allgather(np.int32(self.received or 0))
+        return int(np.max(received)) or None
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int) -> ResNet:
@@ -33,7 +72,7 @@ def check_batch_sizes(config: ml_collections.ConfigDict) -> None:
     devices, processes = jax.device_count(), jax.process_count()
     for key in ("batch_size", "eval_batch_size"):
         size = config[key]
-        if size % devices or size % processes:
+        if size < 1 or size % devices or size % processes:
             raise ValueError(
                 f"{key}={size} does not divide over {devices} devices ({processes} processes); use a multiple "
                 f"of {np.lcm(devices, processes)}, e.g. --config.{key}={max(1, size // devices) * devices}."
@@ -57,11 +96,22 @@ def training_batches(config: ml_collections.ConfigDict, source: Any, start_step:
 
 
 def run_meta(config: ml_collections.ConfigDict, step: int) -> dict[str, Any]:
-    """What a checkpoint says about its run; the data position is the step itself."""
-    return {"model": config.model, "dataset": config.dataset, "step": step, "config": config.to_dict()}
+    """What a checkpoint says about its run.
+
+    The input pipeline and every random draw are functions of (seed, step), so the step is the data
+    iterator's position and the seed is every random key: nothing else is needed to resume exactly.
+    """
+    return {
+        "model": config.model,
+        "dataset": config.dataset,
+        "step": step,
+        "data_position": step,
+        "seed": config.seed,
+        "config": config.to_dict(),
+    }
 
 
-def evaluate_state(eval_step: Any, state: TrainState, source: Any, config: ml_collections.ConfigDict, mesh: Any):
+def evaluate_state(steps: Steps, state: TrainState, source: Any, config: ml_collections.ConfigDict) -> dict:
     """Loss and accuracy over every example of ``source`` (padded batches, masked)."""
     totals = None
     batches = data.eval_batches(
@@ -71,15 +121,36 @@ def evaluate_state(eval_step: Any, state: TrainState, source: Any, config: ml_co
         process_count=jax.process_count(),
     )
     for batch in batches:
-        sums = eval_step(state, shard_batch(mesh, batch))
-        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    totals = jax.device_get(totals)
+        sums = steps.fetch(steps.evaluate(state, steps.put_batch(batch)))
+        totals = sums if totals is None else {k: totals[k] + v for k, v in sums.items()}
     return {"loss": float(totals["loss_sum"] / totals["count"]), "accuracy": float(totals["correct"] / totals["count"])}
 
 
+def check_finite(records: list[dict[str, float]], first_step: int, checkpoints: Checkpoints) -> None:
+    """Stop on a non-finite loss or parameters (fp16 steps skipped by loss scaling excepted).
+
+    Runs before every checkpoint, so the checkpoint it names as the last good one is finite.
+    """
+    for offset, record in enumerate(records):
+        if record["finite"] < 1:
+            last = checkpoints.latest_step()
+            where = f"step {last} in {checkpoints.directory} (left intact)" if last is not None else "none yet"
+            raise FloatingPointError(
+                f"Training diverged at step {first_step + offset + 1}: the loss (now {record['loss']}) or the "
+                f"parameters are no longer finite. Last good checkpoint: "
+                f"{where}. Lower the learning rate, add warm-up or gradient clipping, and run again: training "
+                "resumes from that checkpoint."
+            )
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, float]:
-    """Train ``config`` in ``workdir`` (resuming if it holds a checkpoint); return the final test metrics."""
+    """Train ``config`` in ``workdir`` (resuming if it holds a checkpoint); return the final test metrics.
+
+    Raises `TrainingInterruptedError` after checkpointing when SIGTERM/SIGINT arrives, and FloatingPointError on a
+    non-finite loss. Every check of the inputs happens before anything compiles.
+    """
     workdir = Path(workdir)
+    distributed.initialize(config)
     lead = jax.process_index() == 0
     check_batch_sizes(config)
     train_source = data.load_source(config.dataset, config.train_split, config.data_dir)
@@ -88,73 +159,90 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     steps_per_epoch = data.steps_per_epoch(train_source.num_examples, config.batch_size)
     schedule = learning_rate_schedule(config, steps_per_epoch)
     tx = create_optimizer(config, schedule)
+    mesh = make_mesh()
+    steps = compile_steps(mesh, config.label_smoothing, config.parallelism)
 
     checkpoints = Checkpoints(workdir, every_steps=config.checkpoint_every_steps, keep_latest=config.keep_checkpoints)
-    state = create_train_state(model, tx, train_source.image_shape, config.seed)
     progress = Progress(config.num_train_steps, 0, config.batch_size, enabled=lead)
-    if checkpoints.latest_step() is not None:
-        meta = checkpoints.read_meta()
+    state = create_train_state(model, tx, train_source.image_shape, config.seed)
+
+    def same_run(meta: dict) -> None:
         if (meta["model"], meta["dataset"]) != (config.model, config.dataset):
             raise ValueError(
                 f"{workdir} holds a run of {meta['model']} on {meta['dataset']}, not {config.model} on "
                 f"{config.dataset}; choose another --workdir."
             )
-        state, _ = checkpoints.restore(state)
+
+    restored = checkpoints.restore_latest_valid(state, same_run)
+    if restored is not None:
+        state = restored[0]
         progress.message(f"resumed from step {int(state.step)} in {checkpoints.directory}")
-    mesh = make_mesh()
-    state = replicate(mesh, state)
-    start = int(state.step)
+    state = steps.put_state(state)
+    start = int(restored[0].step) if restored else 0
 
     batches = training_batches(config, train_source, start)
-    train_step, eval_step = compile_steps(mesh, config.label_smoothing)
     log = MetricsLog(workdir, enabled=lead)
     progress.message(
         f"{config.model} on {config.dataset}: {train_source.num_examples:,} training images, batch "
         f"{config.batch_size}, {config.num_train_steps:,} steps ({config.num_train_steps / steps_per_epoch:.1f} "
-        f"epochs), {jax.device_count()} {jax.devices()[0].platform} device(s)"
+        f"epochs), {jax.device_count()} {jax.devices()[0].platform} device(s) in {jax.process_count()} "
+        f"process(es), {config.parallelism}"
     )
+
+    def saveable(state: TrainState) -> TrainState:  # pmap keeps one copy per device: save one
+        return state if config.parallelism == "jit" else steps.fetch(state)
 
     began = time.perf_counter()
     test_metrics: dict[str, float] = {}
     window: list[dict[str, jax.Array]] = []
-    for step in range(start, config.num_train_steps):
-        batch = shard_batch(mesh, next(batches))
-        if step == start:
-            compile_began = time.perf_counter()
-            train_step = train_step.lower(state, batch).compile()
-            progress.compiled(time.perf_counter() - compile_began)
-            progress.start_timing(step)
-        state, metrics = train_step(state, batch)
-        window.append(metrics)
-        done = step + 1
-        if done % config.log_every_steps == 0 or done == config.num_train_steps:
-            means = {
-                k: float(np.mean(v)) for k, v in jax.device_get(jax.tree.map(lambda *m: jnp.stack(m), *window)).items()
-            }
-            means["learning_rate"] = float(schedule(step))
-            window = []
-            log.write(done, "train", means)
-            progress.update(done, {k: means[k] for k in ("loss", "accuracy")})
-        evaluated = done % config.eval_every_steps == 0 or done == config.num_train_steps
-        if evaluated:
-            test_metrics = evaluate_state(eval_step, state, test_source, config, mesh)
-            log.write(done, "test", test_metrics)
-            progress.message(
-                f"step {done}: test loss {test_metrics['loss']:.4f}, accuracy {test_metrics['accuracy']:.4f}"
-            )
-            progress.start_timing(done)  # img/s counts training only
-        checkpoints.save(
-            done,
-            state,
-            run_meta(config, done),
-            metrics={ACCURACY: test_metrics["accuracy"]} if evaluated else None,
-            force=done == config.num_train_steps,
-        )
+    train_step = steps.train
+    try:
+        with StopSignals() as stop:
+            for step in range(start, config.num_train_steps):
+                batch = steps.put_batch(next(batches))
+                if step == start:
+                    compile_began = time.perf_counter()
+                    train_step = train_step.lower(state, batch).compile()
+                    progress.compiled(time.perf_counter() - compile_began)
+                    progress.start_timing(step)
+                state, metrics = train_step(state, batch)
+                window.append(metrics)
+                done = step + 1
+                last = done == config.num_train_steps
+                signum = stop.agreed()
+                saving = last or signum is not None or checkpoints.manager.should_save(done)
+                if done % config.log_every_steps == 0 or saving:
+                    records = [steps.fetch(m) for m in window]
+                    check_finite(records, done - len(records), checkpoints)
+                    window = []
+                    if done % config.log_every_steps == 0 or last:
+                        means = {k: float(np.mean([r[k] for r in records])) for k in records[0] if k != "finite"}
+                        log.write(done, "train", means | {"learning_rate": float(schedule(step))})
+                        progress.update(done, {k: means[k] for k in ("loss", "accuracy")})
+                evaluated = done % config.eval_every_steps == 0 or last
+                if evaluated:
+                    test_metrics = evaluate_state(steps, state, test_source, config)
+                    log.write(done, "test", test_metrics)
+                    progress.message(
+                        f"step {done}: test loss {test_metrics['loss']:.4f}, accuracy {test_metrics['accuracy']:.4f}"
+                    )
+                    progress.start_timing(done)  # img/s counts training only
+                if saving:
+                    metrics = {ACCURACY: test_metrics["accuracy"]} if evaluated else None
+                    checkpoints.save(done, saveable(state), run_meta(config, done), metrics, force=True)
+                if signum is not None:  # `finally` waits for the checkpoint before this propagates
+                    name = signal.Signals(signum).name
+                    raise TrainingInterruptedError(
+                        f"{name} received: stopped after step {done} and saved a checkpoint in "
+                        f"{checkpoints.directory}. Run the same command to resume.",
+                        signum,
+                    )
+    finally:
+        checkpoints.close()
+        log.close()
 
-    checkpoints.close()
-    log.close()
     if not test_metrics:  # resumed a finished run: evaluate it again
-        test_metrics = evaluate_state(eval_step, state, test_source, config, mesh)
+        test_metrics = evaluate_state(steps, state, test_source, config)
     if lead:
         curves = plot_curves(workdir)
         progress.message(f"done in {format_duration(time.perf_counter() - began)}; curves in {curves}")
@@ -182,9 +270,8 @@ def evaluate(workdir: str | Path, step: int | None = None) -> dict[str, float]:
     _, state, config = load_run(workdir, step)
     check_batch_sizes(config)
     test_source = data.load_source(config.dataset, config.eval_split, config.data_dir)
-    mesh = make_mesh()
-    _, eval_step = compile_steps(mesh)
-    metrics = evaluate_state(eval_step, replicate(mesh, state), test_source, config, mesh)
+    steps = compile_steps(make_mesh(), parallelism=config.parallelism)
+    metrics = evaluate_state(steps, steps.put_state(state), test_source, config)
     print(f"step {int(state.step)} test_accuracy={metrics['accuracy']:.4f} test_loss={metrics['loss']:.4f}")
     return metrics
 
@@ -202,12 +289,11 @@ def measure_throughput(config: ml_collections.ConfigDict, num_steps: int = 50) -
     tx = create_optimizer(
         config, learning_rate_schedule(config, data.steps_per_epoch(source.num_examples, config.batch_size))
     )
-    mesh = make_mesh()
-    state = replicate(mesh, create_train_state(model, tx, source.image_shape, config.seed))
-    train_step, _ = compile_steps(mesh, config.label_smoothing)
-    batches = [shard_batch(mesh, b) for b in itertools.islice(training_batches(config, source), 2)]
+    steps = compile_steps(make_mesh(), config.label_smoothing, config.parallelism)
+    state = steps.put_state(create_train_state(model, tx, source.image_shape, config.seed))
+    batches = [steps.put_batch(b) for b in itertools.islice(training_batches(config, source), 2)]
     began = time.perf_counter()
-    train_step = train_step.lower(state, batches[0]).compile()
+    train_step = steps.train.lower(state, batches[0]).compile()
     compile_seconds = time.perf_counter() - began
     times = []
     for i in range(num_steps + 1):

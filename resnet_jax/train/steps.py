@@ -1,13 +1,18 @@
-"""The train and eval steps, and how they are compiled over a device mesh.
+"""The train and eval steps, and the two ways to compile them.
 
-The step bodies are pure functions of (state, batch). `compile_steps` jit-compiles them with the
-batch sharded along the mesh's "data" axis and the state replicated, so batch-norm statistics and
-gradients are those of the global batch on 1 device or many, and the old state's buffers are donated.
+The step bodies are pure functions of (state, batch), written once. `compile_steps` turns them into
+- "jit": one program over a `Mesh` with the batch sharded on its "data" axis and the state
+  replicated, so batch-norm statistics and gradients are those of the global batch;
+- "pmap": one program per device, each normalising with its own batch statistics (the classic
+  ImageNet recipe), with gradients and running statistics averaged over the "batch" axis.
+Either way the old state's buffers are donated.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import flax.linen as nn
@@ -16,26 +21,40 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax.training import train_state
+from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from resnet_jax.train.precision import DynamicLossScale, all_finite
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 DATA_AXIS = "data"
+PMAP_AXIS = "batch"
+PARALLELISM = ("jit", "pmap")
 
 
 class TrainState(train_state.TrainState):
-    """Parameters, optimizer state and step, plus the BN running statistics."""
+    """Parameters, optimizer state and step, plus the BN running statistics and (fp16) the loss scale."""
 
     batch_stats: Any
+    loss_scale: DynamicLossScale | None = None
 
 
 def create_train_state(
     model: nn.Module, tx: optax.GradientTransformation, input_shape: tuple[int, ...], seed: int
 ) -> TrainState:
-    """Initialise the model on a dummy batch of ``input_shape`` (H, W, C) images."""
+    """Initialise the model on a dummy batch of ``input_shape`` (H, W, C) images.
+
+    float16 models get a dynamic loss scale; float32 and bfloat16 need none.
+    """
     variables = model.init(jax.random.key(seed), jnp.zeros((1, *input_shape), jnp.float32), train=False)
+    loss_scale = DynamicLossScale.create() if jnp.dtype(model.dtype) == jnp.float16 else None
     return TrainState.create(
-        apply_fn=model.apply, params=variables["params"], batch_stats=variables["batch_stats"], tx=tx
+        apply_fn=model.apply,
+        params=variables["params"],
+        batch_stats=variables["batch_stats"],
+        tx=tx,
+        loss_scale=loss_scale,
     )
 
 
@@ -48,32 +67,62 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
     return optax.softmax_cross_entropy(logits, labels)
 
 
-def train_step(state: TrainState, batch: Batch, label_smoothing: float = 0.0) -> tuple[TrainState, Metrics]:
-    """One SGD step on ``batch`` ({"image", "label"}; "label" may be soft mixup targets)."""
+def train_step(
+    state: TrainState, batch: Batch, label_smoothing: float = 0.0, axis_name: str | None = None
+) -> tuple[TrainState, Metrics]:
+    """One SGD step on ``batch`` ({"image", "label"}; "label" may be soft mixup targets).
 
-    def loss_fn(params: Any) -> tuple[jax.Array, tuple[jax.Array, Any]]:
+    Under pmap (``axis_name`` set) gradients, running statistics and metrics are averaged over the
+    devices. With a loss scale, a step with non-finite gradients changes nothing but the step count
+    and the scale (metrics["skipped"] says so).
+    """
+    scale = state.loss_scale
+
+    def loss_fn(params: Any) -> tuple[jax.Array, tuple[jax.Array, jax.Array, Any]]:
         variables = {"params": params, "batch_stats": state.batch_stats}
         (logits, _), updates = state.apply_fn(variables, batch["image"], train=True, mutable=["batch_stats"])
         loss = cross_entropy(logits, batch["label"], label_smoothing).mean()
-        return loss, (logits, updates["batch_stats"])
+        scaled = loss if scale is None else loss * scale.scale
+        return scaled, (loss, logits, updates["batch_stats"])
 
-    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    grads, (loss, logits, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
+    if axis_name is not None:
+        grads, batch_stats = lax.pmean((grads, batch_stats), axis_name)
     labels = batch["label"] if batch["label"].ndim == 1 else jnp.argmax(batch["label"], -1)
     metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
-    return state, metrics
+    if scale is None:
+        new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    else:
+        grads = scale.unscale(grads)
+        finite = all_finite(grads)
+        updated = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+        new_state = updated.replace(
+            params=jax.tree.map(keep, updated.params, state.params),
+            opt_state=jax.tree.map(keep, updated.opt_state, state.opt_state),
+            batch_stats=jax.tree.map(keep, updated.batch_stats, state.batch_stats),
+            loss_scale=scale.adjust(finite),
+        )
+        metrics |= {"loss_scale": scale.scale, "skipped": (~finite).astype(jnp.float32)}
+    # The loss is that of the parameters before the update: a checkpoint needs the updated ones finite too.
+    skipped = metrics.get("skipped", 0.0) > 0
+    metrics["finite"] = ((jnp.isfinite(loss) | skipped) & all_finite(new_state.params)).astype(jnp.float32)
+    if axis_name is not None:
+        metrics = lax.pmean(metrics, axis_name)
+    return new_state, metrics
 
 
-def eval_step(state: TrainState, batch: Batch) -> Metrics:
+def eval_step(state: TrainState, batch: Batch, axis_name: str | None = None) -> Metrics:
     """Sums over the real (mask == 1) examples of a padded batch, so partial batches count exactly."""
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     logits, _ = state.apply_fn(variables, batch["image"], train=False)
     mask = batch["mask"]
-    return {
+    sums = {
         "loss_sum": jnp.sum(cross_entropy(logits, batch["label"]) * mask),
         "correct": jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * mask),
         "count": jnp.sum(mask),
     }
+    return sums if axis_name is None else lax.psum(sums, axis_name)
 
 
 def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
@@ -81,28 +130,60 @@ def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
     return Mesh(np.asarray(devices if devices is not None else jax.devices()), (DATA_AXIS,))
 
 
-def compile_steps(
-    mesh: Mesh, label_smoothing: float = 0.0
-) -> tuple[Callable[[TrainState, Batch], tuple[TrainState, Metrics]], Callable[[TrainState, Batch], Metrics]]:
-    """jit the steps over ``mesh``: batch sharded on "data", state replicated, old state donated."""
-    batch_sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
-    replicated = NamedSharding(mesh, PartitionSpec())
-    train = jax.jit(
-        lambda state, batch: train_step(state, batch, label_smoothing),
-        in_shardings=(replicated, batch_sharding),
-        out_shardings=(replicated, replicated),
-        donate_argnums=0,
-    )
-    evaluate = jax.jit(eval_step, in_shardings=(replicated, batch_sharding), out_shardings=replicated)
-    return train, evaluate
+@dataclasses.dataclass(frozen=True)
+class Steps:
+    """Compiled steps plus how to place their inputs and read their outputs on this process."""
+
+    train: Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
+    evaluate: Callable[[TrainState, Batch], Metrics]
+    put_batch: Callable[[dict[str, np.ndarray]], Batch]  # this process's rows -> step input
+    put_state: Callable[[TrainState], TrainState]
+    fetch: Callable[[Any], Any]  # step output -> host numpy (one copy of replicated values)
+
+
+def compile_steps(mesh: Mesh, label_smoothing: float = 0.0, parallelism: str = "jit") -> Steps:
+    """The train and eval steps compiled with jit over ``mesh`` or with pmap over the local devices."""
+    if parallelism == "jit":
+        batch_sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+        replicated = NamedSharding(mesh, PartitionSpec())
+        return Steps(
+            train=jax.jit(
+                partial(train_step, label_smoothing=label_smoothing),
+                in_shardings=(replicated, batch_sharding),
+                out_shardings=(replicated, replicated),
+                donate_argnums=0,
+            ),
+            evaluate=jax.jit(eval_step, in_shardings=(replicated, batch_sharding), out_shardings=replicated),
+            put_batch=lambda local: shard_batch(mesh, local),
+            put_state=lambda state: jax.device_put(state, replicated),
+            fetch=jax.device_get,
+        )
+    if parallelism == "pmap":
+        devices = jax.local_devices()
+        per_device = NamedSharding(Mesh(np.asarray(devices), (PMAP_AXIS,)), PartitionSpec(PMAP_AXIS))
+
+        def put_state(state: TrainState) -> TrainState:  # one copy per local device
+            stacked = jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (len(devices), *np.shape(x))), state)
+            return jax.device_put(stacked, per_device)
+
+        def put_batch(local: dict[str, np.ndarray]) -> Batch:
+            return {k: v.reshape(len(devices), -1, *v.shape[1:]) for k, v in local.items()}
+
+        return Steps(
+            train=jax.pmap(
+                partial(train_step, label_smoothing=label_smoothing, axis_name=PMAP_AXIS),
+                axis_name=PMAP_AXIS,
+                donate_argnums=0,
+            ),
+            evaluate=jax.pmap(partial(eval_step, axis_name=PMAP_AXIS), axis_name=PMAP_AXIS),
+            put_batch=put_batch,
+            put_state=put_state,
+            fetch=lambda tree: jax.device_get(jax.tree.map(lambda x: x.addressable_data(0), tree)),
+        )
+    raise ValueError(f"parallelism={parallelism!r}; choose one of {PARALLELISM}.")
 
 
 def shard_batch(mesh: Mesh, local_batch: dict[str, np.ndarray]) -> Batch:
     """Assemble the global batch from this process's rows (every process passes its own slice)."""
     sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
-
-
-def replicate(mesh: Mesh, tree: Any) -> Any:
-    """Place a pytree on every device of ``mesh``."""
-    return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))

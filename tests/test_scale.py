@@ -1,0 +1,181 @@
+"""Scale, for real: pmap against jit on 8 CPU devices, fp16 loss scaling, and two processes over gloo."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from idx_files import make_idx_folder
+
+from resnet_jax.data import load_source, train_batches
+from resnet_jax.train.checkpoint import Checkpoints
+from resnet_jax.train.config import load_config
+from resnet_jax.train.loop import build_model
+from resnet_jax.train.optim import create_optimizer, learning_rate_schedule
+from resnet_jax.train.precision import DynamicLossScale
+from resnet_jax.train.steps import compile_steps, create_train_state, make_mesh
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_python(code: str, devices: int = 8) -> dict:
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+PMAP_AGAINST_JIT = """
+    import json, jax, numpy as np
+    from resnet_jax.data import load_source, train_batches
+    from resnet_jax.models import create_model
+    from resnet_jax.train.config import load_config
+    from resnet_jax.train.optim import create_optimizer, learning_rate_schedule
+    from resnet_jax.train.steps import compile_steps, create_train_state, make_mesh
+
+    config = load_config("configs/default.py")
+    source = load_source("synthetic", "train", num_examples=64, image_shape=(16, 16, 3), num_classes=10)
+    batch = next(train_batches(source, global_batch_size=2, seed=0))
+    tiled = {k: np.concatenate([v] * 8) for k, v in batch.items()}  # every device gets the same 2 images
+    distinct = next(train_batches(source, global_batch_size=16, seed=1))
+
+    def train(parallelism, devices, batches):
+        steps = compile_steps(make_mesh(devices), parallelism=parallelism)
+        tx = create_optimizer(config, learning_rate_schedule(config, 4))
+        state = steps.put_state(create_train_state(create_model("resnet8"), tx, (16, 16, 3), seed=0))
+        for b in batches:
+            state, _ = steps.train(state, steps.put_batch(b))
+        return steps.fetch(state) if parallelism == "pmap" else jax.device_get(state)
+
+    def gap(a, b):
+        return max(float(np.max(np.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+    jit_one = train("jit", jax.devices()[:1], [batch, batch])
+    pmap_tiled = train("pmap", jax.devices(), [tiled, tiled])
+    jit_global = train("jit", jax.devices(), [distinct])
+    pmap_local = train("pmap", jax.devices(), [distinct])
+    print(json.dumps({
+        "tiled_params": gap(jit_one.params, pmap_tiled.params),
+        "tiled_stats": gap(jit_one.batch_stats, pmap_tiled.batch_stats),
+        "per_device_vs_global_bn": gap(jit_global.params, pmap_local.params),
+        "scale": max(float(np.max(np.abs(x))) for x in jax.tree.leaves(jit_one.params)),
+    }))
+"""
+
+
+def test_pmap_shares_the_step_body_and_normalises_per_device():
+    report = run_python(PMAP_AGAINST_JIT)
+    # 8 devices holding the same images: per-device BN and averaged gradients equal one device.
+    assert report["tiled_params"] <= 1e-5 * report["scale"]
+    assert report["tiled_stats"] <= 1e-5
+    # Different images per device: per-device BN statistics give a different step than global BN.
+    assert report["per_device_vs_global_bn"] > 1e-4
+
+
+def fp16_state(config):
+    source = load_source("synthetic", "train", num_examples=32, image_shape=(16, 16, 3), num_classes=10)
+    steps = compile_steps(make_mesh())
+    tx = create_optimizer(config, learning_rate_schedule(config, 4))
+    state = create_train_state(build_model(config, 10), tx, (16, 16, 3), seed=0)
+    return steps, state, next(train_batches(source, global_batch_size=16, seed=0))
+
+
+def test_float16_loss_scaling_skips_non_finite_steps_and_lowers_the_scale():
+    config = load_config(REPO / "configs/default.py", ["--config.dtype=float16", "--config.model=resnet8"])
+    steps, state, batch = fp16_state(config)
+    assert state.loss_scale is not None
+    overflowing = state.replace(loss_scale=state.loss_scale.replace(scale=jnp.asarray(3e38, jnp.float32)))
+    before = jax.device_get(overflowing)
+    after, metrics = steps.train(steps.put_state(overflowing), steps.put_batch(batch))
+    assert float(metrics["skipped"]) == 1.0 and float(metrics["finite"]) == 1.0
+    assert int(after.step) == 1  # the data stream moves on
+    assert jax.tree.all(jax.tree.map(np.array_equal, before.params, jax.device_get(after.params)))
+    assert float(after.loss_scale.scale) == pytest.approx(1.5e38, rel=1e-6)
+    after = after.replace(loss_scale=after.loss_scale.replace(scale=jnp.asarray(1024.0, jnp.float32)))
+    normal, metrics = steps.train(after, steps.put_batch(batch))
+    assert float(metrics["skipped"]) == 0.0 and np.isfinite(float(metrics["loss"]))
+    assert not jax.tree.all(jax.tree.map(np.array_equal, before.params, jax.device_get(normal.params)))
+    assert {x.dtype for x in jax.tree.leaves(normal.params)} == {jnp.dtype("float32")}
+
+
+def test_loss_scale_grows_after_a_period_of_finite_steps():
+    scale = DynamicLossScale.create(initial_scale=8.0, period=3)
+    for _ in range(2):
+        scale = scale.adjust(jnp.asarray(True))
+    assert float(scale.scale) == 8.0
+    scale = scale.adjust(jnp.asarray(True))
+    assert float(scale.scale) == 16.0 and int(scale.finite_steps) == 0
+    scale = scale.adjust(jnp.asarray(False))
+    assert float(scale.scale) == 8.0
+    assert float(DynamicLossScale.create(initial_scale=1.0).adjust(jnp.asarray(False)).scale) == 1.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_like_one_process_on_the_same_global_batch(tmp_path):
+    data = tmp_path / "idx"
+    data.mkdir()
+    make_idx_folder(data, compressed=False, num_train=64, num_test=17)
+    common = [
+        *("--config", "configs/default.py"),
+        *("--config.model=resnet8", f"--config.data_dir={data}", "--config.batch_size=8"),
+        *("--config.eval_batch_size=8", "--config.num_train_steps=6", "--config.checkpoint_every_steps=3"),
+        *("--config.eval_every_steps=6", "--config.lr_schedule=constant"),
+    ]
+    command = [sys.executable, "-m", "resnet_jax.cli", "train"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    address = f"127.0.0.1:{free_port()}"
+    workers = [
+        subprocess.Popen(
+            [
+                *command,
+                *common,
+                *("--workdir", str(tmp_path / "two")),
+                f"--config.distributed.coordinator_address={address}",
+                "--config.distributed.num_processes=2",
+                f"--config.distributed.process_id={i}",
+                "--config.distributed.cpu_collectives=true",
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = [w.communicate(timeout=600) for w in workers]
+    for worker, (_, err) in zip(workers, outputs, strict=True):
+        assert worker.returncode == 0, err[-3000:]
+    assert "2 cpu device(s) in 2 process(es)" in outputs[0][0]
+    assert "final test_accuracy" in outputs[0][0]
+    assert "img/s" not in outputs[1][0] and "final" not in outputs[1][0]  # only process 0 reports
+    single = subprocess.run(
+        [*command, *common, "--workdir", str(tmp_path / "one")], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert single.returncode == 0, single.stderr[-3000:]
+
+    def params(workdir: Path):
+        checkpoints = Checkpoints(workdir, every_steps=1, keep_latest=1, async_save=False)
+        assert checkpoints.manager.all_steps() == [3, 6]
+        return checkpoints.read_state(6)["params"]
+
+    two, one = params(tmp_path / "two"), params(tmp_path / "one")
+    gap = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(two), jax.tree.leaves(one), strict=True))
+    assert gap <= 1e-5 * max(float(np.max(np.abs(a))) for a in jax.tree.leaves(one))
