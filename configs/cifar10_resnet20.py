@@ -3,7 +3,8 @@
     resnet-jax train --config configs/cifar10_resnet20.py --workdir runs/cifar10_resnet20
 
 Expected: 8.75% error (He et al. 2015, Table 6): final test_accuracy about 0.912.
-Time: TIME_resnet20.
+Time: not yet measured on a GPU; about 8.5 hours on 2 CPU cores (64k steps x 128 images at ~270
+img/s, the measured ResNet-20 step rate scaled by multiply-adds).
 """
 
 from configs import _cifar

@@ -1,9 +1,12 @@
-"""ResNet-20 on Fashion-MNIST: the README's default job, sized for a 2-core CPU.
+"""ResNet-20 on Fashion-MNIST: the README's default job (`make demo`), sized for a 2-core CPU.
 
     resnet-jax train --config configs/fashion_mnist_resnet20.py --workdir runs/fashion_mnist_resnet20
 
-Expected: final test_accuracy >= 0.91 in under 10 minutes on 2 CPU cores (measured in the training
-issue's note).
+About 3 epochs. A run this short underfits (training and test accuracy stay level), so it trades
+the random crop and strong weight decay of the long recipes for faster fitting; flips stay.
+Expected: final test_accuracy about 0.914 (seed 0 measured 0.9140).
+Time: about 9-10 minutes on 2 idle CPU cores (~350 img/s measured for the train step; the run
+above took 22 minutes on cores shared with two other jobs).
 """
 
 from configs import default
@@ -13,13 +16,14 @@ def get_config():
     config = default.get_config()
     config.model = "resnet20"
     config.dataset = "fashion_mnist"
-    config.crop_padding = 2
+    config.crop_padding = 0
+    config.random_flip = True
     config.batch_size = 128
-    config.num_train_steps = 1_200
+    config.num_train_steps = 1_500
     config.learning_rate = 0.2
     config.lr_schedule = "cosine"
     config.warmup_steps = 50
-    config.weight_decay = 5e-4
-    config.eval_every_steps = 400
-    config.checkpoint_every_steps = 400
+    config.weight_decay = 1e-4
+    config.eval_every_steps = 750
+    config.checkpoint_every_steps = 250
     return config

@@ -10,7 +10,7 @@ zero, inception-style random-resized crops and flips; evaluation on the 224 cent
 resized to 256.
 Expected: top-1 test_accuracy about 0.763 (Goyal et al. 2017: 23.74% error; torchvision's v1.5
 weights: 76.13%).
-Time: TIME_imagenet.
+Time: not yet measured here (no accelerator so far); 90 epochs need GPUs or TPUs.
 """
 
 from configs import default
