@@ -1,0 +1,201 @@
+"""What every analysis starts from: a model with its variables (at initialisation or from a checkpoint),
+a batch of real images, and the files it leaves behind (JSON, CSV, PNG).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import ctypes
+import dataclasses
+import glob
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from resnet_jax import data
+from resnet_jax.models import ResNet, create_model
+from resnet_jax.train.checkpoint import Checkpoints
+from resnet_jax.train.loop import load_run
+from resnet_jax.train.steps import create_train_state
+
+
+@dataclasses.dataclass(frozen=True)
+class Subject:
+    """A model and its variables: at initialisation (step 0) or from one checkpoint of a training run."""
+
+    name: str  # the model's name, e.g. "resnet20"
+    model: ResNet
+    variables: dict[str, Any]  # {"params", "batch_stats"}
+    step: int = 0
+    workdir: Path | None = None  # the training run it comes from, if any
+    config: ml_collections.ConfigDict | None = None  # that run's config (dataset, seed, ...)
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} step {self.step}" if self.workdir else f"{self.name} init"
+
+
+def init_subject(name: str, image_shape: Sequence[int], num_classes: int = 10, seed: int = 0) -> Subject:
+    """``name`` at initialisation, initialised exactly as training initialises it (same seed, same call)."""
+    model = create_model(name, num_classes=num_classes)
+    return Subject(name, model, _variables(create_train_state(model, optax.identity(), tuple(image_shape), seed)))
+
+
+def run_subjects(workdir: str | Path, all_steps: bool = False, init: bool = False) -> list[Subject]:
+    """The latest checkpoint of the run in ``workdir`` or, with ``all_steps``, every checkpoint it keeps; with
+    ``init``, its initialisation (step 0) first: the same seed and call that the run started from."""
+    workdir = Path(workdir)
+    if not (workdir / "checkpoints").is_dir():
+        raise FileNotFoundError(
+            f"{workdir} is not a training workdir (it has no checkpoints/ folder); pass the --workdir of a "
+            "`resnet-jax train` run."
+        )
+    checkpoints = Checkpoints(workdir, every_steps=1, keep_latest=1, async_save=False)
+    steps = sorted(checkpoints.manager.all_steps()) if all_steps else [checkpoints.latest_step()]
+    checkpoints.close()
+    subjects = []
+    for step in steps or [None]:  # no checkpoint: load_run says what to do
+        model, state, config = load_run(workdir, step)
+        subjects.append(Subject(config.model, model, _variables(state), int(state.step), workdir, config))
+    if init:  # the image shape only sets the input channels, as in `load_run`
+        image_shape = data.load_source(config.dataset, config.eval_split, config.data_dir).image_shape
+        initial = create_train_state(model, optax.identity(), image_shape, config.seed)
+        subjects.insert(0, Subject(config.model, model, _variables(initial), 0, workdir, config))
+    return subjects
+
+
+class Batch(NamedTuple):
+    images: jax.Array  # float32 NHWC, normalised as in training
+    labels: jax.Array
+    num_classes: int  # of the data set
+
+
+def load_images(
+    dataset: str = "fashion_mnist",
+    split: str = "test",
+    data_dir: str | None = None,
+    count: int = 8,
+    size: int | None = None,
+) -> Batch:
+    """The first ``count`` images of ``split``, normalised as in training, with their labels.
+
+    ``size`` makes them size x size: larger sizes zero-pad the raw image around its centre (the black
+    border that random-crop augmentation also adds, e.g. Fashion-MNIST 28 -> 32 for the CIFAR input
+    size); smaller ones resize it (antialiased), for Jacobians small enough to form exactly.
+    """
+    source = data.load_source(dataset, split, data_dir)
+    if not isinstance(source, data.ArraySource):
+        raise ValueError(f"{dataset} is streamed; the analyses need an in-memory data set (fashion_mnist, cifar10...).")
+    if not 1 <= count <= source.num_examples:
+        raise ValueError(f"count={count}: choose between 1 and the {source.num_examples} images of {split}.")
+    images = data.normalize(source.images[:count], source.mean, source.std)
+    if size is not None:
+        images = fit_images(images, size, background=-np.asarray(source.mean) / np.asarray(source.std))
+    return Batch(jnp.asarray(images), jnp.asarray(source.labels[:count]), source.num_classes)
+
+
+def fit_images(images: np.ndarray, size: int, background: np.ndarray) -> np.ndarray:
+    """Square NHWC ``images`` padded (with the ``background`` value per channel) or resized to size x size."""
+    n, height, width, channels = images.shape
+    if size < 1:
+        raise ValueError(f"Input size must be a positive number of pixels; got {size}.")
+    if size < max(height, width):
+        return np.asarray(jax.image.resize(images, (n, size, size, channels), "linear", antialias=True))
+    top, left = (size - height) // 2, (size - width) // 2
+    out = np.broadcast_to(np.asarray(background, np.float32), (n, size, size, channels)).copy()
+    out[:, top : top + height, left : left + width] = images
+    return out
+
+
+def write_json(path: Path, content: Any) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(content, indent=1, default=_plain) + "\n")
+    return path
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
+    """One row per dict; the columns are the keys of the first row."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend: plots are files, and no display is needed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig: Any, path: Path, title: str) -> Path:
+    """Write ``fig`` as a PNG with ``title`` and one legend for all its panels, outside them: with a curve per
+    model and checkpoint, a legend inside a panel hides curves."""
+    handles, labels = fig.axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    pyplot().close(fig)
+    return path
+
+
+def line_styles(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Plot styles for reports (each with "model" and "label"): one colour per model, lighter for its earlier
+    checkpoints, so that one model's curves read as a progression."""
+    from matplotlib import colormaps
+
+    models = list(dict.fromkeys(report["model"] for report in reports))
+    styles = []
+    for report in reports:
+        same = [r for r in reports if r["model"] == report["model"]]
+        shade = 0.35 + 0.65 * (same.index(report) + 1) / len(same)
+        colour = colormaps["tab10"](models.index(report["model"]) % 10)
+        styles.append({"color": colour, "alpha": shade, "label": report["label"]})
+    return styles
+
+
+@contextlib.contextmanager
+def single_threaded_blas() -> Iterator[None]:
+    """Run numpy's LAPACK calls (the exact spectra) on one thread, then restore the thread count.
+
+    On a small CPU machine shared with other jobs, OpenBLAS threads that wait for a free core make a
+    1,024 x 1,024 SVD 10-30x slower (measured 1-9 s against 0.3-0.6 s on 2 busy cores). Acts on the
+    OpenBLAS that numpy wheels bundle; other BLAS builds are left as they are.
+    """
+    library = next(iter(glob.glob(str(Path(np.__file__).parent.parent / "numpy.libs" / "*openblas*"))), None)
+    names = ("scipy_openblas_get_num_threads64_", "scipy_openblas_set_num_threads64_")
+    blas = ctypes.CDLL(library) if library else None
+    if blas is None or not all(hasattr(blas, name) for name in names):
+        yield
+        return
+    get_threads, set_threads = (getattr(blas, name) for name in names)
+    threads = get_threads()
+    set_threads(1)
+    try:
+        yield
+    finally:
+        set_threads(threads)
+
+
+def _variables(state: Any) -> dict[str, Any]:
+    return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+def _plain(value: Any) -> Any:
+    """JSON for numpy and jax scalars and arrays."""
+    array = np.asarray(value)
+    return array.item() if array.ndim == 0 else array.tolist()
