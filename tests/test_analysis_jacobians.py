@@ -287,6 +287,8 @@ def test_analyze_jacobian_writes_numbers_and_plots(idx_dir, tmp_path, capsys):
 def test_analyze_explains_bad_requests(idx_dir, tmp_path, capsys):
     assert main(["analyze", "jacobian", "--data-dir", str(idx_dir)]) == 2
     assert "give --model NAME" in capsys.readouterr().err
+    assert main(["analyze", "gradflow", "--model", "resnet8", "--all-checkpoints"]) == 2
+    assert "give a run" in capsys.readouterr().err
     assert main(["analyze", "gradflow", "--checkpoint", str(tmp_path)]) == 2
     assert "not a training workdir" in capsys.readouterr().err
     assert main(["analyze", "jacobian", "--model", "resnet8", "--iterations", "2", "--top-k", "3"]) == 2

@@ -1,0 +1,10 @@
+"""Gradient-theory analyses of any model of the zoo, at initialisation or from a checkpoint.
+
+- `blocks`: every residual block as a function of its own input (y, F, shortcut), captured from the model.
+- `jacobians`: block Jacobians exact and matrix-free, the I + dF/dh identities, the chain rule, end-to-end spectra.
+- `gradflow`: norms of the loss gradient per block and per layer, along training.
+- `common`: models and variables (init or checkpoint), real image batches, JSON/CSV/PNG output.
+
+The modules are imported on use (``from resnet_jax.analysis.jacobians import analyze_jacobians``), so
+that the ``resnet-jax`` command line loads none of them until an analysis runs.
+"""

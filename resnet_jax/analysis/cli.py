@@ -111,6 +111,8 @@ def _load(args: argparse.Namespace) -> tuple[list, Any, str, str | None]:
             f"{len(models)} --model for {len(runs)} --checkpoint: with checkpoints, give one --model per "
             "--checkpoint (in the same order) or none."
         )
+    if (args.init or args.all_checkpoints) and not runs:
+        raise ValueError("--init and --all-checkpoints pick the checkpoints of --checkpoint runs; give a run.")
     if args.examples < 1:
         raise ValueError(f"--examples {args.examples}: analyse at least one image.")
     subjects = [s for run in runs for s in run_subjects(run, args.all_checkpoints, args.init)]

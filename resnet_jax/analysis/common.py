@@ -73,6 +73,8 @@ def run_subjects(workdir: str | Path, all_steps: bool = False, init: bool = Fals
 
 
 class Batch(NamedTuple):
+    """Images to analyse on, with what the loss and the head need."""
+
     images: jax.Array  # float32 NHWC, normalised as in training
     labels: jax.Array
     num_classes: int  # of the data set
@@ -116,6 +118,7 @@ def fit_images(images: np.ndarray, size: int, background: np.ndarray) -> np.ndar
 
 
 def write_json(path: Path, content: Any) -> Path:
+    """``content`` as indented JSON; numpy and jax arrays become lists."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(content, indent=1, default=_plain) + "\n")
     return path
@@ -131,7 +134,7 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
     return path
 
 
-def pyplot():
+def pyplot() -> Any:
     """matplotlib's pyplot on the Agg backend: plots are files, and no display is needed."""
     import matplotlib
 
