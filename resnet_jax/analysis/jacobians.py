@@ -14,6 +14,7 @@ numbers reported for a batch are means over its examples (deviations: maxima).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -222,8 +223,8 @@ class BlockJacobians:
 
         Forms every column, so keep inputs small (8x8 images give at most 1,024 inputs per block).
         """
-        x = block.inputs[example : example + 1]
-        matrices, deviations = jax.device_get(self._program(self._exact, block)(block.variables, x))
+        single = dataclasses.replace(block, inputs=block.inputs[example : example + 1])
+        matrices, deviations = jax.device_get(self._program(self._exact, single)(single.variables, single.inputs))
         return matrices, {name: float(value) for name, value in deviations.items()}
 
     def _program(self, method: Callable, block: Block) -> Callable:
@@ -265,7 +266,7 @@ class BlockJacobians:
 def exact_block_report(block: Block, jacobians: BlockJacobians, rng: np.random.Generator) -> dict[str, Any]:
     """Exact top singular values, Frobenius norms and identity deviations of the first example's block Jacobians,
     and the relative errors of the estimators run on the same example against them."""
-    single = Block(block.info, block.module, block.variables, block.inputs[:1])
+    single = dataclasses.replace(block, inputs=block.inputs[:1])
     matrices, deviations = jacobians.exact(single)
     estimates = jacobians.estimate(single, rng)
     report: dict[str, Any] = {f"{name}_deviation": value for name, value in deviations.items()}
