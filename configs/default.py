@@ -27,6 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.random_flip = True
     config.mixup_alpha = 0.0
     config.label_smoothing = 0.0
+    config.image_size = ml_collections.config_dict.placeholder(int)  # resize images to N x N (None: as stored)
 
     # Optimisation: SGD with coupled L2 weight decay, as in the papers.
     config.batch_size = 128  # global, over every device and process
@@ -46,6 +47,14 @@ def get_config() -> ml_collections.ConfigDict:
     config.lr_decay_factor = 0.1
     config.warmup_steps = 0
     config.warmup_start_learning_rate = 0.0
+
+    # Transfer learning (resnet_jax/train/transfer.py); the defaults train from scratch.
+    config.init_from = ml_collections.config_dict.placeholder(str)  # start from the latest weights of this
+    # `resnet-jax convert` output or training workdir (same model; the head is replaced for a new class count)
+    config.reinit_head = False  # also replace a head whose class count fits
+    config.freeze_backbone = False  # train the head only
+    config.stage_lr_multipliers = ()  # or one learning-rate multiplier for the stem and each stage; 0 freezes
+    config.bn_update = True  # False: BN layers normalise with their running statistics and keep them as they are
 
     # Scale: "jit" (one program over a mesh of every device) or "pmap" (one program per device,
     # per-device BN statistics); joining a multi-process job (README: "Many hosts").

@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from resnet_jax.analysis.cli import add_analyze_command
+from resnet_jax.bench.cli import add_bench_command
 
 if TYPE_CHECKING:
     from resnet_jax.models import ResNet
@@ -58,9 +60,88 @@ def list_names(args: argparse.Namespace) -> None:
     print("\n".join(list_models()))
 
 
+def convert(args: argparse.Namespace) -> None:
+    """PyTorch weights into a run folder (``--from-torch``), or a run's checkpoint out to PyTorch (``--to-torch``)."""
+    from resnet_jax.train import transfer
+    from resnet_jax.train.config import apply_override, load_config
+
+    if args.from_torch:
+        if not (args.model and args.out):
+            raise ValueError("--from-torch FILE needs --model NAME (the model the file holds) and --out DIR.")
+        config = load_config(args.config)
+        config.dataset, config.eval_split = "imagenet2012", "validation"  # torchvision's weights: ImageNet
+        for override in args.overrides:
+            apply_override(config, override)
+        meta = transfer.convert_torch_checkpoint(args.from_torch, args.model, args.out, config)
+        print(
+            f"{args.from_torch} -> {args.out}: {args.model} with {meta['num_classes']} classes as step 0 of a run on "
+            f"{config.dataset} (eval, predict, features, analyze and init_from read it)"
+        )
+    else:
+        if not args.checkpoint:
+            raise ValueError("--to-torch FILE needs --checkpoint DIR (a run or a `convert` output).")
+        path = transfer.export_torch_checkpoint(args.checkpoint, args.to_torch, args.step)
+        print(f"{args.checkpoint} -> {path} (a torchvision-layout state_dict)")
+
+
+def predict(args: argparse.Namespace) -> None:
+    """Top-k classes of image files under a checkpoint."""
+    from resnet_jax.inference import checkpoint_inference, class_names, input_channels, load_images
+
+    check_files(args.images)
+    inference, config = checkpoint_inference(args.checkpoint, args.step, args.batch_size)
+    images = load_images(args.images, config, input_channels(inference), args.size, args.resize)
+    classes, probabilities = inference.predict(images, args.top_k)
+    names = class_names(config, inference.model.num_classes)
+    for path, row, chances in zip(args.images, classes, probabilities, strict=True):
+        print(path)
+        for rank, (index, chance) in enumerate(zip(row, chances, strict=True), start=1):
+            print(f"  {rank}. {chance:.4f}  {names[index]} ({index})")
+
+
+def features(args: argparse.Namespace) -> None:
+    """Feature maps and pre-logits of image files under a checkpoint, saved to an .npz file."""
+    import numpy as np
+
+    from resnet_jax.inference import checkpoint_inference, input_channels, load_images
+
+    check_files(args.images)
+    inference, config = checkpoint_inference(args.checkpoint, args.step, args.batch_size)
+    images = load_images(args.images, config, input_channels(inference), args.size, args.resize)
+    arrays = inference.features(images, args.feature or None)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(args.out, paths=np.asarray([str(p) for p in args.images]), **arrays)
+    shapes = ", ".join(f"{name} {value.shape}" for name, value in arrays.items())
+    print(f"{len(images)} image(s) -> {args.out}: {shapes}")
+
+
+def check_files(paths: Sequence[str]) -> None:
+    """Fail on missing files before a checkpoint is loaded."""
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        raise FileNotFoundError(f"No such image file(s): {', '.join(missing)}.")
+
+
 def default_input_shape(model: ResNet) -> tuple[int, int, int]:
     """224x224 RGB for ImageNet models, 32x32 RGB for CIFAR ones."""
     return (224, 224, 3) if model.stem == "imagenet" else (32, 32, 3)
+
+
+PREPROCESSING = (
+    "Images are preprocessed as torchvision evaluates: shorter side resized to --resize, central --size crop, "
+    "normalised with the run's data-set statistics (ImageNet's for converted torchvision weights). Batches of "
+    "--batch-size images compile once."
+)
+
+
+def add_image_arguments(p: argparse.ArgumentParser) -> None:
+    """The checkpoint, images and preprocessing arguments of ``predict`` and ``features``."""
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="a training workdir or `convert` output")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per compiled batch (default 32)")
+    p.add_argument("--size", type=int, default=224, help="side of the central crop (default 224)")
+    p.add_argument("--resize", type=int, default=256, help="shorter side before cropping (default 256)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,7 +175,46 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("models", help="list the named models")
     p.set_defaults(run=list_names)
+
+    p = commands.add_parser(
+        "convert",
+        help="PyTorch (torchvision-layout) weights into a run folder, or a run's weights out to PyTorch",
+        epilog="--from-torch writes step 0 of a run of --config (default configs/default.py) on imagenet2012 "
+        "(validation split); --config.KEY=VALUE changes it, e.g. --config.data_dir=DIR. The folder is what eval "
+        "--workdir, predict/features/analyze --checkpoint and the init_from config key read. torchvision's ImageNet "
+        "weights, e.g. https://download.pytorch.org/models/resnet50-0676ba61.pth, load with --model resnet50.",
+    )
+    direction = p.add_mutually_exclusive_group(required=True)
+    direction.add_argument("--from-torch", metavar="FILE", help="a state_dict: .pth/.pt (torch.save) or .safetensors")
+    direction.add_argument("--to-torch", metavar="FILE", help="write --checkpoint's weights to this .pth/.safetensors")
+    p.add_argument("--model", help="the model the file holds: resnet18..152, wide_resnet50_2, resnext50_32x4d, ...")
+    p.add_argument("--out", help="new folder for the converted run (with --from-torch)")
+    p.add_argument("--config", default="configs/default.py", help="the run's recorded config (default %(default)s)")
+    p.add_argument("--checkpoint", metavar="DIR", help="a run or convert output (with --to-torch)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    p.set_defaults(run=convert, takes_config_overrides=True)
+
+    p = commands.add_parser(
+        "predict",
+        help="top-k classes of image files (JPEG, PNG) under a checkpoint",
+        description=f"Top-k classes of image files under a checkpoint. {PREPROCESSING}",
+    )
+    add_image_arguments(p)
+    p.add_argument("--top-k", type=int, default=5, help="classes per image (default 5)")
+    p.set_defaults(run=predict)
+
+    p = commands.add_parser(
+        "features",
+        help="feature maps (c2..c5) and pre-logits of image files under a checkpoint, to an .npz file",
+        description=f"Feature maps and pre-logits of image files under a checkpoint, saved with numpy.savez (one "
+        f"NHWC array per feature, and the image paths). {PREPROCESSING}",
+    )
+    add_image_arguments(p)
+    p.add_argument("--out", type=Path, required=True, help="the .npz file to write")
+    p.add_argument("--feature", action="append", default=[], help="e.g. c5 (repeatable; default: c2..c5, pre_logits)")
+    p.set_defaults(run=features)
     add_analyze_command(commands)
+    add_bench_command(commands)
     return parser
 
 
@@ -102,7 +222,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, extra = build_parser().parse_known_args(argv)
     args.overrides = [a for a in extra if a.startswith("--config.")]
     unknown = [a for a in extra if not a.startswith("--config.")]
-    if unknown or (args.overrides and args.command not in ("train", "throughput")):
+    takes_overrides = args.command in ("train", "throughput") or getattr(args, "takes_config_overrides", False)
+    if unknown or (args.overrides and not takes_overrides):
         build_parser().error(f"unrecognised arguments: {' '.join(unknown or args.overrides)}")
     from resnet_jax.train.loop import TrainingInterruptedError
 

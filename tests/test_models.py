@@ -82,7 +82,12 @@ def test_v1_moves_stride_to_first_conv_with_same_params_fewer_macs():
     assert variables["params"]["stage2"]["block0"]["branch"]["conv1"]["kernel"].shape == (1, 1, 256, 128)
 
 
-@pytest.mark.parametrize("name", list_models())
+DEEPEST = ("preact_resnet1001", "resnet1202")  # 30 s of tracing each: `make test-slow`
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=[pytest.mark.slow] if n in DEEPEST else []) for n in list_models()]
+)
 def test_every_model_gives_logits_for_its_dataset_and_for_fashion_mnist(name):
     model = create_model(name)
     native = IMAGENET if model.stem == "imagenet" else CIFAR

@@ -1,7 +1,8 @@
 """The Flax ResNets compute the same function as an independent PyTorch implementation.
 
 Flax variables are filled with random values (including non-trivial BatchNorm scales, offsets and
-running statistics, so that eval mode is a real test), copied into the `torch_reference` modules,
+running statistics, so that eval mode is a real test), copied into the reference modules by the package's
+torch name map (`resnet_jax.models.torch_weights`, strict: every entry set and used, every shape checked),
 and both sides run the same fp32 batch in eval mode (running statistics) and train mode (batch
 statistics, plus the running-statistics update).
 
@@ -21,10 +22,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import torch_reference as ref
 from flax import traverse_util
 
 from resnet_jax import create_model
+from resnet_jax.bench import torch_models as ref
+from resnet_jax.models.torch_weights import to_tensors, torch_state_dict
 
 RTOL = 1e-4
 BATCH = 2
@@ -45,68 +47,6 @@ def relative_error(actual: np.ndarray, reference: np.ndarray) -> float:
     actual, reference = np.asarray(actual, np.float64), np.asarray(reference, np.float64)
     assert actual.shape == reference.shape, (actual.shape, reference.shape)
     return float(np.max(np.abs(actual - reference)) / np.max(np.abs(reference)))
-
-
-# --- Flax variables -> torch state_dict ---------------------------------------------------------
-
-
-def _torch_module_name(path: tuple[str, ...]) -> str:
-    """Flax module path (without the leaf name) -> torchvision-style module name."""
-    match path:
-        case ("stem", "conv"):
-            return "conv1"
-        case ("stem", "bn"):
-            return "bn1"
-        case ("head",):
-            return "fc"
-        case (stage, block, "branch", layer) if stage.startswith("stage") and block.startswith("block"):
-            return f"layer{int(stage[5:])}.{int(block[5:])}.{layer}"
-        case (stage, block, "shortcut", "conv" | "bn" as layer) if stage.startswith("stage"):
-            index = {"conv": 0, "bn": 1}[layer]
-            return f"layer{int(stage[5:])}.{int(block[5:])}.downsample.{index}"
-    raise KeyError(f"No torch counterpart for Flax module {'/'.join(path)}")
-
-
-def flax_to_torch_state_dict(variables: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Map Flax ``params`` and ``batch_stats`` onto torch state_dict entries.
-
-    Conv kernels HWIO -> OIHW, dense kernels (in, out) -> (out, in), BN scale -> weight,
-    bias -> bias, mean -> running_mean, var -> running_var (each BN also gets
-    num_batches_tracked = 0, which only matters for momentum=None).
-    """
-    unknown = set(variables) - {"params", "batch_stats"}
-    if unknown:
-        raise KeyError(f"Unexpected Flax collections {sorted(unknown)}")
-    leaf_names = {
-        "params": {"kernel": "weight", "bias": "bias", "scale": "weight"},
-        "batch_stats": {"mean": "running_mean", "var": "running_var"},
-    }
-    state: dict[str, torch.Tensor] = {}
-    for collection, names in leaf_names.items():
-        for path, value in traverse_util.flatten_dict(variables.get(collection, {})).items():
-            if path[-1] not in names:
-                raise KeyError(f"No torch counterpart for Flax variable {collection}/{'/'.join(path)}")
-            array = np.array(value, np.float32)  # a writable copy
-            if path[-1] == "kernel":
-                array = array.transpose(3, 2, 0, 1) if array.ndim == 4 else array.T
-            module = _torch_module_name(path[:-1])
-            key = f"{module}.{names[path[-1]]}"
-            if key in state:
-                raise KeyError(f"Two Flax variables map to torch {key}")
-            state[key] = torch.from_numpy(np.ascontiguousarray(array))
-            if path[-1] == "mean":
-                state[f"{module}.num_batches_tracked"] = torch.tensor(0, dtype=torch.long)
-    return state
-
-
-def load_flax_variables(module: torch.nn.Module, variables: dict[str, Any]) -> None:
-    """Copy Flax variables into ``module``; fail on any torch entry not set or Flax entry not used."""
-    state = flax_to_torch_state_dict(variables)
-    expected = set(module.state_dict())
-    missing, unused = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unused:
-        raise KeyError(f"Weight copy mismatch: torch entries not set {missing}; Flax entries not used {unused}")
-    module.load_state_dict(state, strict=True)  # also checks every shape
 
 
 # --- random variables, built once per model -----------------------------------------------------
@@ -188,7 +128,7 @@ def setup(name: str) -> tuple[Any, dict[str, Any], np.ndarray]:
 
 def torch_model(name: str, variables: dict[str, Any]) -> torch.nn.Module:
     module = MODELS[name][0]()
-    load_flax_variables(module, variables)
+    module.load_state_dict(to_tensors(torch_state_dict(variables)), strict=True)
     return module
 
 
@@ -239,33 +179,17 @@ def test_train_mode_matches_torch(name: str) -> None:
     # Running statistics after one step. Both use new = 0.9 * old + 0.1 * batch_statistic, but torch
     # updates running_var with the unbiased batch variance (n / (n - 1) times the biased one) while
     # Flax uses the biased one, so rescale Flax's batch-variance term by n / (n - 1) first.
-    old = flax_to_torch_state_dict({"batch_stats": variables["batch_stats"]})
-    new = flax_to_torch_state_dict({"batch_stats": updates["batch_stats"]})
+    old = torch_state_dict({"batch_stats": variables["batch_stats"]})
+    new = torch_state_dict({"batch_stats": updates["batch_stats"]})
     torch_state = module.state_dict()
     assert {k.removesuffix(".running_mean") for k in new if k.endswith(".running_mean")} == set(counts)
     worst_mean = worst_var = 0.0
     for bn, n in counts.items():
-        mean_error = relative_error(new[f"{bn}.running_mean"].numpy(), torch_state[f"{bn}.running_mean"].numpy())
-        old_var, new_var = old[f"{bn}.running_var"].numpy(), new[f"{bn}.running_var"].numpy()
+        mean_error = relative_error(new[f"{bn}.running_mean"], torch_state[f"{bn}.running_mean"].numpy())
+        old_var, new_var = old[f"{bn}.running_var"], new[f"{bn}.running_var"]
         unbiased_new_var = FLAX_MOMENTUM * old_var + (new_var - FLAX_MOMENTUM * old_var) * n / (n - 1)
         var_error = relative_error(unbiased_new_var, torch_state[f"{bn}.running_var"].numpy())
         assert mean_error <= RTOL, f"{name} {bn}.running_mean: relative error {mean_error:.2e}"
         assert var_error <= RTOL, f"{name} {bn}.running_var: relative error {var_error:.2e}"
         worst_mean, worst_var = max(worst_mean, mean_error), max(worst_var, var_error)
     print(f"{name} train: max relative error running_mean {worst_mean:.2e}, running_var {worst_var:.2e}")
-
-
-def test_weight_copy_fails_loudly() -> None:
-    """An unmapped or unused entry in the weight copy is an error, not a silent skip."""
-    _, variables, _ = setup("resnet20")
-    module = ref.cifar_resnet(20)
-    params = traverse_util.flatten_dict(variables["params"])
-    dropped = dict(variables, params=traverse_util.unflatten_dict(dict(list(params.items())[1:])))
-    with pytest.raises(KeyError, match="not set"):
-        load_flax_variables(module, dropped)
-    params[("stage1", "block0", "shortcut", "conv", "kernel")] = np.zeros((1, 1, 16, 16), np.float32)
-    extra = dict(variables, params=traverse_util.unflatten_dict(params))
-    with pytest.raises(KeyError, match="not used"):
-        load_flax_variables(module, extra)
-    with pytest.raises(KeyError, match="No torch counterpart"):
-        flax_to_torch_state_dict({"params": {"mystery": {"kernel": np.zeros((2, 2), np.float32)}}})

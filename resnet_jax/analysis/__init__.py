@@ -3,6 +3,11 @@
 - `blocks`: every residual block as a function of its own input (y, F, shortcut), captured from the model.
 - `jacobians`: block Jacobians exact and matrix-free, the I + dF/dh identities, the chain rule, end-to-end spectra.
 - `gradflow`: norms of the loss gradient per block and per layer, along training.
+- `paths`: path-length distribution and the gradient each path length carries (Veit et al. 2016).
+- `lesion`: test error after deleting or reordering blocks.
+- `landscape`: the loss along filter-normalised random directions (Li et al. 2018).
+- `degradation`: plain against residual nets of several depths, trained with one recipe (He et al. 2015).
+- `report`: the page of `analyze all`, with every analysis's finding, tables and plots.
 - `common`: models and variables (init or checkpoint), real image batches, JSON/CSV/PNG output.
 
 The modules are imported on use (``from resnet_jax.analysis.jacobians import analyze_jacobians``), so

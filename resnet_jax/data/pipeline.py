@@ -19,7 +19,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from resnet_jax.data.augment import apply_crop_flip, normalize, one_hot, sample_crop_flip, sample_mixup
+from resnet_jax.data.augment import apply_crop_flip, normalize, one_hot, resize, sample_crop_flip, sample_mixup
 from resnet_jax.data.sources import ArraySource, StreamSource
 
 Batch = dict[str, np.ndarray]
@@ -54,6 +54,7 @@ def train_batches(
     pad: int = 4,
     flip: bool = True,
     mixup_alpha: float = 0.0,
+    image_size: int | None = None,
     process_index: int = 0,
     process_count: int = 1,
     prefetch: int = 2,
@@ -62,10 +63,12 @@ def train_batches(
 
     Yields {"image": float32 NHWC normalised, "label": int32 (B,)}, or with ``mixup_alpha`` > 0 a
     float32 (B, num_classes) mixed "label". ``augment`` turns on the random crop (zero padding of
-    ``pad`` pixels) and the horizontal flip (if ``flip``; leave it off for digits). Batches are made
+    ``pad`` pixels) and the horizontal flip (if ``flip``; leave it off for digits); ``image_size``
+    then resizes the images to image_size x image_size (see `resize`). Batches are made
     ``prefetch`` ahead in a background thread, so that augmentation overlaps the train step.
     A streamed source (ImageNet) resumes exactly only with the same process count.
     """
+    _check_image_size(source, image_size)
     if isinstance(source, StreamSource):
         from resnet_jax.data import imagenet
 
@@ -96,7 +99,7 @@ def train_batches(
 
         def view(r: slice | np.ndarray) -> np.ndarray:
             images = apply_crop_flip(source.images[index[r]], offsets[r], flips[r], crop_pad)
-            return normalize(images, source.mean, source.std)
+            return _resized(normalize(images, source.mean, source.std), image_size)
 
         if not mixup_alpha:
             return {"image": view(rows), "label": source.labels[index[rows]]}
@@ -112,15 +115,22 @@ def train_batches(
 
 
 def eval_batches(
-    source: ArraySource | StreamSource, *, batch_size: int, process_index: int = 0, process_count: int = 1
+    source: ArraySource | StreamSource,
+    *,
+    batch_size: int,
+    image_size: int | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
 ) -> Iterator[Batch]:
     """Every example exactly once, in order, in global batches of ``batch_size`` split over the processes.
 
     Yields {"image", "label", "mask"}; the last global batch is padded with zeros and "mask" is 1.0
     for real examples, 0.0 for padding, so every batch has one shape (one compiled eval step) and
     every process runs the same number of steps. Metrics must be mask-weighted sums. (A streamed
-    source gives each process a contiguous share of the split instead, padded at its end.)
+    source gives each process a contiguous share of the split instead, padded at its end.) ``image_size``
+    resizes as in `train_batches`.
     """
+    _check_image_size(source, image_size)
     if isinstance(source, StreamSource):
         from resnet_jax.data import imagenet
 
@@ -135,8 +145,9 @@ def eval_batches(
         start = b * batch_size + process_index * local
         index = np.arange(start, start + local)
         real = index[index < source.num_examples]
-        image = np.zeros((local, *source.image_shape), np.float32)
-        image[: len(real)] = normalize(source.images[real], source.mean, source.std)
+        height, width, channels = source.image_shape
+        image = np.zeros((local, image_size or height, image_size or width, channels), np.float32)
+        image[: len(real)] = _resized(normalize(source.images[real], source.mean, source.std), image_size)
         label = np.zeros(local, np.int32)
         label[: len(real)] = source.labels[real]
         return {"image": image, "label": label, "mask": (index < source.num_examples).astype(np.float32)}
@@ -152,6 +163,20 @@ def measure_input_throughput(batches: Iterator[Batch], num_batches: int) -> floa
     for batch in itertools.islice(batches, num_batches):
         images += len(batch["image"])
     return images / (time.perf_counter() - start)
+
+
+def _check_image_size(source: ArraySource | StreamSource, image_size: int | None) -> None:
+    if image_size is not None and isinstance(source, StreamSource):
+        raise ValueError(
+            f"image_size applies to in-memory data sets; {source.name} crops its images to their size itself. "
+            "Leave image_size unset."
+        )
+    if image_size is not None and image_size < 1:
+        raise ValueError(f"image_size={image_size}: give a positive number of pixels, e.g. 64.")
+
+
+def _resized(images: np.ndarray, image_size: int | None) -> np.ndarray:
+    return images if image_size is None else resize(images, image_size)
 
 
 class _EpochPermutation:

@@ -90,6 +90,7 @@ def training_batches(config: ml_collections.ConfigDict, source: Any, start_step:
         pad=config.crop_padding,
         flip=config.random_flip,
         mixup_alpha=config.mixup_alpha,
+        image_size=config.get("image_size"),
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
@@ -117,6 +118,7 @@ def evaluate_state(steps: Steps, state: TrainState, source: Any, config: ml_coll
     batches = data.eval_batches(
         source,
         batch_size=config.eval_batch_size,
+        image_size=config.get("image_size"),
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
@@ -149,6 +151,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     Raises `TrainingInterruptedError` after checkpointing when SIGTERM/SIGINT arrives, and FloatingPointError on a
     non-finite loss. Every check of the inputs happens before anything compiles.
     """
+    from resnet_jax.train import transfer  # imported here: it builds on this module
+
     workdir = Path(workdir)
     distributed.initialize(config)
     lead = jax.process_index() == 0
@@ -177,6 +181,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     if restored is not None:
         state = restored[0]
         progress.message(f"resumed from step {int(state.step)} in {checkpoints.directory}")
+    elif config.get("init_from"):
+        state, note = transfer.init_from_checkpoint(state, config)
+        progress.message(note)
+    if not config.get("bn_update", True):
+        state = state.replace(apply_fn=transfer.frozen_bn(model))
     state = steps.put_state(state)
     start = int(restored[0].step) if restored else 0
 
@@ -255,11 +264,15 @@ def load_run(workdir: str | Path, step: int | None = None) -> tuple[ResNet, Trai
     checkpoints = Checkpoints(workdir, every_steps=1, keep_latest=1, async_save=False)
     if checkpoints.latest_step() is None:
         raise FileNotFoundError(f"No checkpoint in {checkpoints.directory}; train first with `resnet-jax train`.")
-    config = ml_collections.ConfigDict(checkpoints.read_meta(step)["config"])
-    source = data.load_source(config.dataset, config.eval_split, config.data_dir)
-    model = build_model(config, source.num_classes)
+    meta = checkpoints.read_meta(step)
+    config = ml_collections.ConfigDict(meta["config"])
+    num_classes, image_shape = meta.get("num_classes"), meta.get("image_shape")
+    if num_classes is None or image_shape is None:  # a training run: its data set says (converted ones record them)
+        source = data.load_source(config.dataset, config.eval_split, config.data_dir)
+        num_classes, image_shape = source.num_classes, source.image_shape
+    model = build_model(config, num_classes)
     tx = create_optimizer(config, learning_rate_schedule(config, steps_per_epoch=1))  # fixes the state's structure
-    abstract = jax.eval_shape(lambda: create_train_state(model, tx, source.image_shape, config.seed))
+    abstract = jax.eval_shape(lambda: create_train_state(model, tx, tuple(image_shape), config.seed))
     state, _ = checkpoints.restore(abstract, step)
     checkpoints.close()
     return model, state, config

@@ -6,6 +6,8 @@ what ``optax.add_decayed_weights`` placed before ``optax.sgd`` does (not AdamW-s
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import jax
@@ -50,14 +52,82 @@ def decay_mask(params: Any, exclude_bn_and_bias: bool) -> Any:
 
 
 def create_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule) -> optax.GradientTransformation:
-    """Gradient clipping, coupled L2 weight decay and SGD (momentum or Nesterov) on ``schedule``."""
+    """Gradient clipping, coupled L2 weight decay and SGD (momentum or Nesterov) on ``schedule``.
+
+    Fine-tuning (``freeze_backbone`` or ``stage_lr_multipliers``) gives each part of the model its own decay and
+    SGD on a scaled schedule through ``optax.multi_transform``; a multiplier of 0 freezes its part: no update, no
+    weight decay. Clipping still sees the gradient of the whole model.
+    """
+    if config.optimizer != "sgd":
+        raise ValueError(f"optimizer={config.optimizer!r}; the published recipes use 'sgd'.")
+    parts = [optax.clip_by_global_norm(config.grad_clip_norm)] if config.grad_clip_norm else []
+    rates = multiplier_set(config)
+    if rates is None:
+        return optax.chain(*parts, *_descent(config, schedule))
+    transforms = {
+        _label(rate): optax.chain(*_descent(config, _scaled(schedule, rate))) if rate else optax.set_to_zero()
+        for rate in rates
+    }
+    return optax.chain(*parts, optax.multi_transform(transforms, partial(rate_labels, config=config)))
+
+
+def multiplier_set(config: ml_collections.ConfigDict) -> set[float] | None:
+    """The learning-rate multipliers that fine-tuning settings use, or None when every parameter has the full rate.
+
+    Checks the settings, so that a bad one fails before anything is built.
+    """
+    freeze, stage_rates = config.get("freeze_backbone", False), tuple(config.get("stage_lr_multipliers", ()))
+    if freeze and stage_rates:
+        raise ValueError(
+            "freeze_backbone and stage_lr_multipliers both set; choose one (freezing is multipliers of 0 for the "
+            "stem and every stage)."
+        )
+    if any(rate < 0 for rate in stage_rates):
+        raise ValueError(f"stage_lr_multipliers={stage_rates}: multipliers must be >= 0 (0 freezes a stage).")
+    if freeze:
+        return {0.0, 1.0}
+    return {*map(float, stage_rates), 1.0} if stage_rates else None
+
+
+def learning_rate_multipliers(config: ml_collections.ConfigDict, modules: Sequence[str]) -> dict[str, float]:
+    """The multiplier of each top-level module of a model (``stem``, ``stage1``, ..., ``head``).
+
+    ``freeze_backbone``: 0 for all but the head. ``stage_lr_multipliers``: one value for the stem and one per
+    stage, in order (e.g. (0.1, 0.1, 0.3, 0.3, 1.0) for the four stages of resnet18). The head, and the final BN
+    of a pre-activation net, keep the full rate.
+    """
+    if config.get("freeze_backbone", False):
+        return {module: 1.0 if module == "head" else 0.0 for module in modules}
+    stages = sorted((m for m in modules if m.startswith("stage") and m[5:].isdigit()), key=lambda m: int(m[5:]))
+    parts = ["stem", *stages]
+    stage_rates = tuple(config.get("stage_lr_multipliers", ()))
+    if len(stage_rates) != len(parts):
+        raise ValueError(
+            f"stage_lr_multipliers has {len(stage_rates)} values; {config.model} needs {len(parts)}, one for each "
+            f"of {', '.join(parts)} (the head keeps the full rate)."
+        )
+    rates = dict(zip(parts, map(float, stage_rates), strict=True))
+    return {module: rates.get(module, 1.0) for module in modules}
+
+
+def rate_labels(params: Any, config: ml_collections.ConfigDict) -> Any:
+    """Each parameter's multiplier as the ``optax.multi_transform`` label of its transform."""
+    rates = learning_rate_multipliers(config, list(params))
+    return {module: jax.tree.map(lambda _, m=module: _label(rates[m]), tree) for module, tree in params.items()}
+
+
+def _descent(config: ml_collections.ConfigDict, schedule: optax.Schedule) -> list[optax.GradientTransformation]:
     parts = []
-    if config.grad_clip_norm:
-        parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
     if config.weight_decay:
         mask = lambda params: decay_mask(params, config.weight_decay_exclude_bn_and_bias)  # noqa: E731
         parts.append(optax.add_decayed_weights(config.weight_decay, mask))
-    if config.optimizer != "sgd":
-        raise ValueError(f"optimizer={config.optimizer!r}; the published recipes use 'sgd'.")
     parts.append(optax.sgd(schedule, momentum=config.momentum or None, nesterov=config.nesterov))
-    return optax.chain(*parts)
+    return parts
+
+
+def _scaled(schedule: optax.Schedule, rate: float) -> optax.Schedule:
+    return lambda step: rate * schedule(step)
+
+
+def _label(rate: float) -> str:
+    return f"lr x{rate!r}"

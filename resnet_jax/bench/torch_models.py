@@ -1,9 +1,11 @@
-"""An independent PyTorch implementation of the ResNets, to check the Flax models against.
+"""PyTorch ResNets written independently of this package's Flax code: the benchmark's torch side and
+the reference of ``tests/test_torch_equivalence.py``.
 
 Written from scratch in plain ``torch.nn`` from the papers and the torchvision layout (not from
-this package's Flax code, and without torchvision), so that a mistake in the Flax models shows up
-as a disagreement instead of being copied into the reference. ``tests/test_torch_equivalence.py``
-copies Flax variables into these modules and compares logits.
+the Flax modules, and without torchvision), so that a mistake in the Flax models shows up as a
+disagreement with these instead of being copied into them. The equivalence tests copy Flax
+variables into these modules and compare logits; ``resnet-jax bench --vs-torch`` trains them
+side by side with the Flax models. Import this module only where torch is installed.
 
 * `ImageNetResNet`: He et al. (2015) ImageNet ResNets with torchvision's module names (``conv1``,
   ``bn1``, ``layer1.0.conv1``, ``layer1.0.downsample.0``/``.1``, ``fc``). 7x7/2 conv stem (padding
@@ -18,6 +20,9 @@ BatchNorm everywhere uses eps 1e-5 and momentum 0.1 (torch's defaults).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -214,3 +219,24 @@ def cifar_resnet(depth: int, num_classes: int = 10) -> CifarResNet:
     if remainder or n < 1:
         raise ValueError(f"CIFAR ResNet depth must be 6n+2; got {depth}.")
     return CifarResNet(n, num_classes)
+
+
+IMAGENET = {"resnet18": resnet18, "resnet34": resnet34, "resnet50": resnet50, "resnet50_v1": resnet50_v1}
+
+
+def create(name: str, num_classes: int) -> nn.Module:
+    """The counterpart of ``resnet_jax.create_model(name)``: an ImageNet preset above or a CIFAR resnet<6n+2>."""
+    return constructor(name)(num_classes)
+
+
+def constructor(name: str) -> Callable[[int], nn.Module]:
+    """The function that builds ``name`` with a given number of classes; ValueError if there is none."""
+    if name in IMAGENET:
+        return IMAGENET[name]
+    depth = name.removeprefix("resnet")
+    if depth.isdigit():
+        return partial(cifar_resnet, int(depth))
+    raise ValueError(
+        f"No PyTorch counterpart of {name!r} for --vs-torch; use {', '.join(IMAGENET)} or a CIFAR resnet<6n+2> "
+        "such as resnet20."
+    )

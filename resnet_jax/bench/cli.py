@@ -1,0 +1,119 @@
+"""``resnet-jax bench`` (also ``python -m resnet_jax.bench``): train-step and input-pipeline throughput,
+optionally against PyTorch in the same run."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+from resnet_jax.bench.cases import PRECISIONS, Case
+
+RESULTS_DIR = "benchmarks/results"
+GPU_TORCH_ROWS = (
+    "skipped the torch channels_last (AMP) and torch.compile rows: GPU rows by default; run them here with "
+    "--torch-variants eager channels_last compile"
+)
+TIME_TO_ACCURACY = (
+    "skipped time to 94% test accuracy on Fashion-MNIST: a GPU measurement, not a bench row; run "
+    "`resnet-jax train --config configs/fashion_mnist_wrn16_2.py --workdir DIR` and read DIR/metrics.jsonl"
+)
+
+
+def add_bench_command(commands: Any) -> None:
+    """Add ``bench`` to the ``resnet-jax`` subparsers ``commands``."""
+    from resnet_jax.bench.torch_side import VARIANTS
+
+    p = commands.add_parser(
+        "bench",
+        help="train-step img/s (optionally against PyTorch) and input-pipeline img/s",
+        description="Train-step throughput of the project's real train step on synthetic data, on one device: "
+        "img/s (median step time after warm-up), compile time and peak memory; with --vs-torch the same model, "
+        "batch, loss, optimizer and precision in PyTorch, interleaved, with the ratio JAX / PyTorch. Then the "
+        "input pipelines. Without --model the suite runs: resnet20 32x32 fp32 at batch 32 and 128, and (on a GPU) "
+        "resnet50 224x224 bf16 at batch 256. Results go to --out/<date>-<device>.json.",
+    )
+    p.add_argument("--model", help="benchmark this model instead of the suite (e.g. resnet8)")
+    p.add_argument("--image-size", type=int, help="input height = width (default 32, or 224 for ImageNet models)")
+    p.add_argument("--batch", type=int, nargs="+", help="batch sizes per device (default 32 128)")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="compute precision (default fp32)")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per repeat (default 20)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps after compilation (default 3)")
+    p.add_argument("--repeats", type=int, default=3, help="rounds of JAX and torch in turn (default 3)")
+    p.add_argument("--vs-torch", action="store_true", help="also run PyTorch and print the ratio JAX / PyTorch")
+    p.add_argument(
+        "--torch-variants",
+        nargs="+",
+        choices=VARIANTS,
+        help="torch rows (default: eager on CPU; eager, channels_last (AMP) and compile on a GPU)",
+    )
+    p.add_argument("--no-input", action="store_true", help="skip the input-pipeline rows")
+    p.add_argument("--out", default=RESULTS_DIR, help=f"folder of the JSON results (default {RESULTS_DIR})")
+    p.set_defaults(run=run_bench)
+
+
+def run_bench(args: argparse.Namespace) -> None:
+    from resnet_jax.bench.harness import Settings
+
+    settings = Settings(args.steps, args.warmup, args.repeats)  # checks the numbers before anything runs
+    if args.vs_torch:  # JAX would otherwise take most of the GPU's memory before torch starts
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    import jax
+
+    from resnet_jax.bench import harness, report
+    from resnet_jax.bench.inputs import input_rows
+
+    platform = jax.devices()[0].platform
+    cases, skipped = chosen_cases(args, platform)
+    variants: tuple[str, ...] = ()
+    if args.vs_torch:
+        from resnet_jax.bench import torch_models
+        from resnet_jax.bench.torch_side import torch_device
+
+        for case in cases:
+            torch_models.constructor(case.model)
+        device = torch_device()
+        variants = tuple(args.torch_variants or harness.default_torch_variants(device))
+        if device == "cpu" and not args.torch_variants:
+            skipped.append(GPU_TORCH_ROWS)
+    skipped.append(TIME_TO_ACCURACY)
+    for line in skipped:
+        print(line)
+
+    rows = harness.bench_cases(
+        cases, settings, variants, lambda case_rows: print(*report.case_lines(case_rows), sep="\n")
+    )
+    inputs = []
+    if not args.no_input:
+        inputs, input_skipped = input_rows(batch=128, num_batches=settings.steps)
+        skipped += input_skipped
+        for row in inputs:
+            print(f"input {row.name}, batch {row.batch}: {row.img_per_s:,.0f} img/s")
+    print(report.markdown_table(rows))
+    path = report.write_results(report.results(rows, inputs, skipped, settings, invoked_command()), args.out)
+    print(f"results in {path}")
+
+
+def chosen_cases(args: argparse.Namespace, platform: str) -> tuple[list[Case], list[str]]:
+    """The suite, or the cases of --model/--image-size/--batch/--precision; and what was left out."""
+    from resnet_jax.bench.harness import default_cases
+    from resnet_jax.models import create_model
+
+    if args.model is None and args.image_size is None and args.batch is None:
+        return default_cases(platform)
+    name = args.model or "resnet20"
+    model = create_model(name)  # an unknown name fails here, with the valid ones
+    size = args.image_size or (224 if model.stem == "imagenet" else 32)
+    batches = args.batch or (32, 128)
+    return [Case(name, size, batch, args.precision, num_classes=model.num_classes) for batch in batches], []
+
+
+def invoked_command() -> str:
+    """The command line as typed: ``resnet-jax bench ...`` or ``python -m resnet_jax.bench ...``."""
+    program = Path(sys.argv[0]).name
+    if program == "__main__.py":
+        program = "python -m resnet_jax.bench"
+    return " ".join([program, *map(shlex.quote, sys.argv[1:])])

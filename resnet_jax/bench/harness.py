@@ -1,0 +1,128 @@
+"""Run the train-step rows with JAX and PyTorch interleaved, and reduce them to medians and ratios.
+
+Both frameworks share the machine with whatever else runs on it, so one timing says little: each
+repeat times ``steps`` steps of every runner in turn (JAX, then each torch variant), a rate is the
+batch over a median step time, and a ratio is the median over repeats of JAX's rate over torch's
+rate in the same repeat, so that load drifting between repeats cancels out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from resnet_jax.bench.cases import GPU_ONLY, SUITE, Case
+
+
+class StepRunner(Protocol):
+    framework: str
+    variant: str
+
+    def compile(self) -> float: ...
+
+    def run(self, num_steps: int) -> list[float]: ...
+
+    def peak_memory(self) -> tuple[int | None, str]: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    steps: int = 20  # timed steps per repeat and runner
+    warmup: int = 3  # untimed steps after compilation
+    repeats: int = 3
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.repeats < 1 or self.warmup < 0:
+            raise ValueError(
+                f"--steps ({self.steps}) and --repeats ({self.repeats}) must be at least 1, --warmup "
+                f"({self.warmup}) at least 0."
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class StepRow:
+    """One runner's timings on one case: compile time apart, then ``repeats`` lists of step seconds."""
+
+    case: Case
+    framework: str
+    variant: str
+    compile_seconds: float
+    step_seconds: list[list[float]]
+    peak_memory_bytes: int | None
+    memory_source: str
+
+    @property
+    def img_per_s(self) -> float:
+        return self.case.batch / statistics.median(t for repeat in self.step_seconds for t in repeat)
+
+    @property
+    def img_per_s_per_repeat(self) -> list[float]:
+        return [self.case.batch / statistics.median(repeat) for repeat in self.step_seconds]
+
+    @property
+    def name(self) -> str:
+        return f"{self.framework} {self.variant}"
+
+
+def ratio(jax_row: StepRow, torch_row: StepRow) -> float:
+    """Median over repeats of JAX img/s over torch img/s measured in the same repeat."""
+    pairs = zip(jax_row.img_per_s_per_repeat, torch_row.img_per_s_per_repeat, strict=True)
+    return statistics.median(j / t for j, t in pairs)
+
+
+def time_runners(case: Case, runners: Sequence[StepRunner], settings: Settings) -> list[StepRow]:
+    """Compile and warm every runner, then time them in turn, ``settings.repeats`` times."""
+    compile_seconds = [runner.compile() for runner in runners]
+    for runner in runners:
+        runner.run(settings.warmup)
+    timings: list[list[list[float]]] = [[] for _ in runners]
+    for _ in range(settings.repeats):
+        for runner, times in zip(runners, timings, strict=True):
+            times.append(runner.run(settings.steps))
+    return [
+        StepRow(case, runner.framework, runner.variant, seconds, times, *runner.peak_memory())
+        for runner, seconds, times in zip(runners, compile_seconds, timings, strict=True)
+    ]
+
+
+def default_cases(platform: str) -> tuple[list[Case], list[str]]:
+    """The suite for this platform, and a line for each case it leaves out."""
+    if platform != "cpu":
+        return list(SUITE), []
+    cases = [case for case in SUITE if case not in GPU_ONLY]
+    skipped = [
+        f"skipped {case.label}: a GPU case ({why}); force it with --model {case.model} --image-size "
+        f"{case.image_size} --batch {case.batch} --precision {case.precision}"
+        for case, why in GPU_ONLY.items()
+    ]
+    return cases, skipped
+
+
+def default_torch_variants(device: str) -> tuple[str, ...]:
+    """Eager everywhere; on a GPU also AMP with channels_last and torch.compile."""
+    return ("eager",) if device == "cpu" else ("eager", "channels_last", "compile")
+
+
+def bench_cases(
+    cases: Sequence[Case],
+    settings: Settings,
+    torch_variants: Sequence[str] = (),
+    report: Callable[[list[StepRow]], None] = lambda rows: None,
+) -> list[StepRow]:
+    """Every case with JAX and, if ``torch_variants`` is not empty, those torch variants; ``report`` sees each
+    case's rows as soon as they are measured."""
+    from resnet_jax.bench.jax_side import JaxStep
+
+    rows = []
+    for case in cases:
+        runners: list[StepRunner] = [JaxStep(case)]
+        if torch_variants:
+            from resnet_jax.bench.torch_side import TorchStep
+
+            runners += [TorchStep(case, variant) for variant in torch_variants]
+        case_rows = time_runners(case, runners, settings)
+        report(case_rows)
+        rows += case_rows
+    return rows

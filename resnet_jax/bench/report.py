@@ -1,0 +1,155 @@
+"""What a benchmark leaves: one line per row (ratios last, for grep), a Markdown table for the README, and
+``<date>-<device>.json`` with the device, library versions and the command that produced it."""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from resnet_jax.bench.harness import Settings, StepRow, ratio
+from resnet_jax.bench.inputs import InputRow
+
+LIBRARIES = ("jax", "jaxlib", "flax", "optax", "numpy", "torch")
+# Settings that change the timings without changing the command.
+ENVIRONMENT = ("XLA_FLAGS", "OMP_NUM_THREADS", "OMP_WAIT_POLICY", "XLA_PYTHON_CLIENT_PREALLOCATE")
+MIB = 2**20
+
+
+def case_lines(rows: Sequence[StepRow]) -> list[str]:
+    """One line per runner of a case; with torch rows, each torch line ends in ``ratio=JAX/torch``."""
+    jax_row = next(row for row in rows if row.framework == "jax")
+    lines = [f"{jax_row.case.label}: jax {jax_row.img_per_s:,.0f} img/s ({_cost(jax_row)})"]
+    for row in rows:
+        if row.framework != "jax":
+            lines.append(
+                f"{row.case.label}: jax {jax_row.img_per_s:,.0f} img/s, {row.name} {row.img_per_s:,.0f} img/s "
+                f"({_cost(row)}), ratio={ratio(jax_row, row):.2f}"
+            )
+    return lines
+
+
+def markdown_table(rows: Sequence[StepRow]) -> str:
+    """The README's table: one line per case and torch variant (or per case, JAX alone)."""
+    lines = ["| model | input | batch | precision | JAX img/s | torch | torch img/s | ratio |", "|---" * 8 + "|"]
+    for jax_row, others in _by_case(rows):
+        case = jax_row.case
+        start = f"| {case.model} | {case.image_size}x{case.image_size} | {case.batch} | {case.precision} "
+        start += f"| {jax_row.img_per_s:,.0f} "
+        for row in others:
+            lines.append(start + f"| {row.variant} | {row.img_per_s:,.0f} | {ratio(jax_row, row):.2f} |")
+        if not others:
+            lines.append(start + "| - | - | - |")
+    return "\n".join(lines)
+
+
+def results(
+    rows: Sequence[StepRow], inputs: Sequence[InputRow], skipped: Sequence[str], settings: Settings, command: str
+) -> dict[str, Any]:
+    """Everything measured, with what is needed to rerun and compare it."""
+    train = []
+    for jax_row, others in _by_case(rows):
+        for row in (jax_row, *others):
+            record = _row_record(row)
+            if row is not jax_row:
+                record["jax_over_torch"] = ratio(jax_row, row)
+            train.append(record)
+    return {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "command": command,
+        "device": device_info(),
+        "versions": library_versions(),
+        "settings": vars(settings),
+        "environment": {name: os.environ.get(name) for name in ENVIRONMENT},
+        "train": train,
+        "input": [vars(row) for row in inputs],
+        "skipped": list(skipped),
+    }
+
+
+def write_results(record: dict[str, Any], folder: str | Path) -> Path:
+    """``folder/<date>-<device>.json``; a second run on the same day and device gets ``-2``, ``-3``, ..."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = f"{record['date'][:10]}-{device_slug(record['device'])}"
+    path, n = folder / f"{stem}.json", 1
+    while path.exists():
+        n += 1
+        path = folder / f"{stem}-{n}.json"
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return path
+
+
+def device_info() -> dict[str, Any]:
+    device = jax.devices()[0]
+    info = {"platform": device.platform, "kind": device.device_kind, "count": jax.device_count()}
+    return info | {"cpu": cpu_model(), "cpu_cores": os.cpu_count(), "host": platform.platform()}
+
+
+def device_slug(device: dict[str, Any]) -> str:
+    """ "cpu-2cores" or the accelerator's kind, e.g. "nvidia-h100-80gb-hbm3"."""
+    if device["platform"] == "cpu":
+        return f"cpu-{device['cpu_cores']}cores"
+    return re.sub(r"[^a-z0-9]+", "-", device["kind"].lower()).strip("-")
+
+
+def cpu_model() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor()
+    match = re.search(r"^model name\s*:\s*(.+)$", text, re.MULTILINE)
+    return match.group(1).strip() if match else platform.processor()
+
+
+def library_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"python": sys.version.split()[0]}
+    for name in LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def _row_record(row: StepRow) -> dict[str, Any]:
+    return {
+        "model": row.case.model,
+        "image_size": row.case.image_size,
+        "channels": row.case.channels,
+        "batch": row.case.batch,
+        "precision": row.case.precision,
+        "framework": row.framework,
+        "variant": row.variant,
+        "img_per_s": row.img_per_s,
+        "img_per_s_per_repeat": row.img_per_s_per_repeat,
+        "compile_seconds": row.compile_seconds,
+        "peak_memory_bytes": row.peak_memory_bytes,
+        "memory_source": row.memory_source,
+        "step_seconds": row.step_seconds,
+    }
+
+
+def _by_case(rows: Sequence[StepRow]) -> list[tuple[StepRow, list[StepRow]]]:
+    """(the JAX row, the torch rows) of each case, in order."""
+    groups = []
+    for row in rows:
+        if row.framework == "jax":
+            groups.append((row, []))
+        else:
+            groups[-1][1].append(row)
+    return groups
+
+
+def _cost(row: StepRow) -> str:
+    memory = f", peak {row.peak_memory_bytes / MIB:,.0f} MiB" if row.peak_memory_bytes is not None else ""
+    return f"compile {row.compile_seconds:.1f}s{memory}"

@@ -1,0 +1,98 @@
+"""The PyTorch side: the same architecture (`torch_models`), batch, loss, optimizer and precision.
+
+Variants: "eager" (NCHW; bf16 through autocast), "channels_last" (NHWC memory format, autocast in the
+case's precision: torch's AMP recipe for GPUs) and "compile" (``torch.compile`` of the channels_last
+model; backward and optimizer stay eager). torch is imported only here, when a torch row runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+import sys
+import time
+from types import ModuleType
+from typing import Any
+
+from resnet_jax.bench.cases import LEARNING_RATE, MOMENTUM, WEIGHT_DECAY, Case
+
+VARIANTS = ("eager", "channels_last", "compile")
+
+
+def import_torch() -> ModuleType:
+    """torch, or a ValueError that says how to install it."""
+    try:
+        import torch
+    except ImportError:
+        raise ValueError(
+            "--vs-torch needs PyTorch, which is not installed: `pip install torch` (CPU build: "
+            "`pip install torch --index-url https://download.pytorch.org/whl/cpu`), or drop --vs-torch."
+        ) from None
+    return torch
+
+
+def torch_device() -> str:
+    """ "cuda" where torch sees a GPU, else "cpu"."""
+    return "cuda" if import_torch().cuda.is_available() else "cpu"
+
+
+class TorchStep:
+    """Times one SGD step of the torch model: forward, cross-entropy, backward, optimizer update."""
+
+    framework = "torch"
+
+    def __init__(self, case: Case, variant: str, seed: int = 0) -> None:
+        if variant not in VARIANTS:
+            raise ValueError(f"torch variant {variant!r}; choose from {', '.join(VARIANTS)}.")
+        torch = import_torch()
+        from resnet_jax.bench import torch_models
+
+        self.variant = variant
+        self._torch = torch
+        self._device = torch.device(torch_device())
+        torch.manual_seed(seed)
+        model = torch_models.create(case.model, case.num_classes).to(self._device).train()
+        images, labels = case.synthetic_batch(seed)
+        self._images = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).to(self._device)
+        self._labels = torch.from_numpy(labels).long().to(self._device)
+        if variant != "eager":
+            model = model.to(memory_format=torch.channels_last)
+            self._images = self._images.contiguous(memory_format=torch.channels_last)
+        self._optimizer = torch.optim.SGD(
+            model.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY
+        )
+        self._forward = torch.compile(model) if variant == "compile" else model
+        self._autocast = case.precision == "bf16"
+        if self._device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+
+    def compile(self) -> float:
+        """The first step, which is where torch.compile compiles; returns its seconds."""
+        return sum(self.run(1))
+
+    def run(self, num_steps: int) -> list[float]:
+        torch = self._torch
+        times = []
+        for _ in range(num_steps):
+            began = time.perf_counter()
+            with self._precision():
+                loss = torch.nn.functional.cross_entropy(self._forward(self._images).float(), self._labels)
+            self._optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self._optimizer.step()
+            if self._device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - began)
+        return times
+
+    def peak_memory(self) -> tuple[int | None, str]:
+        """The GPU's peak allocation, or on CPU the process's peak resident memory (JAX's included)."""
+        if self._device.type == "cuda":
+            return int(self._torch.cuda.max_memory_allocated()), "torch.cuda.max_memory_allocated"
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+        return int(peak), "process peak RSS (both frameworks)"
+
+    def _precision(self) -> Any:
+        if not self._autocast:
+            return contextlib.nullcontext()
+        return self._torch.autocast(self._device.type, dtype=self._torch.bfloat16)

@@ -1,0 +1,177 @@
+"""The benchmark harness runs both frameworks, reduces timings as documented and writes its results.
+
+No test here asserts a speed: timings on shared cores say nothing about the code.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from resnet_jax import create_model
+from resnet_jax.bench import torch_models
+from resnet_jax.bench.cases import Case
+from resnet_jax.bench.harness import Settings, StepRow, ratio, time_runners
+from resnet_jax.bench.inputs import device_resident_batches
+from resnet_jax.bench.jax_side import JaxStep
+from resnet_jax.bench.report import write_results
+from resnet_jax.bench.torch_side import TorchStep
+from resnet_jax.cli import main
+from resnet_jax.data import ArraySource, normalize
+
+TINY = ["--model", "resnet8", "--image-size", "16", "--batch", "4", "--steps", "2", "--warmup", "1"]
+
+
+def test_bench_vs_torch_prints_ratios_and_writes_results(tmp_path, capsys):
+    assert main(["bench", *TINY, "--repeats", "2", "--vs-torch", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    ratio_lines = [line for line in out.splitlines() if "ratio=" in line]
+    assert len(ratio_lines) == 1
+    assert re.fullmatch(
+        r"resnet8 16x16 batch 4 fp32: jax .* img/s, torch eager .* img/s \(.*\), ratio=\d+\.\d\d", ratio_lines[0]
+    )
+    (path,) = tmp_path.glob("*.json")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d-cpu-\d+cores\.json", path.name)
+    record = json.loads(path.read_text())
+    assert record["command"].split()[0] == Path(sys.argv[0]).name
+    assert record["device"]["platform"] == "cpu"
+    assert record["versions"]["jax"] == jax.__version__
+    assert record["versions"]["torch"]
+    assert record["settings"] == {"steps": 2, "warmup": 1, "repeats": 2}
+    assert set(record["environment"]) >= {"XLA_FLAGS", "OMP_NUM_THREADS"}
+    jax_row, torch_row = record["train"]
+    assert (jax_row["framework"], torch_row["framework"], torch_row["variant"]) == ("jax", "torch", "eager")
+    for row in record["train"]:
+        assert (row["model"], row["image_size"], row["batch"], row["precision"]) == ("resnet8", 16, 4, "fp32")
+        assert len(row["step_seconds"]) == 2 and all(len(repeat) == 2 for repeat in row["step_seconds"])
+        assert row["img_per_s"] == pytest.approx(4 / np.median(row["step_seconds"]))
+        assert row["compile_seconds"] > 0 and row["peak_memory_bytes"] > 0 and row["memory_source"]
+    expected = np.median(np.divide(jax_row["img_per_s_per_repeat"], torch_row["img_per_s_per_repeat"]))
+    assert torch_row["jax_over_torch"] == pytest.approx(expected)
+    assert f"ratio={expected:.2f}" in ratio_lines[0]
+    inputs = {row["name"]: row for row in record["input"]}
+    assert set(inputs) == {
+        "Fashion-MNIST 28x28x1",
+        "CIFAR-shaped 32x32x3 (synthetic)",
+        "CIFAR-shaped 32x32x3 (synthetic), device-resident",
+    }
+    assert all(row["img_per_s"] > 0 for row in inputs.values())
+    assert any(line.startswith("skipped time to 94%") for line in record["skipped"])
+
+
+def test_bench_without_torch_and_the_gpu_case_skipped_on_cpu(tmp_path, capsys):
+    assert main(["bench", *TINY, "--no-input", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "ratio=" not in out
+    assert re.search(r"^resnet8 16x16 batch 4 fp32: jax [\d,]+ img/s \(compile [\d.]+s, peak [\d,]+ MiB\)$", out, re.M)
+    record = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert [row["framework"] for row in record["train"]] == ["jax"] and record["input"] == []
+
+
+def test_suite_leaves_the_gpu_case_out_on_cpu():
+    from resnet_jax.bench.harness import default_cases
+
+    cases, skipped = default_cases("cpu")
+    assert [(c.model, c.batch, c.precision) for c in cases] == [("resnet20", 32, "fp32"), ("resnet20", 128, "fp32")]
+    (line,) = skipped
+    assert line.startswith("skipped resnet50 224x224 batch 256 bf16") and "--precision bf16" in line
+    gpu_cases, gpu_skipped = default_cases("gpu")
+    assert len(gpu_cases) == 3 and not gpu_skipped
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--model", "resnet7"], "6n\\+2"),
+        (["--steps", "0"], "--steps"),
+        (["--model", "plain8", "--vs-torch"], "No PyTorch counterpart of 'plain8'"),
+        (["--model", "resnet8", "--batch", "0"], "must be positive"),
+    ],
+)
+def test_bad_arguments_fail_with_one_line_before_compiling(arguments, message, tmp_path, capsys):
+    assert main(["bench", *arguments, "--out", str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("resnet-jax bench: error:") and re.search(message, error)
+    assert not list(tmp_path.iterdir())
+
+
+def test_ratio_is_the_median_of_per_repeat_ratios():
+    case = Case("resnet8", 8, 10)
+
+    def row(framework, repeats):
+        return StepRow(case, framework, "x", 1.0, repeats, None, "")
+
+    jax_row = row("jax", [[1.0, 1.0, 3.0], [2.0, 2.0], [0.5]])  # 10, 5, 20 img/s
+    torch_row = row("torch", [[0.5], [1.0], [2.0, 2.0]])  # 20, 10, 5 img/s
+    assert jax_row.img_per_s_per_repeat == [10, 5, 20]
+    assert jax_row.img_per_s == pytest.approx(10 / 1.5)  # the median step over all repeats
+    assert ratio(jax_row, torch_row) == pytest.approx(0.5)  # median of 0.5, 0.5, 4
+
+
+def test_runners_train_the_same_model_with_the_real_step():
+    case = Case("resnet8", 8, 4)
+    jax_step, torch_step = JaxStep(case), TorchStep(case, "channels_last")
+    rows = time_runners(case, [jax_step, torch_step], Settings(steps=2, warmup=1, repeats=2))
+    assert [row.name for row in rows] == ["jax jit", "torch channels_last"]
+    assert int(jax_step._state.step) == 1 + 2 * 2  # the warm-up and timed steps; compile() only compiles
+    jax_params = sum(x.size for x in jax.tree.leaves(jax_step._state.params))
+    torch_params = sum(p.numel() for p in torch_step._optimizer.param_groups[0]["params"])
+    assert jax_params == torch_params
+
+
+@pytest.mark.slow
+def test_torch_compile_and_bf16_rows_run_on_cpu(tmp_path, capsys):
+    """The GPU rows exercised on the CPU: torch.compile (inductor needs a C compiler) and bf16 autocast."""
+    arguments = [*TINY, "--precision", "bf16", "--vs-torch", "--torch-variants", "eager", "channels_last", "compile"]
+    assert main(["bench", *arguments, "--no-input", "--out", str(tmp_path)]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "ratio=" in line]
+    assert [line.split(": jax")[0] for line in lines] == ["resnet8 16x16 batch 4 bf16"] * 3
+    assert [re.search(r"torch (\w+)", line).group(1) for line in lines] == ["eager", "channels_last", "compile"]
+
+
+@pytest.mark.parametrize(("name", "params"), [("resnet20", 269_722), ("resnet50", 25_557_032)])
+def test_torch_models_match_the_flax_models(name, params):
+    num_classes = create_model(name).num_classes
+    assert sum(p.numel() for p in torch_models.create(name, num_classes).parameters()) == params
+
+
+def test_device_resident_batches_are_epochs_of_crops_and_flips():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (12, 6, 6, 1), dtype=np.uint8)
+    source = ArraySource(images, np.arange(12, dtype=np.int32), 12, "test", (0.4,), (0.3,))
+    batches = device_resident_batches(source, batch=4, pad=2)
+    padded = np.pad(images, ((0, 0), (2, 2), (2, 2), (0, 0)))
+    for _ in range(2):  # two epochs of three batches: each example once per epoch
+        epoch = [jax.device_get(next(batches)) for _ in range(3)]
+        assert sorted(np.concatenate([b["label"] for b in epoch]).tolist()) == list(range(12))
+        for batch in epoch:
+            for image, label in zip(batch["image"], batch["label"], strict=True):
+                crops = [
+                    normalize(padded[label, y : y + 6, x : x + 6], source.mean, source.std)
+                    for y in range(5)
+                    for x in range(5)
+                ]
+                crops += [crop[:, ::-1] for crop in crops]
+                assert min(np.abs(image - crop).max() for crop in crops) < 1e-5
+
+
+def test_python_m_resnet_jax_bench_is_the_cli():
+    result = subprocess.run([sys.executable, "-m", "resnet_jax.bench", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "--vs-torch" in result.stdout and "usage: resnet-jax bench" in result.stdout
+
+
+def test_results_of_the_same_day_and_device_are_not_overwritten(tmp_path):
+    record = {"date": "2026-01-02T03:04:05+00:00", "device": {"platform": "gpu", "kind": "NVIDIA H100 80GB HBM3"}}
+    paths = [write_results(record, tmp_path) for _ in range(3)]
+    assert [p.name for p in paths] == [
+        "2026-01-02-nvidia-h100-80gb-hbm3.json",
+        "2026-01-02-nvidia-h100-80gb-hbm3-2.json",
+        "2026-01-02-nvidia-h100-80gb-hbm3-3.json",
+    ]
