@@ -39,7 +39,7 @@ def add_bench_command(commands: Any) -> None:
     p.add_argument("--model", help="benchmark this model instead of the suite (e.g. resnet8)")
     p.add_argument("--image-size", type=int, help="input height = width (default 32, or 224 for ImageNet models)")
     p.add_argument("--batch", type=int, nargs="+", help="batch sizes per device (default 32 128)")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="compute precision (default fp32)")
+    p.add_argument("--precision", choices=PRECISIONS, help="compute precision (default fp32)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per repeat (default 20)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps after compilation (default 3)")
     p.add_argument("--repeats", type=int, default=3, help="rounds of JAX and torch in turn (default 3)")
@@ -76,6 +76,11 @@ def run_bench(args: argparse.Namespace) -> None:
         for case in cases:
             torch_models.constructor(case.model)
         device = torch_device()
+        if (device == "cpu") != (platform == "cpu"):
+            raise ValueError(
+                f"JAX runs on {platform} but PyTorch on {device}: the ratio would compare different hardware. "
+                "Install the matching build of one of them, or drop --vs-torch."
+            )
         variants = tuple(args.torch_variants or harness.default_torch_variants(device))
         if device == "cpu" and not args.torch_variants:
             skipped.append(GPU_TORCH_ROWS)
@@ -102,13 +107,14 @@ def chosen_cases(args: argparse.Namespace, platform: str) -> tuple[list[Case], l
     from resnet_jax.bench.harness import default_cases
     from resnet_jax.models import create_model
 
-    if args.model is None and args.image_size is None and args.batch is None:
+    if args.model is None and args.image_size is None and args.batch is None and args.precision is None:
         return default_cases(platform)
     name = args.model or "resnet20"
     model = create_model(name)  # an unknown name fails here, with the valid ones
     size = args.image_size or (224 if model.stem == "imagenet" else 32)
     batches = args.batch or (32, 128)
-    return [Case(name, size, batch, args.precision, num_classes=model.num_classes) for batch in batches], []
+    precision = args.precision or "fp32"
+    return [Case(name, size, batch, precision, num_classes=model.num_classes) for batch in batches], []
 
 
 def invoked_command() -> str:

@@ -17,6 +17,8 @@ from resnet_jax.bench.cases import GPU_ONLY, SUITE, Case
 
 
 class StepRunner(Protocol):
+    """One framework's train step on one case (`JaxStep`, `TorchStep`)."""
+
     framework: str
     variant: str
 
