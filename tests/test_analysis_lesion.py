@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from idx_files import make_idx_folder
+from smooth_images import smooth_images
 
 from resnet_jax.analysis.blocks import block_parts, capture_blocks
 from resnet_jax.analysis.common import Subject
@@ -38,9 +39,7 @@ MODELS = {"resnet14": ("resnet14", {}), "resnet14 B": ("resnet14", {"shortcut": 
 def _setup(key: str, count: int = 6):
     name, overrides = MODELS[key]
     model = create_model(name, **overrides)
-    noise = np.random.default_rng(3).standard_normal((count, 10, 10, 1), np.float32)
-    images = sum(noise[:, i : i + 8, j : j + 8] for i in range(3) for j in range(3)) / 3  # smooth 8x8 images
-    images = jnp.asarray(images)
+    images = smooth_images(count)
     return model, model.init(jax.random.key(0), images, train=False), images
 
 
