@@ -25,6 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.augment = True
     config.crop_padding = 4  # He et al. CIFAR: pad 4 and random-crop back; 0 turns cropping off
     config.random_flip = True
+    config.random_erasing = 0.0  # Zhong et al.: erase a random box (noise-filled) of this fraction of images
     config.mixup_alpha = 0.0
     config.label_smoothing = 0.0
     config.image_size = ml_collections.config_dict.placeholder(int)  # resize images to N x N (None: as stored)

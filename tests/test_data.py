@@ -26,12 +26,13 @@ from resnet_jax.data import (
     normalize,
     one_hot,
     random_crop_flip,
+    random_erasing,
     read_idx,
     steps_per_epoch,
     synthetic,
     train_batches,
 )
-from resnet_jax.data.augment import apply_crop_flip
+from resnet_jax.data.augment import apply_crop_flip, sample_erasing
 from resnet_jax.data.pipeline import _prefetch
 from resnet_jax.data.sources import FASHION_MNIST_DIR
 
@@ -213,6 +214,26 @@ def test_one_hot_and_mixup():
     assert mixed.min() >= images.min() and mixed.max() <= images.max()
 
 
+def test_random_erasing_replaces_one_box_per_erased_image_with_noise():
+    images = np.full((2000, 28, 20, 3), 7, np.uint8)  # noise is never 7 everywhere in a box
+    boxes, noise = sample_erasing(np.random.default_rng(0), len(images), images.shape[1:], probability=0.5)
+    erased = random_erasing(images, np.random.default_rng(0), probability=0.5)
+    top, left, height, width = boxes.T
+    assert abs((height > 0).mean() - 0.5) < 0.05  # the probability
+    assert np.array_equal(height > 0, width > 0)
+    area = height * width / (28 * 20)
+    assert area[height > 0].min() >= 0.015 and area.max() <= 0.42  # 2% to 40% of the image, up to rounding
+    aspect = height[height > 0] / width[height > 0]
+    assert aspect.min() > 0.2 and aspect.max() < 5
+    assert (top + height <= 28).all() and (left + width <= 20).all()
+    for i in range(50):
+        box = np.zeros((28, 20), bool)
+        box[top[i] : top[i] + height[i], left[i] : left[i] + width[i]] = True
+        np.testing.assert_array_equal(erased[i][~box], 7)  # untouched outside the box
+        np.testing.assert_array_equal(erased[i][box], noise[i][box])
+    assert np.array_equal(random_erasing(images, np.random.default_rng(1), probability=0.0), images)
+
+
 # --- Training batches ----------------------------------------------------------------------------
 
 
@@ -220,6 +241,7 @@ PIPELINES = {
     "plain": {"augment": False},
     "augmented": {"augment": True},
     "mixup": {"augment": True, "mixup_alpha": 0.5},
+    "erasing": {"augment": True, "random_erasing": 0.5},
 }
 
 
@@ -240,6 +262,15 @@ def test_resume_reproduces_the_run_exactly(options):
     for k in (1, 6, 9):
         resumed = take(train_batches(source, global_batch_size=16, seed=7, start_step=k, **options), 20 - k)
         assert_same_batches(run[k:], resumed)
+
+
+def test_random_erasing_in_the_pipeline_erases_every_image_on_top_of_crop_and_flip():
+    source = synthetic(100, (8, 8, 3), seed=0)
+    plain, erased = (take(train_batches(source, global_batch_size=16, seed=2, random_erasing=p), 2) for p in (0.0, 1.0))
+    changed = (plain[1]["image"] != erased[1]["image"]).any(-1)  # (16, 8, 8): pixels the box covers
+    assert changed.any((1, 2)).all()
+    assert changed.mean() < 0.5
+    np.testing.assert_array_equal(plain[1]["label"], erased[1]["label"])
 
 
 def test_epochs_cover_the_data_without_repeats():
@@ -436,6 +467,12 @@ def test_streamed_training_is_sharded_by_process_and_resumable(tiny_jpeg_dir):
     assert not set(first_epoch[0]) & set(first_epoch[1])
     resumed = train_batches(source, global_batch_size=4, seed=0, start_step=3, process_index=1, process_count=2)
     assert_same_batches(runs[1][3:], take(resumed, 4))
+
+
+@pytest.mark.parametrize("option", ["mixup_alpha", "random_erasing"])
+def test_streamed_training_refuses_array_only_augmentations(tiny_jpeg_dir, option):
+    with pytest.raises(ValueError, match="set mixup_alpha=0 and random_erasing=0"):
+        train_batches(tiny_source(tiny_jpeg_dir, "train", 23), global_batch_size=4, seed=0, **{option: 0.2})
 
 
 def test_streamed_eval_covers_every_example_once(tiny_jpeg_dir):

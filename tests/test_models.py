@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import flax.linen as nn
 import jax
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 
 from resnet_jax import create_model, list_models
+from resnet_jax.models import blocks
 from resnet_jax.models.complexity import count_params, model_cost
 
 IMAGENET = (224, 224, 3)
@@ -278,3 +280,35 @@ def test_wrong_channel_count_fails_before_any_layer_is_traced(resnet20):
     traced, message = count_convs_traced(lambda: model.apply(variables, jnp.zeros((2, 28, 28, 3)), train=False))
     assert traced == 0
     assert "1-channel" in message and "got 3 channels" in message
+
+
+# --- the CPU convolution (resnet_jax/models/blocks.py) ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "batch, strides, groups", [(20, 1, 1), (13, 2, 2), (3, 1, 1)], ids=["3-chunks", "stride2-groups", "one-chunk"]
+)
+def test_cpu_conv_keeps_values_gradients_and_forward_mode(batch, strides, groups):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((batch, 9, 9, 4)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((3, 3, 4 // groups, 6)), jnp.float32)
+    options = dict(
+        window_strides=(strides, strides),
+        padding=((1, 1), (1, 1)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=groups,
+    )
+
+    def loss(conv, x, w):
+        return jnp.sum(jnp.sin(conv(x, w, **options)))
+
+    ours, xla = partial(loss, blocks.conv_general_dilated), partial(loss, jax.lax.conv_general_dilated)
+    np.testing.assert_array_equal(ours(x, w), xla(x, w))
+    (dx, dw), (dx_ref, dw_ref) = jax.jit(jax.grad(ours, (0, 1)))(x, w), jax.jit(jax.grad(xla, (0, 1)))(x, w)
+    np.testing.assert_array_equal(dx, dx_ref)
+    np.testing.assert_allclose(dw, dw_ref, rtol=1e-5, atol=1e-5 * float(jnp.abs(dw_ref).max()))
+    tangents = (jnp.cos(x), jnp.cos(w))
+    np.testing.assert_allclose(jax.jvp(ours, (x, w), tangents)[1], jax.jvp(xla, (x, w), tangents)[1], rtol=1e-5)
+    # On a CPU the kernel gradient is one convolution per chunk of WEIGHT_GRAD_CHUNK images.
+    compiled = jax.jit(jax.grad(ours, 1)).lower(x, w).compile().as_text()
+    assert compiled.count(" convolution(") == -(-batch // blocks.WEIGHT_GRAD_CHUNK) + 1

@@ -23,7 +23,7 @@ from resnet_jax.train.checkpoint import Checkpoints
 from resnet_jax.train.config import REQUIRED_KEYS, load_config
 from resnet_jax.train.loop import build_model, evaluate, train_and_evaluate
 from resnet_jax.train.optim import create_optimizer, learning_rate_schedule
-from resnet_jax.train.reporting import read_metrics
+from resnet_jax.train.reporting import MetricsLog, read_metrics
 from resnet_jax.train.steps import compile_steps, create_train_state, make_mesh
 
 REPO = Path(__file__).resolve().parent.parent
@@ -204,6 +204,19 @@ def test_restart_resumes_from_the_checkpoint_and_matches_an_uninterrupted_run(id
     assert "resumed from step 3" in capsys.readouterr().out
     straight, resumed = params_of(tmp_path / "straight"), params_of(tmp_path / "resumed")
     assert jax.tree.all(jax.tree.map(np.array_equal, straight, resumed))
+
+
+def test_a_resumed_run_forgets_the_metrics_logged_after_its_checkpoint(tmp_path):
+    interrupted = MetricsLog(tmp_path)
+    for step in (2, 4, 6):  # killed at step 7; the last checkpoint was step 4
+        interrupted.write(step, "train", {"loss": 1.0 / step})
+    interrupted.close()
+    resumed = MetricsLog(tmp_path, start_step=4)
+    resumed.write(6, "train", {"loss": 0.5})
+    resumed.close()
+    assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path)] == [(2, 0.5), (4, 0.25), (6, 0.5)]
+    MetricsLog(tmp_path, start_step=6).close()  # nothing after the checkpoint: the file is left as it is
+    assert len(read_metrics(tmp_path)) == 3
 
 
 def test_a_workdir_of_another_model_is_refused(idx_dir, tmp_path):

@@ -4,7 +4,7 @@
 numpy batches for this process. The in-memory data sets (IDX files, synthetic) never import TensorFlow.
 """
 
-from resnet_jax.data.augment import CHANNEL_STATS, mixup, normalize, one_hot, random_crop_flip
+from resnet_jax.data.augment import CHANNEL_STATS, mixup, normalize, one_hot, random_crop_flip, random_erasing
 from resnet_jax.data.pipeline import (
     eval_batches,
     local_batch_size,
@@ -38,6 +38,7 @@ __all__ = [
     "normalize",
     "one_hot",
     "random_crop_flip",
+    "random_erasing",
     "read_idx",
     "steps_per_epoch",
     "synthetic",

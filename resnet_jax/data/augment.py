@@ -45,6 +45,52 @@ def random_crop_flip(images: np.ndarray, rng: np.random.Generator, pad: int = 4,
     return apply_crop_flip(images, offsets, flips, pad)
 
 
+def sample_erasing(
+    rng: np.random.Generator,
+    n: int,
+    image_shape: tuple[int, int, int],
+    probability: float,
+    area: tuple[float, float] = (0.02, 0.4),
+    min_aspect: float = 0.3,
+    attempts: int = 10,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Draw the random-erasing boxes (n, 4) = (top, left, height, width) and uint8 fill noise of ``n`` images.
+
+    Zhong et al. (2020): with ``probability``, a box covering a uniform ``area`` fraction of the image with
+    an aspect ratio uniform in [min_aspect, 1 / min_aspect], redrawn (up to ``attempts`` times) until it
+    fits; a box of height 0 erases nothing. The fill is uniform noise in [0, 255], as in the paper.
+    """
+    height, width, channels = image_shape
+    areas = rng.uniform(*area, size=(attempts, n)) * height * width
+    aspects = rng.uniform(min_aspect, 1 / min_aspect, size=(attempts, n))
+    box_h = np.rint(np.sqrt(areas * aspects)).astype(np.int64)
+    box_w = np.rint(np.sqrt(areas / aspects)).astype(np.int64)
+    fits = (box_h > 0) & (box_w > 0) & (box_h < height) & (box_w < width)
+    first = fits.argmax(0)
+    box_h, box_w = box_h[first, np.arange(n)], box_w[first, np.arange(n)]
+    erased = fits.any(0) & (rng.random(n) < probability)
+    box_h, box_w = np.where(erased, box_h, 0), np.where(erased, box_w, 0)
+    top = rng.integers(0, height - box_h + 1)
+    left = rng.integers(0, width - box_w + 1)
+    noise = rng.integers(0, 256, size=(n, height, width, channels), dtype=np.uint8)
+    return np.stack([top, left, box_h, box_w], axis=1), noise
+
+
+def apply_erasing(images: np.ndarray, boxes: np.ndarray, noise: np.ndarray) -> np.ndarray:
+    """NHWC ``images`` with the pixels inside each image's box replaced by its ``noise`` (see `sample_erasing`)."""
+    top, left, box_h, box_w = (boxes[:, i : i + 1] for i in range(4))
+    rows = (np.arange(images.shape[1]) >= top) & (np.arange(images.shape[1]) < top + box_h)
+    cols = (np.arange(images.shape[2]) >= left) & (np.arange(images.shape[2]) < left + box_w)
+    inside = rows[:, :, None, None] & cols[:, None, :, None]
+    return np.where(inside, noise, images)
+
+
+def random_erasing(images: np.ndarray, rng: np.random.Generator, probability: float = 0.5) -> np.ndarray:
+    """Zhong et al. (2020) random erasing of uint8 NHWC ``images`` (see `sample_erasing`)."""
+    boxes, noise = sample_erasing(rng, len(images), images.shape[1:], probability)
+    return apply_erasing(images, boxes, noise)
+
+
 def normalize(images: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
     """uint8 images to float32 with zero mean and unit variance per channel (stats given in [0, 1])."""
     out = np.subtract(images, 255 * np.asarray(mean, np.float32), dtype=np.float32)

@@ -19,7 +19,16 @@ from typing import TypeVar
 
 import numpy as np
 
-from resnet_jax.data.augment import apply_crop_flip, normalize, one_hot, resize, sample_crop_flip, sample_mixup
+from resnet_jax.data.augment import (
+    apply_crop_flip,
+    apply_erasing,
+    normalize,
+    one_hot,
+    resize,
+    sample_crop_flip,
+    sample_erasing,
+    sample_mixup,
+)
 from resnet_jax.data.sources import ArraySource, StreamSource
 
 Batch = dict[str, np.ndarray]
@@ -53,6 +62,7 @@ def train_batches(
     augment: bool = True,
     pad: int = 4,
     flip: bool = True,
+    random_erasing: float = 0.0,
     mixup_alpha: float = 0.0,
     image_size: int | None = None,
     process_index: int = 0,
@@ -63,7 +73,8 @@ def train_batches(
 
     Yields {"image": float32 NHWC normalised, "label": int32 (B,)}, or with ``mixup_alpha`` > 0 a
     float32 (B, num_classes) mixed "label". ``augment`` turns on the random crop (zero padding of
-    ``pad`` pixels) and the horizontal flip (if ``flip``; leave it off for digits); ``image_size``
+    ``pad`` pixels), the horizontal flip (if ``flip``; leave it off for digits) and, with
+    ``random_erasing`` > 0, the random erasing of a box of that fraction of images; ``image_size``
     then resizes the images to image_size x image_size (see `resize`). Batches are made
     ``prefetch`` ahead in a background thread, so that augmentation overlaps the train step.
     A streamed source (ImageNet) resumes exactly only with the same process count.
@@ -72,8 +83,11 @@ def train_batches(
     if isinstance(source, StreamSource):
         from resnet_jax.data import imagenet
 
-        if mixup_alpha:
-            raise ValueError(f"mixup is not implemented for {source.name}; set mixup_alpha=0.")
+        if mixup_alpha or random_erasing:
+            raise ValueError(
+                f"mixup and random erasing are not implemented for {source.name}; "
+                "set mixup_alpha=0 and random_erasing=0."
+            )
         dataset = imagenet.train_dataset(
             source,
             global_batch_size=global_batch_size,
@@ -90,15 +104,20 @@ def train_batches(
     rows = slice(process_index * local, (process_index + 1) * local)
     permutation = _EpochPermutation(source.num_examples, seed)
     crop_pad = pad if augment else 0
+    erase = augment and random_erasing > 0
 
     def make(step: int) -> Batch:
         epoch, i = divmod(step, steps)
         index = permutation(epoch)[i * global_batch_size : (i + 1) * global_batch_size]
         rng = np.random.default_rng([seed, step, 1])
         offsets, flips = sample_crop_flip(rng, global_batch_size, crop_pad, flip and augment)
+        if erase:
+            boxes, noise = sample_erasing(rng, global_batch_size, source.image_shape, random_erasing)
 
         def view(r: slice | np.ndarray) -> np.ndarray:
             images = apply_crop_flip(source.images[index[r]], offsets[r], flips[r], crop_pad)
+            if erase:
+                images = apply_erasing(images, boxes[r], noise[r])
             return _resized(normalize(images, source.mean, source.std), image_size)
 
         if not mixup_alpha:

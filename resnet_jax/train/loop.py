@@ -89,6 +89,7 @@ def training_batches(config: ml_collections.ConfigDict, source: Any, start_step:
         augment=config.augment,
         pad=config.crop_padding,
         flip=config.random_flip,
+        random_erasing=config.random_erasing,
         mixup_alpha=config.mixup_alpha,
         image_size=config.get("image_size"),
         process_index=jax.process_index(),
@@ -190,7 +191,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     start = int(restored[0].step) if restored else 0
 
     batches = training_batches(config, train_source, start)
-    log = MetricsLog(workdir, enabled=lead)
+    log = MetricsLog(workdir, enabled=lead, start_step=start)
     progress.message(
         f"{config.model} on {config.dataset}: {train_source.num_examples:,} training images, batch "
         f"{config.batch_size}, {config.num_train_steps:,} steps ({config.num_train_steps / steps_per_epoch:.1f} "

@@ -12,9 +12,13 @@ METRICS_FILE = "metrics.jsonl"
 
 
 class MetricsLog:
-    """JSON lines and TensorBoard events in the workdir (process 0 only: others pass enabled=False)."""
+    """JSON lines and TensorBoard events in the workdir (process 0 only: others pass enabled=False).
 
-    def __init__(self, workdir: str | Path, enabled: bool = True) -> None:
+    A run resumed at ``start_step`` first forgets what the interrupted run logged after its
+    checkpoint (those steps are trained again), so curves never hold two values for one step.
+    """
+
+    def __init__(self, workdir: str | Path, enabled: bool = True, start_step: int = 0) -> None:
         self.path = Path(workdir) / METRICS_FILE
         self.enabled = enabled
         self._tensorboard = None
@@ -22,7 +26,15 @@ class MetricsLog:
             from tensorboardX import SummaryWriter
 
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._tensorboard = SummaryWriter(str(Path(workdir) / "tensorboard"))
+            records = read_metrics(workdir)
+            kept = [record for record in records if record["step"] <= start_step]
+            if len(kept) < len(records):
+                partial = self.path.with_suffix(".jsonl.partial")
+                partial.write_text("".join(json.dumps(record) + "\n" for record in kept))
+                partial.replace(self.path)
+            # TensorBoard hides events of steps >= purge_step written before this point.
+            purge = start_step + 1 if start_step else None
+            self._tensorboard = SummaryWriter(str(Path(workdir) / "tensorboard"), purge_step=purge)
 
     def write(self, step: int, split: str, metrics: dict[str, float]) -> None:
         if not self.enabled:
