@@ -309,6 +309,6 @@ def test_cpu_conv_keeps_values_gradients_and_forward_mode(batch, strides, groups
     np.testing.assert_allclose(dw, dw_ref, rtol=1e-5, atol=1e-5 * float(jnp.abs(dw_ref).max()))
     tangents = (jnp.cos(x), jnp.cos(w))
     np.testing.assert_allclose(jax.jvp(ours, (x, w), tangents)[1], jax.jvp(xla, (x, w), tangents)[1], rtol=1e-5)
-    # On a CPU the kernel gradient is one convolution per chunk of WEIGHT_GRAD_CHUNK images.
+    # On a CPU the kernel gradient is one convolution per chunk of KERNEL_GRAD_CHUNK images.
     compiled = jax.jit(jax.grad(ours, 1)).lower(x, w).compile().as_text()
-    assert compiled.count(" convolution(") == -(-batch // blocks.WEIGHT_GRAD_CHUNK) + 1
+    assert compiled.count(" convolution(") == -(-batch // blocks.KERNEL_GRAD_CHUNK) + 1

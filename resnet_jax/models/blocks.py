@@ -46,16 +46,16 @@ def materialize_on_cpu(x: jax.Array) -> jax.Array:
     return lax.platform_dependent(x, cpu=divide_by_one, default=lambda x: x)
 
 
-# Images per weight-gradient convolution on CPU (`conv_general_dilated`): measured fastest of 2-32.
-WEIGHT_GRAD_CHUNK = 8
+# Images per kernel-gradient convolution on CPU (`conv_general_dilated`): measured fastest of 2-32.
+KERNEL_GRAD_CHUNK = 8
 
 
 def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
     """`lax.conv_general_dilated`, made for XLA:CPU: ``lhs`` is a buffer of its own (`materialize_on_cpu`)
-    and the kernel's gradient is a sum over convolutions of `WEIGHT_GRAD_CHUNK` images at a time.
+    and the kernel's gradient is a sum over convolutions of `KERNEL_GRAD_CHUNK` images at a time.
 
     XLA:CPU computes a kernel gradient as one convolution whose "kernel" is the whole output gradient;
-    over a batch of 128 CIFAR images that runs at a third of the speed of the same work done 8
+    over a batch of 128 CIFAR images that runs at about half the speed of the same work done 8
     images at a time, which stays in cache (benchmarks/README.md). The values are unchanged up to
     summation order, the forward pass is the ordinary convolution, and elsewhere than on a CPU the
     gradient is XLA's own. It is a `jax.custom_jvp`, so forward mode (the Jacobian analysis) works too.
@@ -70,8 +70,8 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, *args: Any, **kwargs: A
     def kernel_tangent_in_chunks(lhs: jax.Array, rhs_dot: jax.Array) -> jax.Array:
         size = lhs.shape[lhs_batch]
         chunks = [
-            conv(lax.slice_in_dim(lhs, start, min(start + WEIGHT_GRAD_CHUNK, size), axis=lhs_batch), rhs_dot)
-            for start in range(0, size, WEIGHT_GRAD_CHUNK)
+            conv(lax.slice_in_dim(lhs, start, min(start + KERNEL_GRAD_CHUNK, size), axis=lhs_batch), rhs_dot)
+            for start in range(0, size, KERNEL_GRAD_CHUNK)
         ]
         return lax.concatenate(chunks, out_batch)
 
