@@ -4,6 +4,7 @@ import gzip
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
@@ -26,3 +27,15 @@ def make_idx_folder(folder: Path, compressed: bool, num_train: int = 30, num_tes
         write_idx(folder / f"{prefix}-labels-idx1-ubyte{suffix}", labels)
         arrays[prefix] = (images, labels)
     return arrays
+
+
+def idx_folder_fixture(num_train: int, num_test: int, compressed: bool = False):
+    """A module-scoped fixture ``idx_dir``: a folder written by `make_idx_folder` with these sizes."""
+
+    @pytest.fixture(scope="module")
+    def idx_dir(tmp_path_factory) -> Path:
+        folder = tmp_path_factory.mktemp("idx")
+        make_idx_folder(folder, compressed=compressed, num_train=num_train, num_test=num_test)
+        return folder
+
+    return idx_dir

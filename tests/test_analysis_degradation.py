@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from idx_files import make_idx_folder
+from idx_files import idx_folder_fixture
 
 from resnet_jax.analysis.degradation import late_error, summarize
 from resnet_jax.cli import main
@@ -17,12 +17,8 @@ REPO = Path(__file__).resolve().parent.parent
 CONFIG = str(REPO / "configs" / "degradation_fashion_mnist.py")
 
 
-@pytest.fixture(scope="module")
-def idx_dir(tmp_path_factory) -> Path:
-    """8 training images per class, 2 test images per class."""
-    folder = tmp_path_factory.mktemp("idx")
-    make_idx_folder(folder, compressed=False, num_train=80, num_test=20)
-    return folder
+# 8 training images per class, 2 test images per class.
+idx_dir = idx_folder_fixture(num_train=80, num_test=20)
 
 
 def tiny(idx_dir: Path, out: Path, *overrides: str) -> list[str]:

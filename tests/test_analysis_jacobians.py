@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from idx_files import make_idx_folder
+from idx_files import idx_folder_fixture
 
 from resnet_jax.analysis.blocks import block_parts, capture_blocks
 from resnet_jax.analysis.common import single_threaded_blas
@@ -252,11 +252,7 @@ def test_end_to_end_singular_values_match_a_forward_mode_jacobian():
 # --- the subcommand --------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def idx_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("idx")
-    make_idx_folder(folder, compressed=False, num_train=16, num_test=8)
-    return folder
+idx_dir = idx_folder_fixture(num_train=16, num_test=8)
 
 
 def test_analyze_jacobian_writes_numbers_and_plots(idx_dir, tmp_path, capsys):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from idx_files import make_idx_folder
+from idx_files import idx_folder_fixture
 
 from resnet_jax.analysis.cli import REPORT_TOOLS
 from resnet_jax.cli import main
@@ -30,11 +30,7 @@ TINY_DEGRADATION = {
 }
 
 
-@pytest.fixture(scope="module")
-def idx_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("idx")
-    make_idx_folder(folder, compressed=False, num_train=80, num_test=20)
-    return folder
+idx_dir = idx_folder_fixture(num_train=80, num_test=20)
 
 
 def all_command(idx_dir: Path, out: Path, *extra: str) -> list[str]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from idx_files import make_idx_folder
+from idx_files import idx_folder_fixture
 
 from resnet_jax.cli import main
 from resnet_jax.train.checkpoint import Checkpoints
@@ -25,11 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 STEPS = 300
 
 
-@pytest.fixture(scope="module")
-def idx_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("idx")
-    make_idx_folder(folder, compressed=False, num_train=96, num_test=17)
-    return folder
+idx_dir = idx_folder_fixture(num_train=96, num_test=17)
 
 
 def overrides(idx_dir: Path, **changes) -> list[str]:

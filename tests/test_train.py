@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from idx_files import make_idx_folder
+from idx_files import idx_folder_fixture
 
 from resnet_jax.cli import main
 from resnet_jax.data import load_source, train_batches
@@ -44,12 +44,8 @@ def small_config(data_dir: Path, **changes):
     return config
 
 
-@pytest.fixture(scope="module")
-def idx_dir(tmp_path_factory) -> Path:
-    """Fashion-MNIST-shaped IDX files: 64 training images and a prime number (17) of test images."""
-    folder = tmp_path_factory.mktemp("idx")
-    make_idx_folder(folder, compressed=True, num_train=64, num_test=17)
-    return folder
+# Fashion-MNIST-shaped IDX files: 64 training images and a prime number (17) of test images.
+idx_dir = idx_folder_fixture(num_train=64, num_test=17, compressed=True)
 
 
 def params_of(workdir: Path, step: int | None = None):

@@ -14,7 +14,7 @@ import optax
 import pytest
 import torch
 from flax import traverse_util
-from idx_files import make_idx_folder
+from idx_files import idx_folder_fixture
 from torchvision_models import random_torchvision
 
 from resnet_jax.cli import main
@@ -49,12 +49,8 @@ def small_config(data_dir: Path, **changes):
     return config
 
 
-@pytest.fixture(scope="module")
-def idx_dir(tmp_path_factory) -> Path:
-    """Fashion-MNIST-shaped (28x28, 1 channel, 10 classes): 32 training and 8 test images."""
-    folder = tmp_path_factory.mktemp("idx")
-    make_idx_folder(folder, compressed=False, num_train=32, num_test=8)
-    return folder
+# Fashion-MNIST-shaped (28x28, 1 channel, 10 classes): 32 training and 8 test images.
+idx_dir = idx_folder_fixture(num_train=32, num_test=8)
 
 
 @pytest.fixture(scope="module")
