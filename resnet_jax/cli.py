@@ -25,12 +25,19 @@ def summary(args: argparse.Namespace) -> None:
     print(format_summary(args.model, model_cost(model, input_shape), input_shape))
 
 
-def train(args: argparse.Namespace) -> None:
-    """Train (or resume) the experiment of ``--config`` in ``--workdir``."""
+def train(args: argparse.Namespace) -> int:
+    """Train (or resume) the experiment of ``--config`` in ``--workdir``; returns the exit status."""
+    from resnet_jax.train import distributed
     from resnet_jax.train.config import load_config
     from resnet_jax.train.loop import train_and_evaluate
 
-    train_and_evaluate(load_config(args.config, args.overrides), args.workdir)
+    config = load_config(args.config, args.overrides)
+    if args.cpu_processes is None:
+        train_and_evaluate(config, args.workdir)
+        return 0
+    distributed.check_cpu_processes(config, args.cpu_processes)
+    command = ["train", "--config", args.config, "--workdir", args.workdir, *args.overrides]
+    return distributed.launch_cpu_processes(command, args.cpu_processes)
 
 
 def evaluate(args: argparse.Namespace) -> None:
@@ -161,6 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", required=True, help="experiment file, e.g. configs/fashion_mnist_resnet20.py")
     p.add_argument("--workdir", required=True, help="where checkpoints, metrics and plots go; resumes if present")
+    p.add_argument(
+        "--cpu-processes",
+        type=int,
+        metavar="N",
+        help="run N processes of one job on this machine's CPU, each pinned to its own cores (gloo collectives; "
+        "needs --config.parallelism=pmap); faster than one process on a multi-core CPU",
+    )
     p.set_defaults(run=train)
 
     p = commands.add_parser("throughput", help="input-only and train-step images/s of a config")
@@ -228,7 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from resnet_jax.train.loop import TrainingInterruptedError
 
     try:
-        args.run(args)
+        status = args.run(args)
     except (ValueError, FileNotFoundError) as error:  # bad user input: one clear line, no traceback
         print(f"resnet-jax {args.command}: error: {error}", file=sys.stderr)
         return 2
@@ -238,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrainingInterruptedError as stopped:
         print(f"resnet-jax {args.command}: {stopped}", file=sys.stderr)
         return 128 + stopped.signum  # the shell's convention for "ended by this signal"
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

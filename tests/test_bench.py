@@ -6,6 +6,7 @@ No test here asserts a speed: timings on shared cores say nothing about the code
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -55,7 +56,7 @@ def test_bench_vs_torch_prints_ratios_and_writes_results(tmp_path, capsys):
         assert row["img_per_s"] == pytest.approx(4 / np.median(row["step_seconds"]))
         assert row["compile_seconds"] > 0 and row["peak_memory_bytes"] > 0 and row["memory_source"]
     expected = np.median(np.divide(jax_row["img_per_s_per_repeat"], torch_row["img_per_s_per_repeat"]))
-    assert torch_row["jax_over_torch"] == pytest.approx(expected)
+    assert torch_row["jax_over_torch"] == {"jit": pytest.approx(expected)}
     assert f"ratio={expected:.2f}" in ratio_lines[0]
     inputs = {row["name"]: row for row in record["input"]}
     no_fashion_mnist = any(line.startswith("input Fashion-MNIST: no data") for line in record["skipped"])
@@ -70,9 +71,35 @@ def test_bench_without_torch_prints_jax_rows_only(tmp_path, capsys):
     assert main(["bench", *TINY, "--no-input", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "ratio=" not in out
-    assert re.search(r"^resnet8 16x16 batch 4 fp32: jax [\d,]+ img/s \(compile [\d.]+s, peak [\d,]+ MiB\)$", out, re.M)
+    assert re.search(
+        r"^resnet8 16x16 batch 4 fp32: jax jit [\d,]+ img/s \(compile [\d.]+s, peak [\d,]+ MiB\)$", out, re.M
+    )
     record = json.loads(next(tmp_path.glob("*.json")).read_text())
     assert [row["framework"] for row in record["train"]] == ["jax"] and record["input"] == []
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPU cores, one per process")
+def test_bench_cpu_processes_row_runs_the_pinned_pmap_job_beside_the_others(tmp_path, capsys):
+    arguments = [*TINY, "--repeats", "2", "--vs-torch", "--cpu-processes", "2", "--no-input", "--out", str(tmp_path)]
+    assert main(["bench", *arguments]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^resnet8 16x16 batch 4 fp32: jax pmap, 2 processes [\d,]+ img/s \(compile", out, re.M)
+    ratio_lines = [line for line in out.splitlines() if "ratio=" in line]
+    assert [line.split(": ")[1].split(" ")[:2] for line in ratio_lines] == [["jax", "jit"], ["jax", "pmap,"]]
+    record = json.loads(next(tmp_path.glob("*.json")).read_text())
+    single, processes, torch_row = record["train"]
+    assert (single["variant"], processes["variant"], torch_row["variant"]) == ("jit", "pmap, 2 processes", "eager")
+    assert len(processes["step_seconds"]) == 2 and all(len(repeat) == 2 for repeat in processes["step_seconds"])
+    assert processes["compile_seconds"] > 0 and processes["memory_source"].endswith("in each process")
+    for row in (single, processes):
+        expected = np.median(np.divide(row["img_per_s_per_repeat"], torch_row["img_per_s_per_repeat"]))
+        assert torch_row["jax_over_torch"][row["variant"]] == pytest.approx(expected)
+
+
+def test_bench_cpu_processes_refuse_a_batch_they_cannot_split(tmp_path, capsys):
+    assert main(["bench", *TINY, "--batch", "5", "--cpu-processes", "2", "--out", str(tmp_path)]) == 2
+    assert "batch 5 does not split over 2 processes" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
 
 
 def test_suite_leaves_the_gpu_case_out_on_cpu():

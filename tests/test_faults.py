@@ -161,3 +161,44 @@ def test_bad_input_fails_before_compiling_with_one_clear_message(idx_dir, tmp_pa
     assert message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
     assert time.perf_counter() - began < 20  # nothing was compiled
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--cpu-processes", "2"], "needs --config.parallelism=pmap"),
+        (["--cpu-processes", "999", "--config.parallelism=pmap"], "choose 1.."),
+        (["--cpu-processes", "2", "--config.parallelism=pmap", "--config.batch_size=7"], "batch_size=7 does not split"),
+        (
+            ["--cpu-processes", "2", "--config.parallelism=pmap", "--config.distributed.coordinator_address=h:1"],
+            "makes its own job",
+        ),
+    ],
+)
+def test_cpu_processes_refuse_what_they_cannot_run_before_starting_any(idx_dir, tmp_path, capsys, args, message):
+    workdir = tmp_path / "run"
+    code = main(["train", "--config", "configs/default.py", "--workdir", str(workdir), *overrides(idx_dir), *args])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not workdir.exists()
+
+
+def test_sigterm_to_cpu_processes_checkpoints_every_process_and_resumes(idx_dir, tmp_path):
+    workdir = tmp_path / "two_processes"
+    args = ["--cpu-processes", "2", "--config.parallelism=pmap"]
+    process = start_training(workdir, [*args, *overrides(idx_dir)])
+    wait_for_step(workdir, process, 3)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "2 cpu device(s) in 2 process(es), pmap" in out
+    assert "Traceback" not in err
+    stopped = {int(part.split(" ")[0]) for part in err.split("stopped after step ")[1:]}
+    assert len(stopped) == 1, err  # both processes stopped after the same step
+    stopped = stopped.pop()
+    assert Checkpoints(workdir, every_steps=1, keep_latest=1).latest_step() == stopped
+    resumed = start_training(workdir, [*args, *overrides(idx_dir, num_train_steps=stopped + 2)])
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err[-3000:]
+    assert f"resumed from step {stopped}" in out and "final test_accuracy" in out

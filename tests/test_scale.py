@@ -19,6 +19,7 @@ from idx_files import make_idx_folder
 from resnet_jax.data import load_source, train_batches
 from resnet_jax.train.checkpoint import Checkpoints
 from resnet_jax.train.config import load_config
+from resnet_jax.train.distributed import core_groups
 from resnet_jax.train.loop import build_model
 from resnet_jax.train.optim import create_optimizer, learning_rate_schedule
 from resnet_jax.train.precision import DynamicLossScale
@@ -50,10 +51,14 @@ PMAP_AGAINST_JIT = """
     tiled = {k: np.concatenate([v] * 8) for k, v in batch.items()}  # every device gets the same 2 images
     distinct = next(train_batches(source, global_batch_size=16, seed=1))
 
+    collectives = {}
+
     def train(parallelism, devices, batches):
         steps = compile_steps(make_mesh(devices), parallelism=parallelism)
         tx = create_optimizer(config, learning_rate_schedule(config, 4))
         state = steps.put_state(create_train_state(create_model("resnet8"), tx, (16, 16, 3), seed=0))
+        hlo = steps.train.lower(state, steps.put_batch(batches[0])).compile().as_text()
+        collectives[parallelism] = hlo.count(" all-reduce(")
         for b in batches:
             state, _ = steps.train(state, steps.put_batch(b))
         return steps.fetch(state) if parallelism == "pmap" else jax.device_get(state)
@@ -70,6 +75,7 @@ PMAP_AGAINST_JIT = """
         "tiled_stats": gap(jit_one.batch_stats, pmap_tiled.batch_stats),
         "per_device_vs_global_bn": gap(jit_global.params, pmap_local.params),
         "scale": max(float(np.max(np.abs(x))) for x in jax.tree.leaves(jit_one.params)),
+        "pmap_all_reduces": collectives["pmap"],
     }))
 """
 
@@ -81,6 +87,8 @@ def test_pmap_shares_the_step_body_and_normalises_per_device():
     assert report["tiled_stats"] <= 1e-5
     # Different images per device: per-device BN statistics give a different step than global BN.
     assert report["per_device_vs_global_bn"] > 1e-4
+    # Gradients, statistics and metrics cross devices in one all-reduce (gloo pays milliseconds per call).
+    assert report["pmap_all_reduces"] == 1
 
 
 def fp16_state(config):
@@ -127,24 +135,42 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_train_like_one_process_on_the_same_global_batch(tmp_path):
-    data = tmp_path / "idx"
-    data.mkdir()
-    make_idx_folder(data, compressed=False, num_train=64, num_test=17)
-    common = [
+def small_run(data: Path) -> list[str]:
+    """Six steps of resnet8 at batch 8, checkpoints at steps 3 and 6."""
+    return [
         *("--config", "configs/default.py"),
         *("--config.model=resnet8", f"--config.data_dir={data}", "--config.batch_size=8"),
         *("--config.eval_batch_size=8", "--config.num_train_steps=6", "--config.checkpoint_every_steps=3"),
         *("--config.eval_every_steps=6", "--config.lr_schedule=constant"),
     ]
-    command = [sys.executable, "-m", "resnet_jax.cli", "train"]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)
+
+
+def params_at_step_6(workdir: Path):
+    checkpoints = Checkpoints(workdir, every_steps=1, keep_latest=1, async_save=False)
+    assert checkpoints.manager.all_steps() == [3, 6]
+    return checkpoints.read_state(6)["params"]
+
+
+def relative_gap(a, b) -> float:
+    assert jax.tree.map(np.shape, a) == jax.tree.map(np.shape, b)
+    gap = max(float(np.max(np.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+    return gap / max(float(np.max(np.abs(x))) for x in jax.tree.leaves(b))
+
+
+TRAIN = [sys.executable, "-m", "resnet_jax.cli", "train"]
+CPU_ONLY = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "JAX_PLATFORMS": "cpu"}
+
+
+def test_two_processes_train_like_one_process_on_the_same_global_batch(tmp_path):
+    data = tmp_path / "idx"
+    data.mkdir()
+    make_idx_folder(data, compressed=False, num_train=64, num_test=17)
+    common = small_run(data)
     address = f"127.0.0.1:{free_port()}"
     workers = [
         subprocess.Popen(
             [
-                *command,
+                *TRAIN,
                 *common,
                 *("--workdir", str(tmp_path / "two")),
                 f"--config.distributed.coordinator_address={address}",
@@ -153,7 +179,7 @@ def test_two_processes_train_like_one_process_on_the_same_global_batch(tmp_path)
                 "--config.distributed.cpu_collectives=true",
             ],
             cwd=REPO,
-            env=env,
+            env=CPU_ONLY,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -167,15 +193,44 @@ def test_two_processes_train_like_one_process_on_the_same_global_batch(tmp_path)
     assert "final test_accuracy" in outputs[0][0]
     assert "img/s" not in outputs[1][0] and "final" not in outputs[1][0]  # only process 0 reports
     single = subprocess.run(
-        [*command, *common, "--workdir", str(tmp_path / "one")], cwd=REPO, env=env, capture_output=True, text=True
+        [*TRAIN, *common, "--workdir", str(tmp_path / "one")], cwd=REPO, env=CPU_ONLY, capture_output=True, text=True
     )
     assert single.returncode == 0, single.stderr[-3000:]
+    assert relative_gap(params_at_step_6(tmp_path / "two"), params_at_step_6(tmp_path / "one")) <= 1e-5
 
-    def params(workdir: Path):
-        checkpoints = Checkpoints(workdir, every_steps=1, keep_latest=1, async_save=False)
-        assert checkpoints.manager.all_steps() == [3, 6]
-        return checkpoints.read_state(6)["params"]
 
-    two, one = params(tmp_path / "two"), params(tmp_path / "one")
-    gap = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(two), jax.tree.leaves(one), strict=True))
-    assert gap <= 1e-5 * max(float(np.max(np.abs(a))) for a in jax.tree.leaves(one))
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPU cores, one per process")
+def test_cpu_processes_run_pmap_as_one_process_with_as_many_devices_does(tmp_path):
+    data = tmp_path / "idx"
+    data.mkdir()
+    make_idx_folder(data, compressed=False, num_train=64, num_test=17)
+    common = [*small_run(data), "--config.parallelism=pmap"]
+    launched = subprocess.run(
+        [*TRAIN, *common, "--workdir", str(tmp_path / "two"), "--cpu-processes", "2"],
+        cwd=REPO,
+        env=CPU_ONLY,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    assert "resnet-jax: 2 processes, cores" in launched.stdout
+    assert "2 cpu device(s) in 2 process(es), pmap" in launched.stdout
+    assert launched.stdout.count("final test_accuracy") == 1  # process 0 reports
+    two_devices = {**CPU_ONLY, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    single = subprocess.run(
+        [*TRAIN, *common, "--workdir", str(tmp_path / "one")], cwd=REPO, env=two_devices, capture_output=True, text=True
+    )
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert "2 cpu device(s) in 1 process(es), pmap" in single.stdout
+    # Summation order through gloo moves the last digits (1e-5); global instead of per-device BN moves them by 0.1.
+    assert relative_gap(params_at_step_6(tmp_path / "two"), params_at_step_6(tmp_path / "one")) <= 1e-4
+
+
+def test_core_groups_split_the_cores_evenly_and_refuse_more_processes_than_cores():
+    assert core_groups([3, 0, 1, 2, 4], 2) == [[0, 1, 2], [3, 4]]
+    assert core_groups([0, 1], 2) == [[0], [1]]
+    assert core_groups(range(8), 3) == [[0, 1, 2], [3, 4, 5], [6, 7]]
+    for too_many in (0, 3):
+        with pytest.raises(ValueError, match=r"choose 1\.\.2 processes"):
+            core_groups([0, 1], too_many)

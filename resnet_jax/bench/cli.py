@@ -50,6 +50,13 @@ def add_bench_command(commands: Any) -> None:
         choices=VARIANTS,
         help="torch rows (default: eager on CPU; eager, channels_last (AMP) and compile on a GPU)",
     )
+    p.add_argument(
+        "--cpu-processes",
+        type=int,
+        metavar="N",
+        help="also time the step as `resnet-jax train --cpu-processes N` runs it: N pinned processes, pmap, gloo "
+        "(CPU only; the batch is split over them)",
+    )
     p.add_argument("--no-input", action="store_true", help="skip the input-pipeline rows")
     p.add_argument("--out", default=RESULTS_DIR, help=f"folder of the JSON results (default {RESULTS_DIR})")
     p.set_defaults(run=run_bench)
@@ -68,6 +75,8 @@ def run_bench(args: argparse.Namespace) -> None:
 
     platform = jax.devices()[0].platform
     cases, skipped = chosen_cases(args, platform)
+    if args.cpu_processes is not None:
+        check_cpu_processes(args.cpu_processes, cases, platform)
     variants: tuple[str, ...] = ()
     if args.vs_torch:
         from resnet_jax.bench import torch_models
@@ -89,7 +98,11 @@ def run_bench(args: argparse.Namespace) -> None:
         print(line)
 
     rows = harness.bench_cases(
-        cases, settings, variants, lambda case_rows: print(*report.case_lines(case_rows), sep="\n")
+        cases,
+        settings,
+        variants,
+        lambda case_rows: print(*report.case_lines(case_rows), sep="\n"),
+        args.cpu_processes,
     )
     inputs = []
     if not args.no_input:
@@ -115,6 +128,18 @@ def chosen_cases(args: argparse.Namespace, platform: str) -> tuple[list[Case], l
     batches = args.batch or (32, 128)
     precision = args.precision or "fp32"
     return [Case(name, size, batch, precision, num_classes=model.num_classes) for batch in batches], []
+
+
+def check_cpu_processes(num_processes: int, cases: list[Case], platform: str) -> None:
+    """Refuse a --cpu-processes row that cannot run, before anything is timed."""
+    from resnet_jax.train.distributed import core_groups
+
+    if platform != "cpu":
+        raise ValueError(f"--cpu-processes is a CPU row; JAX runs on {platform} here. Drop the flag.")
+    core_groups(sorted(os.sched_getaffinity(0)), num_processes)
+    uneven = [case.batch for case in cases if case.batch % num_processes]
+    if uneven:
+        raise ValueError(f"batch {uneven[0]} does not split over {num_processes} processes; make it a multiple.")
 
 
 def invoked_command() -> str:

@@ -1,9 +1,9 @@
 """Run the train-step rows with JAX and PyTorch interleaved, and reduce them to medians and ratios.
 
 Both frameworks share the machine with whatever else runs on it, so one timing says little: each
-repeat times ``steps`` steps of every runner in turn (JAX, then each torch variant), a rate is the
-batch over a median step time, and a ratio is the median over repeats of JAX's rate over torch's
-rate in the same repeat, so that load drifting between repeats cancels out.
+repeat times ``steps`` steps of every runner in turn (JAX, JAX on several processes, then each torch
+variant), a rate is the batch over a median step time, and a ratio is the median over repeats of
+JAX's rate over torch's rate in the same repeat, so that load drifting between repeats cancels out.
 """
 
 from __future__ import annotations
@@ -112,19 +112,28 @@ def bench_cases(
     settings: Settings,
     torch_variants: Sequence[str] = (),
     report: Callable[[list[StepRow]], None] = lambda rows: None,
+    cpu_processes: int | None = None,
 ) -> list[StepRow]:
-    """Every case with JAX and, if ``torch_variants`` is not empty, those torch variants; ``report`` sees each
-    case's rows as soon as they are measured."""
+    """Every case with JAX (also on ``cpu_processes`` pinned processes, if given) and, if ``torch_variants`` is not
+    empty, those torch variants; ``report`` sees each case's rows as soon as they are measured."""
     from resnet_jax.bench.jax_side import JaxStep
+    from resnet_jax.bench.processes import JaxProcesses
 
     rows = []
     for case in cases:
         runners: list[StepRunner] = [JaxStep(case)]
+        if cpu_processes:
+            runners.append(JaxProcesses(case, cpu_processes))
         if torch_variants:
             from resnet_jax.bench.torch_side import TorchStep
 
             runners += [TorchStep(case, variant) for variant in torch_variants]
-        case_rows = time_runners(case, runners, settings)
+        try:
+            case_rows = time_runners(case, runners, settings)
+        finally:
+            for runner in runners:
+                if isinstance(runner, JaxProcesses):
+                    runner.close()
         report(case_rows)
         rows += case_rows
     return rows

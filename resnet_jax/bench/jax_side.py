@@ -1,5 +1,6 @@
 """The JAX side: the project's own train step (`create_train_state`, `compile_steps`, `create_optimizer`),
-exactly as `resnet-jax train` runs it, on one device."""
+exactly as `resnet-jax train` runs it, on one device (or, in a worker of `JaxProcesses`, as one process of a
+pmap job over one device per process)."""
 
 from __future__ import annotations
 
@@ -32,7 +33,10 @@ def optimizer_config() -> ml_collections.ConfigDict:
 
 
 class JaxStep:
-    """Times ``steps.train`` of `compile_steps` on a one-device mesh (state donated, metrics fetched each step)."""
+    """Times ``steps.train`` of `compile_steps` on a one-device mesh (state donated, metrics fetched each step).
+
+    In a multi-process job: pmap over every process's device, this process feeding its rows of the batch.
+    """
 
     framework = "jax"
     variant = "jit"
@@ -40,10 +44,15 @@ class JaxStep:
     def __init__(self, case: Case, seed: int = 0) -> None:
         model = create_model(case.model, num_classes=case.num_classes, dtype=DTYPES[case.precision])
         tx = create_optimizer(optimizer_config(), optax.constant_schedule(LEARNING_RATE))
-        self._steps = compile_steps(make_mesh(jax.devices()[:1]))
+        if jax.process_count() == 1:
+            self._steps = compile_steps(make_mesh(jax.devices()[:1]))
+        else:
+            self._steps = compile_steps(make_mesh(), parallelism="pmap")
         self._state = self._steps.put_state(create_train_state(model, tx, case.input_shape, seed))
         images, labels = case.synthetic_batch(seed)
-        self._batch = self._steps.put_batch({"image": images, "label": labels})
+        share = case.batch // jax.process_count()
+        rows = slice(jax.process_index() * share, (jax.process_index() + 1) * share)
+        self._batch = self._steps.put_batch({"image": images[rows], "label": labels[rows]})
         self._train = None
 
     def compile(self) -> float:
@@ -64,7 +73,7 @@ class JaxStep:
 
     def peak_memory(self) -> tuple[int | None, str]:
         """The device's peak bytes in use where it reports them (GPU, TPU), else the step's XLA buffers."""
-        stats = jax.devices()[0].memory_stats() or {}
+        stats = jax.local_devices()[0].memory_stats() or {}
         if "peak_bytes_in_use" in stats:
             return int(stats["peak_bytes_in_use"]), "device peak_bytes_in_use"
         memory = self._train.memory_analysis()

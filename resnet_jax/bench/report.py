@@ -26,43 +26,46 @@ MIB = 2**20
 
 
 def case_lines(rows: Sequence[StepRow]) -> list[str]:
-    """One line per runner of a case; with torch rows, each torch line ends in ``ratio=JAX/torch``."""
-    jax_row = next(row for row in rows if row.framework == "jax")
-    lines = [f"{jax_row.case.label}: jax {jax_row.img_per_s:,.0f} img/s ({_cost(jax_row)})"]
-    for row in rows:
-        if row.framework != "jax":
-            lines.append(
-                f"{row.case.label}: jax {jax_row.img_per_s:,.0f} img/s, {row.name} {row.img_per_s:,.0f} img/s "
-                f"({_cost(row)}), ratio={ratio(jax_row, row):.2f}"
-            )
+    """One line per JAX runner of a case, then one per pair of JAX and torch runners ending in ``ratio=JAX/torch``."""
+    lines = []
+    for jax_rows, torch_rows in _by_case(rows):
+        lines += [f"{row.case.label}: {row.name} {row.img_per_s:,.0f} img/s ({_cost(row)})" for row in jax_rows]
+        lines += [
+            f"{row.case.label}: {jax_row.name} {jax_row.img_per_s:,.0f} img/s, {row.name} {row.img_per_s:,.0f} img/s "
+            f"({_cost(row)}), ratio={ratio(jax_row, row):.2f}"
+            for row in torch_rows
+            for jax_row in jax_rows
+        ]
     return lines
 
 
 def markdown_table(rows: Sequence[StepRow]) -> str:
-    """The README's table: one line per case and torch variant (or per case, JAX alone)."""
-    lines = ["| model | input | batch | precision | JAX img/s | torch | torch img/s | ratio |", "|---" * 8 + "|"]
-    for jax_row, others in _by_case(rows):
-        case = jax_row.case
-        start = f"| {case.model} | {case.image_size}x{case.image_size} | {case.batch} | {case.precision} "
-        start += f"| {jax_row.img_per_s:,.0f} "
-        for row in others:
-            lines.append(start + f"| {row.variant} | {row.img_per_s:,.0f} | {ratio(jax_row, row):.2f} |")
-        if not others:
-            lines.append(start + "| - | - | - |")
+    """The README's table: one line per case, JAX runner and torch variant (or per JAX runner, JAX alone)."""
+    header = "| model | input | batch | precision | JAX | JAX img/s | torch | torch img/s | ratio |"
+    lines = [header, "|---" * 9 + "|"]
+    for jax_rows, torch_rows in _by_case(rows):
+        for jax_row in jax_rows:
+            case = jax_row.case
+            start = f"| {case.model} | {case.image_size}x{case.image_size} | {case.batch} | {case.precision} "
+            start += f"| {jax_row.variant} | {jax_row.img_per_s:,.0f} "
+            for row in torch_rows:
+                lines.append(start + f"| {row.variant} | {row.img_per_s:,.0f} | {ratio(jax_row, row):.2f} |")
+            if not torch_rows:
+                lines.append(start + "| - | - | - |")
     return "\n".join(lines)
 
 
 def results(
     rows: Sequence[StepRow], inputs: Sequence[InputRow], skipped: Sequence[str], settings: Settings, command: str
 ) -> dict[str, Any]:
-    """Everything measured, with what is needed to rerun and compare it."""
+    """Everything measured, with what is needed to rerun and compare it; each torch row holds its ratio to every
+    JAX runner of its case (``jax_over_torch``, by JAX variant)."""
     train = []
-    for jax_row, others in _by_case(rows):
-        for row in (jax_row, *others):
-            record = _row_record(row)
-            if row is not jax_row:
-                record["jax_over_torch"] = ratio(jax_row, row)
-            train.append(record)
+    for jax_rows, torch_rows in _by_case(rows):
+        train += [_row_record(row) for row in jax_rows]
+        for row in torch_rows:
+            ratios = {jax_row.variant: ratio(jax_row, row) for jax_row in jax_rows}
+            train.append(_row_record(row) | {"jax_over_torch": ratios})
     return {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": command,
@@ -139,15 +142,13 @@ def _row_record(row: StepRow) -> dict[str, Any]:
     }
 
 
-def _by_case(rows: Sequence[StepRow]) -> list[tuple[StepRow, list[StepRow]]]:
-    """(the JAX row, the torch rows) of each case, in order."""
-    groups = []
+def _by_case(rows: Sequence[StepRow]) -> list[tuple[list[StepRow], list[StepRow]]]:
+    """(the JAX rows, the torch rows) of each case, in order."""
+    groups: dict[Any, tuple[list[StepRow], list[StepRow]]] = {}
     for row in rows:
-        if row.framework == "jax":
-            groups.append((row, []))
-        else:
-            groups[-1][1].append(row)
-    return groups
+        jax_rows, torch_rows = groups.setdefault(row.case, ([], []))
+        (jax_rows if row.framework == "jax" else torch_rows).append(row)
+    return list(groups.values())
 
 
 def _cost(row: StepRow) -> str:

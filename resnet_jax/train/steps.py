@@ -22,6 +22,7 @@ import numpy as np
 import optax
 from flax.training import train_state
 from jax import lax
+from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from resnet_jax.train.precision import DynamicLossScale, all_finite
@@ -86,10 +87,11 @@ def train_step(
         return scaled, (loss, logits, updates["batch_stats"])
 
     grads, (loss, logits, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
-    if axis_name is not None:
-        grads, batch_stats = lax.pmean((grads, batch_stats), axis_name)
     labels = batch["label"] if batch["label"].ndim == 1 else jnp.argmax(batch["label"], -1)
     metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
+    if axis_name is not None:
+        grads, batch_stats, metrics = all_reduce(lax.pmean, (grads, batch_stats, metrics), axis_name)
+        loss = metrics["loss"]
     if scale is None:
         new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
     else:
@@ -107,8 +109,6 @@ def train_step(
     # The loss is that of the parameters before the update: a checkpoint needs the updated ones finite too.
     skipped = metrics.get("skipped", 0.0) > 0
     metrics["finite"] = ((jnp.isfinite(loss) | skipped) & all_finite(new_state.params)).astype(jnp.float32)
-    if axis_name is not None:
-        metrics = lax.pmean(metrics, axis_name)
     return new_state, metrics
 
 
@@ -122,7 +122,18 @@ def eval_step(state: TrainState, batch: Batch, axis_name: str | None = None) -> 
         "correct": jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * mask),
         "count": jnp.sum(mask),
     }
-    return sums if axis_name is None else lax.psum(sums, axis_name)
+    return sums if axis_name is None else all_reduce(lax.psum, sums, axis_name)
+
+
+def all_reduce(reduce: Callable[[jax.Array, str], jax.Array], tree: Any, axis_name: str) -> Any:
+    """``reduce`` (lax.pmean, lax.psum) of a whole pytree as one collective over one flat vector.
+
+    XLA:CPU does not combine collectives, and each one through gloo costs milliseconds: two processes
+    training resnet20 took 660 ms per step with one all-reduce per leaf, 263 ms with this (GPUs and TPUs
+    combine them anyway).
+    """
+    flat, unflatten = ravel_pytree(tree)
+    return unflatten(reduce(flat, axis_name))
 
 
 def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
@@ -159,15 +170,20 @@ def compile_steps(mesh: Mesh, label_smoothing: float = 0.0, parallelism: str = "
             fetch=jax.device_get,
         )
     if parallelism == "pmap":
-        devices = jax.local_devices()
-        per_device = NamedSharding(Mesh(np.asarray(devices), (PMAP_AXIS,)), PartitionSpec(PMAP_AXIS))
+        # Global arrays with one row per device of every process: what pmap's compiled program expects.
+        per_device = NamedSharding(Mesh(np.asarray(jax.devices()), (PMAP_AXIS,)), PartitionSpec(PMAP_AXIS))
+        local_devices = jax.local_device_count()
 
-        def put_state(state: TrainState) -> TrainState:  # one copy per local device
-            stacked = jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (len(devices), *np.shape(x))), state)
-            return jax.device_put(stacked, per_device)
+        def put_state(state: TrainState) -> TrainState:  # one copy per device
+            def stack(x: Any) -> jax.Array:
+                rows = np.broadcast_to(np.asarray(x), (local_devices, *np.shape(x)))
+                return jax.make_array_from_process_local_data(per_device, rows)
+
+            return jax.tree.map(stack, state)
 
         def put_batch(local: dict[str, np.ndarray]) -> Batch:
-            return {k: v.reshape(len(devices), -1, *v.shape[1:]) for k, v in local.items()}
+            rows = {k: v.reshape(local_devices, -1, *v.shape[1:]) for k, v in local.items()}
+            return {k: jax.make_array_from_process_local_data(per_device, v) for k, v in rows.items()}
 
         return Steps(
             train=jax.pmap(
@@ -178,7 +194,7 @@ def compile_steps(mesh: Mesh, label_smoothing: float = 0.0, parallelism: str = "
             evaluate=jax.pmap(partial(eval_step, axis_name=PMAP_AXIS), axis_name=PMAP_AXIS),
             put_batch=put_batch,
             put_state=put_state,
-            fetch=lambda tree: jax.device_get(jax.tree.map(lambda x: x.addressable_data(0), tree)),
+            fetch=lambda tree: jax.tree.map(lambda x: np.asarray(x.addressable_data(0)).reshape(x.shape[1:]), tree),
         )
     raise ValueError(f"parallelism={parallelism!r}; choose one of {PARALLELISM}.")
 
