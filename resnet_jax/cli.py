@@ -242,7 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from resnet_jax.train.loop import TrainingInterruptedError
 
     try:
-        status = args.run(args)
+        result = args.run(args)
     except (ValueError, FileNotFoundError) as error:  # bad user input: one clear line, no traceback
         print(f"resnet-jax {args.command}: error: {error}", file=sys.stderr)
         return 2
@@ -252,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrainingInterruptedError as stopped:
         print(f"resnet-jax {args.command}: {stopped}", file=sys.stderr)
         return 128 + stopped.signum  # the shell's convention for "ended by this signal"
-    return status or 0
+    return result if isinstance(result, int) else 0  # `train --cpu-processes` returns its processes' status
 
 
 if __name__ == "__main__":

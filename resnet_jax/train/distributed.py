@@ -52,6 +52,13 @@ PIN_THEN_EXEC = (
 GRACE_SECONDS = 60  # for the other processes of a job to finish a checkpoint, then to obey SIGTERM
 
 
+def available_cores() -> list[int]:
+    """The cores this process may run on (Linux; pinning needs ``os.sched_setaffinity``)."""
+    if not hasattr(os, "sched_getaffinity"):
+        raise ValueError("--cpu-processes pins each process to its cores, which needs Linux; run one process here.")
+    return sorted(os.sched_getaffinity(0))
+
+
 def core_groups(cores: Sequence[int], num_processes: int) -> list[list[int]]:
     """Split ``cores`` into ``num_processes`` contiguous groups of near-equal size."""
     if not 1 <= num_processes <= len(cores):
@@ -67,7 +74,7 @@ def core_groups(cores: Sequence[int], num_processes: int) -> list[list[int]]:
 
 def check_cpu_processes(config: ml_collections.ConfigDict, num_processes: int) -> None:
     """Refuse what `launch_cpu_processes` cannot run, before any process starts."""
-    core_groups(sorted(os.sched_getaffinity(0)), num_processes)
+    core_groups(available_cores(), num_processes)
     if config.distributed.coordinator_address is not None or config.distributed.auto_detect:
         raise ValueError("--cpu-processes makes its own job on this machine; drop the config.distributed settings.")
     if config.parallelism != "pmap":
@@ -88,7 +95,7 @@ def start_cpu_processes(
 
     The coordinator listens on a free port of 127.0.0.1; the processes see the CPU only.
     """
-    groups = core_groups(sorted(os.sched_getaffinity(0)), num_processes)
+    groups = core_groups(available_cores(), num_processes)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         address = f"127.0.0.1:{probe.getsockname()[1]}"
@@ -111,7 +118,7 @@ def launch_cpu_processes(command: Sequence[str], num_processes: int) -> int:
     a checkpoint and stops); Ctrl-C reaches the processes directly. If one process fails, the others,
     which would wait for it forever, are stopped. Returns the first non-zero exit status, else 0.
     """
-    groups = core_groups(sorted(os.sched_getaffinity(0)), num_processes)
+    groups = core_groups(available_cores(), num_processes)
     print(f"resnet-jax: {num_processes} processes, cores {' | '.join(map(str, groups))}", flush=True)
     processes = start_cpu_processes(
         lambda address, rank: [
