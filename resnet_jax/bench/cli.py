@@ -132,14 +132,12 @@ def chosen_cases(args: argparse.Namespace, platform: str) -> tuple[list[Case], l
 
 def check_cpu_processes(num_processes: int, cases: list[Case], platform: str) -> None:
     """Refuse a --cpu-processes row that cannot run, before anything is timed."""
-    from resnet_jax.train.distributed import available_cores, core_groups
+    from resnet_jax.bench.processes import JaxProcesses
 
     if platform != "cpu":
         raise ValueError(f"--cpu-processes is a CPU row; JAX runs on {platform} here. Drop the flag.")
-    core_groups(available_cores(), num_processes)
-    uneven = [case.batch for case in cases if case.batch % num_processes]
-    if uneven:
-        raise ValueError(f"batch {uneven[0]} does not split over {num_processes} processes; make it a multiple.")
+    for case in cases:
+        JaxProcesses.cores_per_process(case, num_processes)
 
 
 def invoked_command() -> str:

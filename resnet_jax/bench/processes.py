@@ -18,7 +18,7 @@ import tempfile
 from typing import Any
 
 from resnet_jax.bench.cases import Case
-from resnet_jax.train.distributed import start_cpu_processes
+from resnet_jax.train.distributed import available_cores, core_groups, start_cpu_processes
 
 REPLY = "resnet-jax-bench-reply "  # marks the workers' answers among anything else they print
 
@@ -28,9 +28,16 @@ class JaxProcesses:
 
     framework = "jax"
 
-    def __init__(self, case: Case, num_processes: int) -> None:
+    @staticmethod
+    def cores_per_process(case: Case, num_processes: int) -> list[list[int]]:
+        """Each process's cores; refuses a split that cannot run (the CLI asks before timing anything)."""
+        groups = core_groups(available_cores(), num_processes)
         if case.batch % num_processes:
             raise ValueError(f"batch {case.batch} does not split over {num_processes} processes; make it a multiple.")
+        return groups
+
+    def __init__(self, case: Case, num_processes: int) -> None:
+        groups = self.cores_per_process(case, num_processes)
         self.variant = f"pmap, {num_processes} processes"
         self._log = tempfile.TemporaryFile("w+")  # noqa: SIM115 (the workers' stderr, shown if one fails; closed by close())
         self._workers = start_cpu_processes(
@@ -38,7 +45,7 @@ class JaxProcesses:
                 *(sys.executable, "-m", "resnet_jax.bench.processes"),
                 *(json.dumps(dataclasses.asdict(case)), address, str(num_processes), str(rank)),
             ],
-            num_processes,
+            groups,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._log,

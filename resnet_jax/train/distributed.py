@@ -89,13 +89,12 @@ def check_cpu_processes(config: ml_collections.ConfigDict, num_processes: int) -
 
 
 def start_cpu_processes(
-    command: Callable[[str, int], list[str]], num_processes: int, **popen: Any
+    command: Callable[[str, int], list[str]], groups: Sequence[Sequence[int]], **popen: Any
 ) -> list[subprocess.Popen]:
-    """Start ``command(coordinator_address, rank)`` for every rank, each process pinned to its own cores.
+    """Start ``command(coordinator_address, rank)`` for every rank, process ``rank`` pinned to ``groups[rank]``.
 
     The coordinator listens on a free port of 127.0.0.1; the processes see the CPU only.
     """
-    groups = core_groups(available_cores(), num_processes)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         address = f"127.0.0.1:{probe.getsockname()[1]}"
@@ -128,7 +127,7 @@ def launch_cpu_processes(command: Sequence[str], num_processes: int) -> int:
             f"--config.distributed.process_id={rank}",
             "--config.distributed.cpu_collectives=true",
         ],
-        num_processes,
+        groups,
     )
     previous = signal.signal(signal.SIGTERM, lambda signum, _: [p.send_signal(signum) for p in processes])
     previous_interrupt = signal.signal(signal.SIGINT, signal.SIG_IGN)
