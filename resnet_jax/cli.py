@@ -47,19 +47,6 @@ def evaluate(args: argparse.Namespace) -> None:
     evaluate_run(args.workdir, args.step)
 
 
-def throughput(args: argparse.Namespace) -> None:
-    """Input-only against train-step images/s for a config: is the input pipeline the bottleneck?"""
-    from resnet_jax.train.config import load_config
-    from resnet_jax.train.loop import measure_throughput
-
-    config = load_config(args.config, args.overrides)
-    rates = measure_throughput(config, args.steps)
-    print(
-        f"{config.model} on {config.dataset}, batch {config.batch_size}: input {rates['input_img_per_s']:,.0f} img/s, "
-        f"train step {rates['train_img_per_s']:,.0f} img/s (compiled in {rates['compile_seconds']:.1f}s)"
-    )
-
-
 def list_names(args: argparse.Namespace) -> None:
     """Print the named models, one a line."""
     from resnet_jax.models import list_models
@@ -177,11 +164,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(run=train)
 
-    p = commands.add_parser("throughput", help="input-only and train-step images/s of a config")
-    p.add_argument("--config", required=True)
-    p.add_argument("--steps", type=int, default=50, help="timed steps (medians are reported)")
-    p.set_defaults(run=throughput)
-
     p = commands.add_parser("eval", help="evaluate the latest (or a given) checkpoint of a run")
     p.add_argument("--workdir", required=True)
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
@@ -236,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, extra = build_parser().parse_known_args(argv)
     args.overrides = [a for a in extra if a.startswith("--config.")]
     unknown = [a for a in extra if not a.startswith("--config.")]
-    takes_overrides = args.command in ("train", "throughput") or getattr(args, "takes_config_overrides", False)
+    takes_overrides = args.command == "train" or getattr(args, "takes_config_overrides", False)
     if unknown or (args.overrides and not takes_overrides):
         build_parser().error(f"unrecognised arguments: {' '.join(unknown or args.overrides)}")
     from resnet_jax.train.loop import TrainingInterruptedError

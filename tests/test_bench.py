@@ -15,6 +15,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from idx_files import idx_folder_fixture
 
 from resnet_jax import create_model
 from resnet_jax.bench import torch_models
@@ -29,6 +30,7 @@ from resnet_jax.cli import build_parser, main
 from resnet_jax.data import ArraySource, normalize
 
 TINY = ["--model", "resnet8", "--image-size", "16", "--batch", "4", "--steps", "2", "--warmup", "1"]
+idx_dir = idx_folder_fixture(num_train=40, num_test=10)
 
 
 def test_bench_vs_torch_prints_ratios_and_writes_results(tmp_path, capsys):
@@ -102,6 +104,52 @@ def test_bench_cpu_processes_refuse_a_batch_they_cannot_split(tmp_path, capsys):
     assert not list(tmp_path.iterdir())
 
 
+def test_bench_config_times_the_experiments_own_step_and_input_pipeline(idx_dir, tmp_path, capsys):
+    experiment = ["--config", "configs/fashion_mnist_resnet20.py", f"--config.data_dir={idx_dir}"]
+    changes = ["--config.model=resnet8", "--config.batch_size=8", "--config.label_smoothing=0.1"]
+    assert main(["bench", *experiment, *changes, "--steps", "2", "--warmup", "1", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^resnet8 28x28 batch 8 fp32: jax jit [\d,]+ img/s \(compile", out, re.M)
+    assert re.search(r"^input fashion_mnist train \(the config's pipeline\), batch 8: [\d,]+ img/s$", out, re.M)
+    verdict = re.search(r"^input ([\d,]+) img/s against the train step's [\d,]+ img/s \([\d,.]+x\): (.*)$", out, re.M)
+    assert verdict and verdict[2].startswith("the input")
+    record = json.loads(next(tmp_path.glob("*.json")).read_text())
+    (row,) = record["train"]
+    assert (row["model"], row["image_size"], row["channels"], row["batch"]) == ("resnet8", 28, 1, 8)
+    assert (row["framework"], row["variant"], len(row["step_seconds"])) == ("jax", "jit", 3)
+    (input_row,) = record["input"]
+    assert input_row["batch"] == 8 and f"{input_row['img_per_s']:,.0f}" == verdict[1]
+    assert (record["config"]["model"], record["config"]["label_smoothing"]) == ("resnet8", 0.1)
+
+
+def test_config_step_is_the_experiments_own(idx_dir):
+    from resnet_jax import data
+    from resnet_jax.train.config import load_config
+
+    config = load_config(
+        "configs/fashion_mnist_resnet20.py",
+        [
+            f"data_dir={idx_dir}",
+            "model=resnet8",
+            "batch_size=8",
+            "freeze_backbone=true",
+            "warmup_steps=0",
+            "model_overrides.zero_init_residual=true",
+        ],
+    )
+    source = data.load_source(config.dataset, config.train_split, config.data_dir)
+    step = JaxStep.of_config(config, source)
+    assert step.case == Case("resnet8", 28, 8, "fp32", channels=1, num_classes=10)
+    params = step._state.params
+    assert not np.any(params["stage1"]["block0"]["branch"]["bn2"]["scale"])  # the model override
+    before = jax.tree.map(np.array, params)  # copies: the step donates the state
+    step.compile()
+    step.run(1)
+    after = jax.tree.map(np.asarray, step._state.params)
+    changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), before, after)
+    assert all(jax.tree.leaves(changed["head"])) and not any(jax.tree.leaves(changed["stage1"]))  # the optimizer
+
+
 def test_suite_leaves_the_gpu_case_out_on_cpu():
     from resnet_jax.bench.harness import default_cases
 
@@ -133,6 +181,9 @@ def test_any_case_option_replaces_the_suite():
         (["--steps", "0"], "--steps"),
         (["--model", "plain8", "--vs-torch"], "No PyTorch counterpart of 'plain8'"),
         (["--model", "resnet8", "--batch", "0"], "must be positive"),
+        (["--config", "configs/default.py", "--vs-torch", "--batch", "8"], "--batch, --vs-torch describe a suite"),
+        (["--config.batch_size=8"], "add --config FILE"),
+        (["--config", "configs/no_such_experiment.py"], "No config file"),
     ],
 )
 def test_bad_arguments_fail_with_one_line_before_compiling(arguments, message, tmp_path, capsys):
@@ -157,7 +208,7 @@ def test_ratio_is_the_median_of_per_repeat_ratios():
 
 def test_runners_train_the_same_model_with_the_real_step():
     case = Case("resnet8", 8, 4)
-    jax_step, torch_step = JaxStep(case), TorchStep(case, "channels_last")
+    jax_step, torch_step = JaxStep.of_case(case), TorchStep(case, "channels_last")
     rows = time_runners(case, [jax_step, torch_step], Settings(steps=2, warmup=1, repeats=2))
     assert [row.name for row in rows] == ["jax jit", "torch channels_last"]
     assert int(jax_step._state.step) == 1 + 2 * 2  # the warm-up and timed steps; compile() only compiles

@@ -1,5 +1,5 @@
-"""``resnet-jax bench`` (also ``python -m resnet_jax.bench``): train-step and input-pipeline throughput,
-optionally against PyTorch in the same run."""
+"""``resnet-jax bench`` (also ``python -m resnet_jax.bench``): train-step and input-pipeline throughput of the
+suite, optionally against PyTorch in the same run, or of one experiment (``--config``)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,13 @@ import os
 import shlex
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from resnet_jax.bench.cases import PRECISIONS, Case
+
+if TYPE_CHECKING:
+    from resnet_jax.bench.harness import Settings, StepRow
+    from resnet_jax.bench.inputs import InputRow
 
 RESULTS_DIR = "benchmarks/results"
 GPU_TORCH_ROWS = (
@@ -34,7 +38,13 @@ def add_bench_command(commands: Any) -> None:
         "img/s (median step time after warm-up), compile time and peak memory; with --vs-torch the same model, "
         "batch, loss, optimizer and precision in PyTorch, interleaved, with the ratio JAX / PyTorch. Then the "
         "input pipelines. Without --model the suite runs: resnet20 32x32 fp32 at batch 32 and 128, and (on a GPU) "
-        "resnet50 224x224 bf16 at batch 256. Results go to --out/<date>-<device>.json.",
+        "resnet50 224x224 bf16 at batch 256. With --config: an experiment's own step and input pipeline instead. "
+        "Results go to --out/<date>-<device>.json.",
+    )
+    p.add_argument(
+        "--config",
+        help="time an experiment instead of the suite: its own train step (on every device) and its own input "
+        "pipeline, and say whether the input keeps up; --config.KEY=VALUE changes it",
     )
     p.add_argument("--model", help="benchmark this model instead of the suite (e.g. resnet8)")
     p.add_argument("--image-size", type=int, help="input height = width (default 32, or 224 for ImageNet models)")
@@ -59,13 +69,17 @@ def add_bench_command(commands: Any) -> None:
     )
     p.add_argument("--no-input", action="store_true", help="skip the input-pipeline rows")
     p.add_argument("--out", default=RESULTS_DIR, help=f"folder of the JSON results (default {RESULTS_DIR})")
-    p.set_defaults(run=run_bench)
+    p.set_defaults(run=run_bench, takes_config_overrides=True)
 
 
 def run_bench(args: argparse.Namespace) -> None:
     from resnet_jax.bench.harness import Settings
 
     settings = Settings(args.steps, args.warmup, args.repeats)  # checks the numbers before anything runs
+    if args.config is not None:
+        return bench_config(args, settings)
+    if args.overrides:
+        raise ValueError(f"{args.overrides[0]} changes an experiment: add --config FILE, or drop it.")
     if args.vs_torch:  # JAX would otherwise take most of the GPU's memory before torch starts
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     import jax
@@ -108,10 +122,58 @@ def run_bench(args: argparse.Namespace) -> None:
     if not args.no_input:
         inputs, input_skipped = input_rows(batch=128, num_batches=settings.steps)
         skipped += input_skipped
-        for row in inputs:
-            print(f"input {row.name}, batch {row.batch}: {row.img_per_s:,.0f} img/s")
+        print(*map(input_line, inputs), sep="\n")
+    finish(rows, inputs, skipped, settings, args.out)
+
+
+def bench_config(args: argparse.Namespace, settings: Settings) -> None:
+    """The train step and the input pipeline of ``--config``: is the input the bottleneck?"""
+    from resnet_jax import data
+    from resnet_jax.bench import harness, report
+    from resnet_jax.bench.inputs import config_input_row
+    from resnet_jax.bench.jax_side import JaxStep
+    from resnet_jax.train.config import load_config
+
+    suite_options = {
+        "--model": args.model,
+        "--image-size": args.image_size,
+        "--batch": args.batch,
+        "--precision": args.precision,
+        "--vs-torch": args.vs_torch or None,
+        "--torch-variants": args.torch_variants,
+        "--cpu-processes": args.cpu_processes,
+    }
+    if given := [option for option, value in suite_options.items() if value is not None]:
+        raise ValueError(
+            f"--config times an experiment as it trains; {', '.join(given)} describe a suite row. Change the "
+            "experiment with --config.KEY=VALUE (e.g. --config.batch_size=64), or drop --config."
+        )
+    config = load_config(args.config, args.overrides)
+    source = data.load_source(config.dataset, config.train_split, config.data_dir)
+    step = JaxStep.of_config(config, source)
+    rows = harness.time_runners(step.case, [step], settings)
+    print(*report.case_lines(rows), sep="\n")
+    inputs = [] if args.no_input else [config_input_row(config, source, settings.steps)]
+    for row in inputs:
+        print(input_line(row))
+        print(report.input_verdict(row, rows[0]))
+    finish(rows, inputs, [], settings, args.out, {"config": config.to_dict()})
+
+
+def finish(
+    rows: list[StepRow],
+    inputs: list[InputRow],
+    skipped: list[str],
+    settings: Settings,
+    out: str,
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """Print the table and write the results file (with ``extra`` keys)."""
+    from resnet_jax.bench import report
+
     print(report.markdown_table(rows))
-    path = report.write_results(report.results(rows, inputs, skipped, settings, invoked_command()), args.out)
+    record = report.results(rows, inputs, skipped, settings, invoked_command()) | (extra or {})
+    path = report.write_results(record, out)
     print(f"results in {path}")
 
 
@@ -138,6 +200,10 @@ def check_cpu_processes(num_processes: int, cases: list[Case], platform: str) ->
         raise ValueError(f"--cpu-processes is a CPU row; JAX runs on {platform} here. Drop the flag.")
     for case in cases:
         JaxProcesses.cores_per_process(case, num_processes)
+
+
+def input_line(row: InputRow) -> str:
+    return f"input {row.name}, batch {row.batch}: {row.img_per_s:,.0f} img/s"
 
 
 def invoked_command() -> str:

@@ -121,7 +121,7 @@ def bench_cases(
 
     rows = []
     for case in cases:
-        runners: list[StepRunner] = [JaxStep(case)]
+        runners: list[StepRunner] = [JaxStep.of_case(case)]
         if cpu_processes:
             runners.append(JaxProcesses(case, cpu_processes))
         if torch_variants:

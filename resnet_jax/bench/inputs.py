@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from resnet_jax import data
@@ -83,3 +84,13 @@ def input_rows(batch: int, num_batches: int, seed: int = 0) -> tuple[list[InputR
     rate = data.measure_input_throughput(device_batches, num_batches)
     rows.append(InputRow("CIFAR-shaped 32x32x3 (synthetic), device-resident", rate, batch, "device"))
     return rows, skipped
+
+
+def config_input_row(
+    config: ml_collections.ConfigDict, source: data.ArraySource | data.StreamSource, num_batches: int
+) -> InputRow:
+    """Images/s of an experiment's own training pipeline: its data, batch, image size and augmentation."""
+    from resnet_jax.train.loop import training_batches
+
+    rate = data.measure_input_throughput(training_batches(config, source), num_batches)
+    return InputRow(f"{config.dataset} {config.train_split} (the config's pipeline)", rate, config.batch_size, "host")

@@ -1,21 +1,24 @@
 """The JAX side: the project's own train step (`create_train_state`, `compile_steps`, `create_optimizer`),
-exactly as `resnet-jax train` runs it, on one device (or, in a worker of `JaxProcesses`, as one process of a
-pmap job over one device per process)."""
+exactly as `resnet-jax train` runs it: for a suite row on one device (or, in a worker of `JaxProcesses`, as
+one process of a pmap job over one device per process), for ``--config`` as the experiment trains."""
 
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import jax
 import ml_collections
 import optax
 
+from resnet_jax import data
 from resnet_jax.bench.cases import LEARNING_RATE, MOMENTUM, WEIGHT_DECAY, Case
 from resnet_jax.models import create_model
-from resnet_jax.train.optim import create_optimizer
-from resnet_jax.train.steps import compile_steps, create_train_state, make_mesh
+from resnet_jax.train.optim import create_optimizer, learning_rate_schedule
+from resnet_jax.train.steps import Steps, TrainState, compile_steps, create_train_state, make_mesh
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+PRECISIONS_OF_DTYPES = {dtype: precision for precision, dtype in DTYPES.items()}
 
 
 def optimizer_config() -> ml_collections.ConfigDict:
@@ -33,27 +36,56 @@ def optimizer_config() -> ml_collections.ConfigDict:
 
 
 class JaxStep:
-    """Times ``steps.train`` of `compile_steps` on a one-device mesh (state donated, metrics fetched each step).
+    """Times ``steps.train`` of `compile_steps` (state donated, metrics fetched each step) on one batch.
 
-    In a multi-process job: pmap over every process's device, this process feeding its rows of the batch.
+    `of_case`: a suite row on one device (in a multi-process job: pmap over every process's device, this
+    process feeding its rows of the batch). `of_config`: an experiment's step as training runs it.
     """
 
     framework = "jax"
-    variant = "jit"
 
-    def __init__(self, case: Case, seed: int = 0) -> None:
+    def __init__(self, case: Case, steps: Steps, state: TrainState, batch: dict[str, Any], variant: str) -> None:
+        self.case, self.variant = case, variant
+        self._steps = steps
+        self._state = steps.put_state(state)
+        self._batch = steps.put_batch(batch)
+        self._train = None
+
+    @classmethod
+    def of_case(cls, case: Case, seed: int = 0) -> JaxStep:
+        """A suite row: the bench's optimizer (`optimizer_config`) on a synthetic batch."""
         model = create_model(case.model, num_classes=case.num_classes, dtype=DTYPES[case.precision])
         tx = create_optimizer(optimizer_config(), optax.constant_schedule(LEARNING_RATE))
-        if jax.process_count() == 1:
-            self._steps = compile_steps(make_mesh(jax.devices()[:1]))
-        else:
-            self._steps = compile_steps(make_mesh(), parallelism="pmap")
-        self._state = self._steps.put_state(create_train_state(model, tx, case.input_shape, seed))
+        parallelism = "jit" if jax.process_count() == 1 else "pmap"
+        devices = jax.devices()[:1] if parallelism == "jit" else jax.devices()
+        steps = compile_steps(make_mesh(devices), parallelism=parallelism)
         images, labels = case.synthetic_batch(seed)
         share = case.batch // jax.process_count()
         rows = slice(jax.process_index() * share, (jax.process_index() + 1) * share)
-        self._batch = self._steps.put_batch({"image": images[rows], "label": labels[rows]})
-        self._train = None
+        state = create_train_state(model, tx, case.input_shape, seed)
+        return cls(case, steps, state, {"image": images[rows], "label": labels[rows]}, parallelism)
+
+    @classmethod
+    def of_config(cls, config: ml_collections.ConfigDict, source: data.ArraySource | data.StreamSource) -> JaxStep:
+        """An experiment's own step, as `resnet-jax train --config` builds it (model overrides, optimizer and
+        schedule, label smoothing, parallelism, every device), on the first batch of its input pipeline."""
+        from resnet_jax.train.loop import build_model, check_batch_sizes, training_batches
+
+        check_batch_sizes(config)
+        if config.dtype not in PRECISIONS_OF_DTYPES:
+            raise ValueError(f"dtype={config.dtype!r}: bench times {' and '.join(PRECISIONS_OF_DTYPES)} steps.")
+        batch = next(training_batches(config, source))
+        height, width, channels = batch["image"].shape[1:]
+        if height != width:
+            raise ValueError(f"{config.dataset} images are {height}x{width}; set --config.image_size=N to time a size.")
+        case = Case(
+            config.model, height, config.batch_size, PRECISIONS_OF_DTYPES[config.dtype], channels, source.num_classes
+        )
+        schedule = learning_rate_schedule(config, data.steps_per_epoch(source.num_examples, config.batch_size))
+        tx = create_optimizer(config, schedule)
+        state = create_train_state(build_model(config, source.num_classes), tx, case.input_shape, config.seed)
+        steps = compile_steps(make_mesh(), config.label_smoothing, config.parallelism)
+        return cls(case, steps, state, batch, config.parallelism)
 
     def compile(self) -> float:
         """Lower and compile the step; returns the seconds it took."""

@@ -103,7 +103,7 @@ def serve(case: Case, address: str, num_processes: int, rank: int) -> None:
     jax.distributed.initialize(address, num_processes, rank)
     from resnet_jax.bench.jax_side import JaxStep
 
-    step = JaxStep(case)
+    step = JaxStep.of_case(case)
     actions = {
         "compile": lambda command: step.compile(),
         "run": lambda command: step.run(command["steps"]),

@@ -55,6 +55,22 @@ def markdown_table(rows: Sequence[StepRow]) -> str:
     return "\n".join(lines)
 
 
+def input_verdict(row: InputRow, step: StepRow) -> str:
+    """Whether an input pipeline keeps up with a train step fed by it."""
+    times = row.img_per_s / step.img_per_s
+    if times < 1:
+        verdict = "the input is the bottleneck: the step waits for it"
+    elif times < 3:
+        verdict = "the input barely keeps up; on a CPU host it also takes cores from the step"
+    else:
+        verdict = "the input keeps up"
+    return (
+        f"input {row.img_per_s:,.0f} img/s against the train step's {step.img_per_s:,.0f} img/s "
+        f"({times:,.{0 if times >= 10 else 1}f}x): "
+        f"{verdict}"
+    )
+
+
 def results(
     rows: Sequence[StepRow], inputs: Sequence[InputRow], skipped: Sequence[str], settings: Settings, command: str
 ) -> dict[str, Any]:

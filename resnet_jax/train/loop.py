@@ -8,7 +8,6 @@ SIGTERM or SIGINT (preemption, Ctrl-C) finishes the current step, saves a checkp
 
 from __future__ import annotations
 
-import itertools
 import signal
 import time
 from pathlib import Path
@@ -288,35 +287,3 @@ def evaluate(workdir: str | Path, step: int | None = None) -> dict[str, float]:
     metrics = evaluate_state(steps, steps.put_state(state), test_source, config)
     print(f"step {int(state.step)} test_accuracy={metrics['accuracy']:.4f} test_loss={metrics['loss']:.4f}")
     return metrics
-
-
-def measure_throughput(config: ml_collections.ConfigDict, num_steps: int = 50) -> dict[str, float]:
-    """Input-only and train-step images/s for ``config``, medians over ``num_steps`` after compilation.
-
-    The input must outpace the step: if ``input_img_per_s`` is not far above ``train_img_per_s``,
-    the pipeline is the bottleneck.
-    """
-    check_batch_sizes(config)
-    source = data.load_source(config.dataset, config.train_split, config.data_dir)
-    input_rate = data.measure_input_throughput(training_batches(config, source), num_steps)
-    model = build_model(config, source.num_classes)
-    tx = create_optimizer(
-        config, learning_rate_schedule(config, data.steps_per_epoch(source.num_examples, config.batch_size))
-    )
-    steps = compile_steps(make_mesh(), config.label_smoothing, config.parallelism)
-    state = steps.put_state(create_train_state(model, tx, source.image_shape, config.seed))
-    batches = [steps.put_batch(b) for b in itertools.islice(training_batches(config, source), 2)]
-    began = time.perf_counter()
-    train_step = steps.train.lower(state, batches[0]).compile()
-    compile_seconds = time.perf_counter() - began
-    times = []
-    for i in range(num_steps + 1):
-        began = time.perf_counter()
-        state, metrics = train_step(state, batches[i % 2])
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - began)
-    return {
-        "input_img_per_s": input_rate,
-        "train_img_per_s": config.batch_size / float(np.median(times[1:])),
-        "compile_seconds": compile_seconds,
-    }
