@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from functools import partial
 
 import flax.linen as nn
@@ -312,3 +313,42 @@ def test_cpu_conv_keeps_values_gradients_and_forward_mode(batch, strides, groups
     # On a CPU the kernel gradient is one convolution per chunk of KERNEL_GRAD_CHUNK images.
     compiled = jax.jit(jax.grad(ours, 1)).lower(x, w).compile().as_text()
     assert compiled.count(" convolution(") == -(-batch // blocks.KERNEL_GRAD_CHUNK) + 1
+
+
+def test_column_pairs_conv_matches_xla_in_values_gradients_and_forward_mode():
+    rng = np.random.default_rng(1)
+    options = dict(window_strides=(1, 1), padding=((1, 1), (1, 1)), dimension_numbers=blocks.NHWC)
+    for shape, kernel_shape in (((5, 8, 10, 5), (3, 3, 5, 7)), ((2, 28, 28, 3), (3, 3, 3, 16))):
+        x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+        w = jnp.asarray(rng.standard_normal(kernel_shape), jnp.float32)
+
+        def loss(conv, x, w):
+            return jnp.sum(jnp.sin(conv(x, w)))
+
+        pairs = partial(loss, blocks.conv_over_column_pairs)
+        xla = partial(loss, partial(jax.lax.conv_general_dilated, **options))
+        np.testing.assert_allclose(pairs(x, w), xla(x, w), rtol=1e-5)
+        for ours, ref in zip(jax.grad(pairs, (0, 1))(x, w), jax.grad(xla, (0, 1))(x, w), strict=True):
+            np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-5 * float(jnp.abs(ref).max()))
+        tangents = (jnp.cos(x), jnp.cos(w))
+        np.testing.assert_allclose(jax.jvp(pairs, (x, w), tangents)[1], jax.jvp(xla, (x, w), tangents)[1], rtol=1e-4)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="pins a thread to one core (Linux)")
+def test_narrow_convs_run_over_column_pairs_only_in_a_one_core_process():
+    def pair_kernel_compiled(shape, features, strides=1):
+        x, w = jnp.zeros(shape), jnp.zeros((3, 3, shape[-1], features))
+        conv = partial(blocks.conv_general_dilated, padding=((1, 1), (1, 1)), dimension_numbers=blocks.NHWC)
+        text = jax.jit(lambda x, w: conv(x, w, (strides, strides))).lower(x, w).compile().as_text()
+        return f"f32[3,2,{2 * shape[-1]},{2 * features}]" in text
+
+    cores = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(cores)})  # this thread only, as `--cpu-processes` pins each process
+    try:
+        assert pair_kernel_compiled((4, 8, 10, 16), 16)
+        assert not pair_kernel_compiled((4, 8, 9, 16), 16)  # odd width
+        assert not pair_kernel_compiled((4, 8, 10, 16), 17)  # YNNPACK takes it anyway
+        assert not pair_kernel_compiled((4, 8, 10, 16), 16, strides=2)
+    finally:
+        os.sched_setaffinity(0, cores)
+    assert len(cores) == 1 or not pair_kernel_compiled((4, 8, 10, 16), 16)

@@ -12,6 +12,8 @@ Plain (no shortcut):               y = relu(F(x))  or  y = F(a)
 
 from __future__ import annotations
 
+import inspect
+import os
 from collections.abc import Callable
 from functools import partial
 from typing import Any, ClassVar
@@ -19,6 +21,7 @@ from typing import Any, ClassVar
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
@@ -48,23 +51,90 @@ def materialize_on_cpu(x: jax.Array) -> jax.Array:
 
 # Images per kernel-gradient convolution on CPU (`conv_general_dilated`): measured fastest of 2-32.
 KERNEL_GRAD_CHUNK = 8
+# XLA:CPU runs a convolution with at most this many input and output features on Eigen, with more on YNNPACK.
+EIGEN_MAX_FEATURES = 16
+NHWC = ("NHWC", "HWIO", "NHWC")
+CONV_SIGNATURE = inspect.signature(lax.conv_general_dilated)
+
+
+def cores_of_this_thread() -> int:
+    """The cores this thread may run on (its affinity on Linux, where `--cpu-processes` pins; else all)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def column_pairs_eligible(lhs: jax.Array, rhs: jax.Array, options: inspect.BoundArguments) -> bool:
+    """Whether `conv_over_column_pairs` should compute this convolution: NHWC, 3x3, stride 1, padding 1, no
+    dilation or groups, an even width, few enough channels that XLA:CPU would run it on Eigen, and a process on
+    one core (as `--cpu-processes` runs them): with two threads Eigen's convolution was as fast (+2% for pairs)."""
+    if cores_of_this_thread() != 1:
+        return False
+    o = options.arguments
+    nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC) if lhs.ndim == rhs.ndim == 4 else None
+    return (
+        nhwc is not None
+        and o["dimension_numbers"] is not None
+        and lax.conv_dimension_numbers(lhs.shape, rhs.shape, o["dimension_numbers"]) == nhwc
+        and rhs.shape[:2] == (3, 3)
+        and max(rhs.shape[2:]) <= EIGEN_MAX_FEATURES
+        and lhs.shape[2] % 2 == 0
+        and tuple(o["window_strides"]) == (1, 1)
+        and not isinstance(o["padding"], str)
+        and tuple(map(tuple, o["padding"])) == ((1, 1), (1, 1))
+        and tuple(o["lhs_dilation"] or (1, 1)) == tuple(o["rhs_dilation"] or (1, 1)) == (1, 1)
+        and o["feature_group_count"] == o["batch_group_count"] == 1
+    )
+
+
+def column_pairs_kernel(kernel: jax.Array) -> jax.Array:
+    """3x3 taps (3, 3, C, D) as a kernel over pairs of columns, (3, 2, 2C, 2D).
+
+    Input pair k holds columns (2k-1, 2k) of the image padded by a column either side, output pair j columns
+    (2j, 2j+1); input column 2k-1+a reaches output column 2j+b through tap 2(k-j)+a-b, and the blocks whose tap
+    falls outside 0..2 are zero (6 of 24: 4/3 the arithmetic of the 3x3 convolution).
+    """
+    d, a, b = np.meshgrid(range(2), range(2), range(2), indexing="ij")
+    taps = jnp.pad(kernel, ((0, 0), (1, 1), (0, 0), (0, 0)))[:, 2 * d + a - b + 1]  # (3, d, a, b, C, D)
+    height, _, channels, features = kernel.shape
+    return taps.transpose(0, 1, 2, 4, 3, 5).reshape(height, 2, 2 * channels, 2 * features)
+
+
+def conv_over_column_pairs(lhs: jax.Array, rhs: jax.Array, precision: Any = None) -> jax.Array:
+    """A 3x3, stride-1, padding-1 NHWC convolution computed over pairs of columns with twice the channels.
+
+    XLA:CPU runs convolutions of at most 16 channels on Eigen at about half the speed YNNPACK reaches on wider
+    ones (benchmarks/README.md); as pairs, the 16-channel convs of a CIFAR ResNet's first stage run on YNNPACK.
+    Pairing columns is a free reshape in NHWC. Values change only by summation order.
+    """
+    batch, height, width, channels = lhs.shape
+    pairs = jnp.pad(lhs, ((0, 0), (0, 0), (1, 1), (0, 0))).reshape(batch, height, width // 2 + 1, 2 * channels)
+    kernel = column_pairs_kernel(rhs)
+    out = lax.conv_general_dilated(pairs, kernel, (1, 1), ((1, 1), (0, 0)), dimension_numbers=NHWC, precision=precision)
+    return out.reshape(batch, height, width, rhs.shape[-1])
 
 
 def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
-    """`lax.conv_general_dilated`, made for XLA:CPU: ``lhs`` is a buffer of its own (`materialize_on_cpu`)
-    and the kernel's gradient is a sum over convolutions of `KERNEL_GRAD_CHUNK` images at a time.
+    """`lax.conv_general_dilated`, made for XLA:CPU: ``lhs`` is a buffer of its own (`materialize_on_cpu`),
+    the kernel's gradient is a sum over convolutions of `KERNEL_GRAD_CHUNK` images at a time, and the
+    forward pass of a narrow 3x3 convolution runs over pairs of columns (`conv_over_column_pairs`).
 
     XLA:CPU computes a kernel gradient as one convolution whose "kernel" is the whole output gradient;
     over a batch of 128 CIFAR images that runs at about half the speed of the same work done 8
     images at a time, which stays in cache (benchmarks/README.md). The values are unchanged up to
-    summation order, the forward pass is the ordinary convolution, and elsewhere than on a CPU the
-    gradient is XLA's own. It is a `jax.custom_jvp`, so forward mode (the Jacobian analysis) works too.
+    summation order, and elsewhere than on a CPU the convolution and its gradients are XLA's own.
+    It is a `jax.custom_jvp`, so forward mode (the Jacobian analysis) works too.
     """
 
     def conv(lhs: jax.Array, rhs: jax.Array) -> jax.Array:
         return lax.conv_general_dilated(lhs, rhs, *args, **kwargs)
 
-    numbers = lax.conv_dimension_numbers(lhs.shape, rhs.shape, kwargs.get("dimension_numbers"))
+    options = CONV_SIGNATURE.bind(lhs, rhs, *args, **kwargs)
+    options.apply_defaults()
+    forward = conv
+    if column_pairs_eligible(lhs, rhs, options):
+        pairs = partial(conv_over_column_pairs, precision=options.arguments["precision"])
+        forward = partial(lax.platform_dependent, cpu=pairs, default=conv)
+
+    numbers = lax.conv_dimension_numbers(lhs.shape, rhs.shape, options.arguments["dimension_numbers"])
     lhs_batch, out_batch = numbers.lhs_spec[0], numbers.out_spec[0]
 
     def kernel_tangent_in_chunks(lhs: jax.Array, rhs_dot: jax.Array) -> jax.Array:
@@ -77,12 +147,12 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, *args: Any, **kwargs: A
 
     @jax.custom_jvp
     def convolve(lhs: jax.Array, rhs: jax.Array) -> jax.Array:
-        return conv(lhs, rhs)
+        return forward(lhs, rhs)
 
     @partial(convolve.defjvp, symbolic_zeros=True)
     def convolve_jvp(primals: tuple[jax.Array, jax.Array], tangents: tuple[Any, Any]) -> tuple[jax.Array, jax.Array]:
         (lhs, rhs), (lhs_dot, rhs_dot) = primals, tangents
-        out = conv(lhs, rhs)
+        out = forward(lhs, rhs)
         terms = []
         if not isinstance(lhs_dot, SymbolicZero):
             terms.append(conv(lhs_dot, rhs))
