@@ -5,10 +5,11 @@
 About 3 epochs. A run this short underfits (training and test accuracy stay level), so it trades
 the random crop and strong weight decay of the long recipes for faster fitting; flips stay.
 Expected: final test_accuracy 0.9145 (seed 0; test accuracy 0.8652 at step 750).
-Time: 8m24s wall for the command above on 2 idle CPU cores, start to final line (compile 7 s,
-400-460 img/s for the train step, 8m09s of training and evaluation).
+Time: 6m32s to 8m24s wall for the command above on 2 idle CPU cores, start to final line, as the
+host's speed drifts (compile 5-7 s, 400-560 img/s for the train step).
 One process per core is faster on a CPU: adding `--cpu-processes 2 --config.parallelism=pmap` gave
-final test_accuracy 0.9124 in 6m39s (500-590 img/s; each process normalises over its 64 images).
+final test_accuracy 0.9120 in 5m55s against 6m32s for one process in the same hour (570-640 img/s;
+each process normalises over its 64 images).
 """
 
 from configs import default
