@@ -122,7 +122,7 @@ def run_bench(args: argparse.Namespace) -> None:
     if not args.no_input:
         inputs, input_skipped = input_rows(batch=128, num_batches=settings.steps)
         skipped += input_skipped
-        print(*map(input_line, inputs), sep="\n")
+        print(*map(report.input_line, inputs), sep="\n")
     finish(rows, inputs, skipped, settings, args.out)
 
 
@@ -155,7 +155,7 @@ def bench_config(args: argparse.Namespace, settings: Settings) -> None:
     print(*report.case_lines(rows), sep="\n")
     inputs = [] if args.no_input else [config_input_row(config, source, settings.steps)]
     for row in inputs:
-        print(input_line(row))
+        print(report.input_line(row))
         print(report.input_verdict(row, rows[0]))
     finish(rows, inputs, [], settings, args.out, {"config": config.to_dict()})
 
@@ -200,10 +200,6 @@ def check_cpu_processes(num_processes: int, cases: list[Case], platform: str) ->
         raise ValueError(f"--cpu-processes is a CPU row; JAX runs on {platform} here. Drop the flag.")
     for case in cases:
         JaxProcesses.cores_per_process(case, num_processes)
-
-
-def input_line(row: InputRow) -> str:
-    return f"input {row.name}, batch {row.batch}: {row.img_per_s:,.0f} img/s"
 
 
 def invoked_command() -> str:

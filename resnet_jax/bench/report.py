@@ -55,6 +55,10 @@ def markdown_table(rows: Sequence[StepRow]) -> str:
     return "\n".join(lines)
 
 
+def input_line(row: InputRow) -> str:
+    return f"input {row.name}, batch {row.batch}: {row.img_per_s:,.0f} img/s"
+
+
 def input_verdict(row: InputRow, step: StepRow) -> str:
     """Whether an input pipeline keeps up with a train step fed by it."""
     times = row.img_per_s / step.img_per_s
@@ -64,11 +68,8 @@ def input_verdict(row: InputRow, step: StepRow) -> str:
         verdict = "the input barely keeps up; on a CPU host it also takes cores from the step"
     else:
         verdict = "the input keeps up"
-    return (
-        f"input {row.img_per_s:,.0f} img/s against the train step's {step.img_per_s:,.0f} img/s "
-        f"({times:,.{0 if times >= 10 else 1}f}x): "
-        f"{verdict}"
-    )
+    rates = f"input {row.img_per_s:,.0f} img/s against the train step's {step.img_per_s:,.0f} img/s"
+    return f"{rates} ({times:,.{0 if times >= 10 else 1}f}x): {verdict}"
 
 
 def results(
