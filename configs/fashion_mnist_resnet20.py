@@ -5,11 +5,11 @@
 About 3 epochs. A run this short underfits (training and test accuracy stay level), so it trades
 the random crop and strong weight decay of the long recipes for faster fitting; flips stay.
 Expected: final test_accuracy 0.9145 (seed 0; test accuracy 0.8652 at step 750).
-Time: 6m32s to 8m24s wall for the command above on 2 idle CPU cores, start to final line, as the
-host's speed drifts (compile 5-7 s, 400-560 img/s for the train step).
-One process per core is faster on a CPU: adding `--cpu-processes 2 --config.parallelism=pmap` gave
-final test_accuracy 0.9120 in 5m55s against 6m32s for one process in the same hour (570-640 img/s;
-each process normalises over its 64 images).
+Time: 6m29s to 6m37s wall for the command above on 2 idle CPU cores, start to final line (compile 7 s,
+about 480-640 img/s for the train step); 7m59s in the same hour before host memory was kept for reuse.
+One process per core is faster on a CPU: adding `--cpu-processes 2 --config.parallelism=pmap` gave final
+test_accuracy 0.9120 in 5m30s to 5m40s (570-740 img/s; each process normalises over its 64 images).
+The host's speed drifts from hour to hour; earlier hours gave 6m32s to 8m24s for one process.
 """
 
 from configs import default

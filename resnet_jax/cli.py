@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from resnet_jax.analysis.cli import add_analyze_command
 from resnet_jax.bench.cli import add_bench_command
+from resnet_jax.train.host_memory import keep_freed_host_memory
 
 if TYPE_CHECKING:
     from resnet_jax.models import ResNet
@@ -215,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    keep_freed_host_memory()  # before JAX starts its threads; a quarter of a CPU step (train/host_memory.py)
     args, extra = build_parser().parse_known_args(argv)
     args.overrides = [a for a in extra if a.startswith("--config.")]
     unknown = [a for a in extra if not a.startswith("--config.")]

@@ -19,6 +19,7 @@ from typing import Any
 
 from resnet_jax.bench.cases import Case
 from resnet_jax.train.distributed import available_cores, core_groups, start_cpu_processes
+from resnet_jax.train.host_memory import keep_freed_host_memory
 
 REPLY = "resnet-jax-bench-reply "  # marks the workers' answers among anything else they print
 
@@ -115,5 +116,6 @@ def serve(case: Case, address: str, num_processes: int, rank: int) -> None:
 
 
 if __name__ == "__main__":
+    keep_freed_host_memory()
     case_json, address, num_processes, rank = sys.argv[1:]
     serve(Case(**json.loads(case_json)), address, int(num_processes), int(rank))

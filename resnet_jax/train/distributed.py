@@ -21,6 +21,8 @@ from typing import Any
 import jax
 import ml_collections
 
+from resnet_jax.train.host_memory import with_huge_pages
+
 
 def initialize(config: ml_collections.ConfigDict) -> None:
     """Join the job described by ``config.distributed``; a single-process run does nothing.
@@ -93,7 +95,8 @@ def start_cpu_processes(
 ) -> list[subprocess.Popen]:
     """Start ``command(coordinator_address, rank)`` for every rank, process ``rank`` pinned to ``groups[rank]``.
 
-    The coordinator listens on a free port of 127.0.0.1; the processes see the CPU only.
+    The coordinator listens on a free port of 127.0.0.1; the processes see the CPU only, and their malloc uses
+    huge pages.
     """
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -101,7 +104,7 @@ def start_cpu_processes(
     return [
         subprocess.Popen(
             [sys.executable, "-c", PIN_THEN_EXEC, ",".join(map(str, cores)), *command(address, rank)],
-            env={**os.environ, "JAX_PLATFORMS": "cpu"},
+            env=with_huge_pages({**os.environ, "JAX_PLATFORMS": "cpu"}),
             **popen,
         )
         for rank, cores in enumerate(groups)
