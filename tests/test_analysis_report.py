@@ -53,6 +53,7 @@ def all_command(idx_dir: Path, out: Path, *extra: str) -> list[str]:
     ]
 
 
+@pytest.mark.slow  # every analysis again, each tested on its own in the default run
 def test_all_writes_every_analysis_and_one_page_that_shows_them(idx_dir, tmp_path, capsys):
     out = tmp_path / "report"
     assert main(all_command(idx_dir, out)) == 0

@@ -25,7 +25,16 @@ def test_notebook_is_committed_without_outputs(path):
     )
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.stem)
+# The analysis notebooks that repeat what tests/test_analysis_paths.py and test_analysis_landscape.py check run
+# with the slow tests, to keep the default run under 15 minutes on 2 cores.
+SLOW_NOTEBOOKS = ("03_ensembles", "04_loss_landscape")
+
+
+@pytest.mark.parametrize(
+    "path",
+    [pytest.param(path, marks=pytest.mark.slow) if path.stem in SLOW_NOTEBOOKS else path for path in NOTEBOOKS],
+    ids=lambda path: path.stem,
+)
 def test_notebook_runs_headless_in_the_smoke_setting(path, monkeypatch):
     monkeypatch.setenv("RESNET_JAX_SMOKE", "1")
     notebook = nbformat.read(path, as_version=4)
