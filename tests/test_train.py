@@ -215,6 +215,51 @@ def test_a_resumed_run_forgets_the_metrics_logged_after_its_checkpoint(tmp_path)
     assert len(read_metrics(tmp_path)) == 3
 
 
+def test_stop_at_test_accuracy_stops_at_the_first_evaluation_reaching_it_and_a_rerun_trains_no_further(
+    idx_dir, tmp_path, capsys
+):
+    config = small_config(idx_dir, num_train_steps=12, eval_every_steps=2, checkpoint_every_steps=100)
+    train_and_evaluate(config, tmp_path / "straight")
+    accuracies = {r["step"]: r["accuracy"] for r in read_metrics(tmp_path / "straight") if r["split"] == "test"}
+    target = max(accuracy for step, accuracy in accuracies.items() if step < 12)
+    stop = min(step for step, accuracy in accuracies.items() if accuracy >= target)
+
+    workdir = tmp_path / "timed"
+    config.stop_at_test_accuracy = target
+    capsys.readouterr()
+    metrics = train_and_evaluate(config, workdir)
+    out = capsys.readouterr().out
+    assert metrics["accuracy"] == accuracies[stop] >= target
+    assert f"reached test accuracy {accuracies[stop]:.4f} >= {target} at step {stop} " in out
+    records = read_metrics(workdir)
+    assert max(r["step"] for r in records) == stop
+    elapsed = [r["elapsed_s"] for r in records]
+    assert elapsed == sorted(elapsed) and elapsed[0] > 0
+    checkpoints = Checkpoints(workdir, every_steps=1, keep_latest=1, async_save=False)
+    assert checkpoints.latest_step() == stop
+    assert checkpoints.read_meta(stop)["reached"] == {"test_accuracy": accuracies[stop], "step": stop} | {
+        "elapsed_s": pytest.approx([r for r in records if r["split"] == "test"][-1]["elapsed_s"], abs=1.0)
+    }
+
+    train_and_evaluate(config, workdir)  # the same command again: reports the stop, trains nothing
+    out = capsys.readouterr().out
+    assert f"reached test accuracy {accuracies[stop]:.4f}" in out and "compiled the train step" not in out
+    assert checkpoints.latest_step() == stop
+
+    config.stop_at_test_accuracy = 0.0  # no target: goes on to the end, as if never stopped
+    train_and_evaluate(config, workdir)
+    resumed = read_metrics(workdir)
+    assert min(r["elapsed_s"] for r in resumed if r["step"] > stop) > max(elapsed)  # the clock goes on
+    assert jax.tree.all(jax.tree.map(np.array_equal, params_of(tmp_path / "straight"), params_of(workdir)))
+
+
+@pytest.mark.parametrize("target", [-0.1, 94.0])
+def test_a_target_accuracy_that_is_not_a_fraction_is_refused_before_anything_runs(idx_dir, tmp_path, target):
+    with pytest.raises(ValueError, match=r"stop_at_test_accuracy=.* is not an accuracy: give a fraction"):
+        train_and_evaluate(small_config(idx_dir, stop_at_test_accuracy=target), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_workdir_of_another_model_is_refused(idx_dir, tmp_path):
     train_and_evaluate(small_config(idx_dir, num_train_steps=3), tmp_path)
     with pytest.raises(ValueError, match=r"holds a run of resnet8.*choose another --workdir"):

@@ -4,6 +4,8 @@ A run lives in its workdir: checkpoints/, metrics.jsonl, tensorboard/ and curves
 again on the same workdir resumes from the latest readable checkpoint, with the data stream at the
 same example, so that a run killed at any moment and restarted ends with the same parameters.
 SIGTERM or SIGINT (preemption, Ctrl-C) finishes the current step, saves a checkpoint and stops.
+With ``stop_at_test_accuracy`` set, the run stops at the first evaluation that reaches it: a time-to-accuracy
+measurement, read from the ``elapsed_s`` of metrics.jsonl (wall time of the run, across resumptions).
 """
 
 from __future__ import annotations
@@ -96,11 +98,23 @@ def training_batches(config: ml_collections.ConfigDict, source: Any, start_step:
     )
 
 
-def run_meta(config: ml_collections.ConfigDict, step: int) -> dict[str, Any]:
+def check_target_accuracy(config: ml_collections.ConfigDict) -> float:
+    """``stop_at_test_accuracy``: 0 (train every step) or the test accuracy at which to stop, checked up front."""
+    target = config.get("stop_at_test_accuracy", 0.0)
+    if not 0.0 <= target <= 1.0:
+        raise ValueError(
+            f"stop_at_test_accuracy={target} is not an accuracy: give a fraction such as 0.94, or 0 to train "
+            "every step."
+        )
+    return target
+
+
+def run_meta(config: ml_collections.ConfigDict, step: int, elapsed_s: float = 0.0, **extra: Any) -> dict[str, Any]:
     """What a checkpoint says about its run.
 
     The input pipeline and every random draw are functions of (seed, step), so the step is the data
     iterator's position and the seed is every random key: nothing else is needed to resume exactly.
+    ``elapsed_s`` (wall time of the run so far) lets a resumed run go on counting.
     """
     return {
         "model": config.model,
@@ -108,7 +122,9 @@ def run_meta(config: ml_collections.ConfigDict, step: int) -> dict[str, Any]:
         "step": step,
         "data_position": step,
         "seed": config.seed,
+        "elapsed_s": elapsed_s,
         "config": config.to_dict(),
+        **extra,
     }
 
 
@@ -153,10 +169,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     """
     from resnet_jax.train import transfer  # imported here: it builds on this module
 
+    began = time.perf_counter()
     workdir = Path(workdir)
     distributed.initialize(config)
     lead = jax.process_index() == 0
     check_batch_sizes(config)
+    target = check_target_accuracy(config)
     train_source = data.load_source(config.dataset, config.train_split, config.data_dir)
     test_source = data.load_source(config.dataset, config.eval_split, config.data_dir)
     model = build_model(config, train_source.num_classes)
@@ -178,6 +196,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             )
 
     restored = checkpoints.restore_latest_valid(state, same_run)
+    meta = restored[1] if restored is not None else {}
     if restored is not None:
         state = restored[0]
         progress.message(f"resumed from step {int(state.step)} in {checkpoints.directory}")
@@ -188,6 +207,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         state = state.replace(apply_fn=transfer.frozen_bn(model))
     state = steps.put_state(state)
     start = int(restored[0].step) if restored else 0
+    end, reached = config.num_train_steps, meta.get("reached")  # a run stopped at its target says where
+    if target and reached and reached["test_accuracy"] >= target:
+        end = start  # stopped there before: nothing to train
+        progress.message(reached_message(reached, target, steps_per_epoch))
+    else:
+        reached = None
+    elapsed_before = meta.get("elapsed_s", 0.0)
+
+    def elapsed() -> float:  # wall time of the run, going on from the checkpoint's
+        return elapsed_before + time.perf_counter() - began
 
     batches = training_batches(config, train_source, start)
     log = MetricsLog(workdir, enabled=lead, start_step=start)
@@ -201,13 +230,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     def saveable(state: TrainState) -> TrainState:  # pmap keeps one copy per device: save one
         return state if config.parallelism == "jit" else steps.fetch(state)
 
-    began = time.perf_counter()
     test_metrics: dict[str, float] = {}
     window: list[dict[str, jax.Array]] = []
     train_step = steps.train
     try:
         with StopSignals() as stop:
-            for step in range(start, config.num_train_steps):
+            for step in range(start, end):
                 batch = steps.put_batch(next(batches))
                 if step == start:
                     compile_began = time.perf_counter()
@@ -217,28 +245,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                 state, metrics = train_step(state, batch)
                 window.append(metrics)
                 done = step + 1
-                last = done == config.num_train_steps
-                signum = stop.agreed()
-                saving = last or signum is not None or checkpoints.manager.should_save(done)
-                if done % config.log_every_steps == 0 or saving:
+                if done % config.log_every_steps == 0 or done == end:
                     records = [steps.fetch(m) for m in window]
                     check_finite(records, done - len(records), checkpoints)
                     window = []
-                    if done % config.log_every_steps == 0 or last:
-                        means = {k: float(np.mean([r[k] for r in records])) for k in records[0] if k != "finite"}
-                        log.write(done, "train", means | {"learning_rate": float(schedule(step))})
-                        progress.update(done, {k: means[k] for k in ("loss", "accuracy")})
-                evaluated = done % config.eval_every_steps == 0 or last
+                    means = {k: float(np.mean([r[k] for r in records])) for k in records[0] if k != "finite"}
+                    log.write(done, "train", means | {"learning_rate": float(schedule(step))}, elapsed())
+                    progress.update(done, {k: means[k] for k in ("loss", "accuracy")})
+                evaluated = done % config.eval_every_steps == 0 or done == end
                 if evaluated:
                     test_metrics = evaluate_state(steps, state, test_source, config)
-                    log.write(done, "test", test_metrics)
+                    log.write(done, "test", test_metrics, elapsed())
                     progress.message(
                         f"step {done}: test loss {test_metrics['loss']:.4f}, accuracy {test_metrics['accuracy']:.4f}"
                     )
                     progress.start_timing(done)  # img/s counts training only
-                if saving:
+                    if target and test_metrics["accuracy"] >= target:
+                        reached = {"test_accuracy": test_metrics["accuracy"], "step": done, "elapsed_s": elapsed()}
+                signum = stop.agreed()
+                if done == end or reached or signum is not None or checkpoints.manager.should_save(done):
+                    if window:  # every step before a checkpoint is checked
+                        records = [steps.fetch(m) for m in window]
+                        check_finite(records, done - len(records), checkpoints)
+                        window = []
+                    meta = run_meta(config, done, elapsed(), **({"reached": reached} if reached else {}))
                     metrics = {ACCURACY: test_metrics["accuracy"]} if evaluated else None
-                    checkpoints.save(done, saveable(state), run_meta(config, done), metrics, force=True)
+                    checkpoints.save(done, saveable(state), meta, metrics, force=True)
+                if reached:
+                    progress.message(reached_message(reached, target, steps_per_epoch))
+                    break
                 if signum is not None:  # `finally` waits for the checkpoint before this propagates
                     name = signal.Signals(signum).name
                     raise TrainingInterruptedError(
@@ -257,6 +292,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         progress.message(f"done in {format_duration(time.perf_counter() - began)}; curves in {curves}")
         print(f"final test_accuracy={test_metrics['accuracy']:.4f} test_loss={test_metrics['loss']:.4f}")
     return test_metrics
+
+
+def reached_message(reached: dict[str, float], target: float, steps_per_epoch: int) -> str:
+    return (
+        f"reached test accuracy {reached['test_accuracy']:.4f} >= {target} at step {reached['step']} (epoch "
+        f"{reached['step'] / steps_per_epoch:.1f}) after {reached['elapsed_s']:.1f}s "
+        f"({format_duration(reached['elapsed_s'])}) of this run, compiling and evaluating included"
+    )
 
 
 def load_run(workdir: str | Path, step: int | None = None) -> tuple[ResNet, TrainState, ml_collections.ConfigDict]:

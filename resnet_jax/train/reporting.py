@@ -36,11 +36,13 @@ class MetricsLog:
             purge = start_step + 1 if start_step else None
             self._tensorboard = SummaryWriter(str(Path(workdir) / "tensorboard"), purge_step=purge)
 
-    def write(self, step: int, split: str, metrics: dict[str, float]) -> None:
+    def write(self, step: int, split: str, metrics: dict[str, float], elapsed_s: float | None = None) -> None:
+        """One record; ``elapsed_s`` (wall time of the run) goes to the JSON line, where TensorBoard has its own."""
         if not self.enabled:
             return
+        timing = {} if elapsed_s is None else {"elapsed_s": round(elapsed_s, 3)}
         with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, "split": split, **metrics}) + "\n")
+            f.write(json.dumps({"step": step, "split": split, **metrics, **timing}) + "\n")
         for name, value in metrics.items():
             self._tensorboard.add_scalar(f"{split}/{name}", value, step)
         self._tensorboard.flush()
