@@ -17,12 +17,13 @@ import numpy as np
 import pytest
 from idx_files import idx_folder_fixture
 
-from resnet_jax import create_model
+from resnet_jax import create_model, data
 from resnet_jax.bench import torch_models
 from resnet_jax.bench.cases import Case
 from resnet_jax.bench.cli import chosen_cases
+from resnet_jax.bench.epochs import JaxEpoch, TorchEpoch
 from resnet_jax.bench.harness import Settings, StepRow, ratio, time_runners
-from resnet_jax.bench.inputs import device_resident_batches
+from resnet_jax.bench.inputs import ResidentData
 from resnet_jax.bench.jax_side import JaxStep
 from resnet_jax.bench.report import write_results
 from resnet_jax.bench.torch_side import TorchStep
@@ -67,6 +68,8 @@ def test_bench_vs_torch_prints_ratios_and_writes_results(tmp_path, capsys):
     )
     assert all(row["img_per_s"] > 0 for row in inputs.values())
     assert any(line.startswith("skipped time to 94%") for line in record["skipped"])
+    assert any(line.startswith("skipped whole epochs of resnet8") for line in record["skipped"])
+    assert record["epochs"] == []
 
 
 def test_bench_without_torch_prints_jax_rows_only(tmp_path, capsys):
@@ -96,6 +99,73 @@ def test_bench_cpu_processes_row_runs_the_pinned_pmap_job_beside_the_others(tmp_
     for row in (single, processes):
         expected = np.median(np.divide(row["img_per_s_per_repeat"], torch_row["img_per_s_per_repeat"]))
         assert torch_row["jax_over_torch"][row["variant"]] == pytest.approx(expected)
+
+
+def test_bench_epochs_time_whole_epochs_with_the_data_on_the_device_against_torch(tmp_path, capsys):
+    arguments = ["--model", "resnet8", "--batch", "16", "--epochs", "--epoch-images", "40", "--scan-steps", "2"]
+    arguments += ["--repeats", "2", "--steps", "1", "--warmup", "0", "--no-input", "--vs-torch", "--out", str(tmp_path)]
+    assert main(["bench", *arguments]) == 0
+    out = capsys.readouterr().out
+    label = "resnet8 epoch of 40 CIFAR-shaped images on the device, batch 16 fp32"
+    for jax_name in ("jax jit", "jax jit, 2 steps per call"):
+        line = rf"^{label}: {jax_name} [\d.]+ s \([\d,]+ img/s, compile and first step [\d.]+s\)$"
+        assert re.search(line, out, re.M)
+    ratio_lines = [line for line in out.splitlines() if line.startswith(label) and "ratio=" in line]
+    assert len(ratio_lines) == 2
+    assert re.fullmatch(rf"{label}: jax jit [\d.]+ s, torch eager [\d.]+ s \(.*\), ratio=\d+\.\d\d", ratio_lines[0])
+    assert "| model | images | batch | precision | JAX | JAX s/epoch | torch | torch s/epoch | ratio |" in out
+    record = json.loads(next(tmp_path.glob("*.json")).read_text())
+    step, scanned, torch_epoch = record["epochs"]
+    assert [row["variant"] for row in record["epochs"]] == ["jit", "jit, 2 steps per call", "eager"]
+    for row in record["epochs"]:
+        assert (row["model"], row["images"], row["batch"], row["precision"]) == ("resnet8", 40, 16, "fp32")
+        assert len(row["epoch_seconds"]) == 2 and row["seconds"] == pytest.approx(np.median(row["epoch_seconds"]))
+        assert row["compile_seconds"] > 0
+    for jax_row in (step, scanned):
+        expected = np.median(np.divide(torch_epoch["epoch_seconds"], jax_row["epoch_seconds"]))
+        assert torch_epoch["torch_seconds_over_jax"][jax_row["variant"]] == pytest.approx(expected)
+    assert ratio_lines[0].endswith(f"ratio={torch_epoch['torch_seconds_over_jax']['jit']:.2f}")
+
+
+def test_an_epoch_is_every_full_batch_of_the_data_through_the_real_step():
+    source = data.synthetic(num_examples=56, image_shape=(8, 8, 3))
+    case = Case("resnet8", 8, 16)
+    step, scanned, torch_epoch = (
+        JaxEpoch(case, source),
+        JaxEpoch(case, source, scan_steps=2),
+        TorchEpoch(case, source, "eager"),
+    )
+    for runner in (step, scanned, torch_epoch):
+        runner.compile()
+        runner.run_epoch()
+    assert int(step._state.step) == int(scanned._state.step) == 1 + 3  # the first step, then 3 full batches of 16
+    for one, several in zip(jax.tree.leaves(step._state.params), jax.tree.leaves(scanned._state.params), strict=True):
+        np.testing.assert_allclose(one, several, rtol=1e-4, atol=1e-6)  # the same batches, two steps per call
+    assert torch_epoch._step._optimizer.state_dict()["state"][0]["momentum_buffer"] is not None
+
+
+def test_torch_epoch_batches_are_crops_and_flips_of_the_examples_asked_for():
+    import torch
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (12, 6, 6, 3), dtype=np.uint8)
+    source = ArraySource(images, np.arange(12, dtype=np.int32), 12, "test", (0.4, 0.5, 0.6), (0.3, 0.2, 0.1))
+    epoch = TorchEpoch(Case("resnet8", 6, 4), source, "channels_last", pad=2)
+    padded = np.pad(images, ((0, 0), (2, 2), (2, 2), (0, 0)))
+    index = torch.tensor([3, 7, 7, 0, 11, 5] * 4)
+    batch = epoch.make_batch(index)
+    assert batch.shape == (24, 3, 6, 6) and batch.is_contiguous(memory_format=torch.channels_last)
+    flipped = []
+    for image, example in zip(batch.permute(0, 2, 3, 1).numpy(), index.tolist(), strict=True):
+        crops = [
+            normalize(padded[example, y : y + 6, x : x + 6], source.mean, source.std)
+            for y in range(5)
+            for x in range(5)
+        ]
+        errors = [np.abs(image - crop).max() for crop in crops + [crop[:, ::-1] for crop in crops]]
+        assert min(errors) < 1e-5
+        flipped.append(int(np.argmin(errors)) >= len(crops))
+    assert 0 < sum(flipped) < len(flipped)  # each image flipped with probability 1/2
 
 
 def test_bench_cpu_processes_refuse_a_batch_they_cannot_split(tmp_path, capsys):
@@ -184,6 +254,9 @@ def test_any_case_option_replaces_the_suite():
         (["--config", "configs/default.py", "--vs-torch", "--batch", "8"], "--batch, --vs-torch describe a suite"),
         (["--config.batch_size=8"], "add --config FILE"),
         (["--config", "configs/no_such_experiment.py"], "No config file"),
+        (["--model", "resnet8", "--epochs", "--epoch-images", "100", "--batch", "128"], "less than a batch"),
+        (["--model", "resnet8", "--epochs", "--scan-steps", "-1"], "--scan-steps -1: give a number"),
+        (["--config", "configs/default.py", "--epochs"], "--epochs describe a suite"),
     ],
 )
 def test_bad_arguments_fail_with_one_line_before_compiling(arguments, message, tmp_path, capsys):
@@ -237,7 +310,7 @@ def test_device_resident_batches_are_epochs_of_crops_and_flips():
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (12, 6, 6, 1), dtype=np.uint8)
     source = ArraySource(images, np.arange(12, dtype=np.int32), 12, "test", (0.4,), (0.3,))
-    batches = device_resident_batches(source, batch=4, pad=2)
+    batches = iter(ResidentData(source, batch=4, pad=2))
     padded = np.pad(images, ((0, 0), (2, 2), (2, 2), (0, 0)))
     for _ in range(2):  # two epochs of three batches: each example once per epoch
         epoch = [jax.device_get(next(batches)) for _ in range(3)]

@@ -54,3 +54,8 @@ SUITE = (
     Case("resnet50", 224, 256, "bf16", num_classes=1000),
 )
 GPU_ONLY = {SUITE[2]: "resnet50 at 224x224, batch 256 takes minutes per step on a CPU"}
+# Whole epochs with the data on the device (`epochs.py`): the CIFAR ResNets of the issue, a CIFAR-sized epoch.
+EPOCH_MODELS = ("resnet20", "resnet56")
+EPOCH_BATCH = 128
+CIFAR_TRAIN_IMAGES = 50_000
+GPU_SCAN_STEPS = 10  # steps per compiled call of the scanned epoch row, on a GPU by default

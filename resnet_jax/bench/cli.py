@@ -7,12 +7,14 @@ import argparse
 import os
 import shlex
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from resnet_jax.bench.cases import PRECISIONS, Case
+from resnet_jax.bench.cases import CIFAR_TRAIN_IMAGES, EPOCH_BATCH, EPOCH_MODELS, GPU_SCAN_STEPS, PRECISIONS, Case
 
 if TYPE_CHECKING:
+    from resnet_jax.bench.epochs import EpochRow
     from resnet_jax.bench.harness import Settings, StepRow
     from resnet_jax.bench.inputs import InputRow
 
@@ -67,6 +69,26 @@ def add_bench_command(commands: Any) -> None:
         help="also time the step as `resnet-jax train --cpu-processes N` runs it: N pinned processes, pmap, gloo "
         "(CPU only; the batch is split over them)",
     )
+    p.add_argument(
+        "--epochs",
+        action="store_true",
+        help="also time whole training epochs of resnet20 and resnet56 (or --model) on CIFAR-shaped data resident "
+        "on the device, JAX against each torch variant with --vs-torch (default on a GPU)",
+    )
+    p.add_argument(
+        "--scan-steps",
+        type=int,
+        metavar="K",
+        help="with the epochs, also a JAX row that runs K steps per compiled call (lax.scan; default 10 on a GPU, "
+        "none on a CPU; 0 or 1: none)",
+    )
+    p.add_argument(
+        "--epoch-images",
+        type=int,
+        default=CIFAR_TRAIN_IMAGES,
+        metavar="N",
+        help=f"images in an epoch of --epochs (default {CIFAR_TRAIN_IMAGES:,}, CIFAR's training set)",
+    )
     p.add_argument("--no-input", action="store_true", help="skip the input-pipeline rows")
     p.add_argument("--out", default=RESULTS_DIR, help=f"folder of the JSON results (default {RESULTS_DIR})")
     p.set_defaults(run=run_bench, takes_config_overrides=True)
@@ -89,6 +111,13 @@ def run_bench(args: argparse.Namespace) -> None:
 
     platform = jax.devices()[0].platform
     cases, skipped = chosen_cases(args, platform)
+    epoch_models = [args.model] if args.model else list(EPOCH_MODELS)
+    epoch_batch = (args.batch or [EPOCH_BATCH])[0]
+    run_epochs = args.epochs or (platform != "cpu" and args.model is None)
+    if run_epochs and args.epoch_images < epoch_batch:
+        raise ValueError(f"--epoch-images {args.epoch_images} is less than a batch; give at least {epoch_batch}.")
+    if args.scan_steps is not None and args.scan_steps < 0:
+        raise ValueError(f"--scan-steps {args.scan_steps}: give a number of steps per call, or 0 for none.")
     if args.cpu_processes is not None:
         check_cpu_processes(args.cpu_processes, cases, platform)
     variants: tuple[str, ...] = ()
@@ -96,8 +125,8 @@ def run_bench(args: argparse.Namespace) -> None:
         from resnet_jax.bench import torch_models
         from resnet_jax.bench.torch_side import torch_device
 
-        for case in cases:
-            torch_models.constructor(case.model)
+        for model in {case.model for case in cases} | set(epoch_models if run_epochs else []):
+            torch_models.constructor(model)
         device = torch_device()
         if (device == "cpu") != (platform == "cpu"):
             raise ValueError(
@@ -107,6 +136,11 @@ def run_bench(args: argparse.Namespace) -> None:
         variants = tuple(args.torch_variants or harness.default_torch_variants(device))
         if device == "cpu" and not args.torch_variants:
             skipped.append(GPU_TORCH_ROWS)
+    if not run_epochs:
+        skipped.append(
+            f"skipped whole epochs of {' and '.join(epoch_models)} on CIFAR-shaped data resident on the device: GPU "
+            "rows by default (minutes per epoch on a CPU); run them here with --epochs --epoch-images 5000"
+        )
     skipped.append(TIME_TO_ACCURACY)
     for line in skipped:
         print(line)
@@ -118,12 +152,26 @@ def run_bench(args: argparse.Namespace) -> None:
         lambda case_rows: print(*report.case_lines(case_rows), sep="\n"),
         args.cpu_processes,
     )
+    epochs = []
+    if run_epochs:
+        from resnet_jax.bench.epochs import bench_epochs
+
+        epochs = bench_epochs(
+            epoch_models,
+            epoch_batch,
+            args.precision or "fp32",
+            args.epoch_images,
+            settings,
+            variants,
+            lambda model_rows: print(*report.epoch_lines(model_rows), sep="\n"),
+            args.scan_steps if args.scan_steps is not None else (0 if platform == "cpu" else GPU_SCAN_STEPS),
+        )
     inputs = []
     if not args.no_input:
         inputs, input_skipped = input_rows(batch=128, num_batches=settings.steps)
         skipped += input_skipped
         print(*map(report.input_line, inputs), sep="\n")
-    finish(rows, inputs, skipped, settings, args.out)
+    finish(rows, inputs, skipped, settings, args.out, epochs=epochs)
 
 
 def bench_config(args: argparse.Namespace, settings: Settings) -> None:
@@ -142,6 +190,8 @@ def bench_config(args: argparse.Namespace, settings: Settings) -> None:
         "--vs-torch": args.vs_torch or None,
         "--torch-variants": args.torch_variants,
         "--cpu-processes": args.cpu_processes,
+        "--epochs": args.epochs or None,
+        "--scan-steps": args.scan_steps,
     }
     if given := [option for option, value in suite_options.items() if value is not None]:
         raise ValueError(
@@ -167,12 +217,15 @@ def finish(
     settings: Settings,
     out: str,
     extra: dict[str, Any] | None = None,
+    epochs: Sequence[EpochRow] = (),
 ) -> None:
-    """Print the table and write the results file (with ``extra`` keys)."""
+    """Print the tables and write the results file (with ``extra`` keys)."""
     from resnet_jax.bench import report
 
     print(report.markdown_table(rows))
-    record = report.results(rows, inputs, skipped, settings, invoked_command()) | (extra or {})
+    if epochs:
+        print(report.epoch_table(epochs))
+    record = report.results(rows, inputs, skipped, settings, invoked_command(), epochs) | (extra or {})
     path = report.write_results(record, out)
     print(f"results in {path}")
 

@@ -12,12 +12,15 @@ import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 
 from resnet_jax.bench.harness import Settings, StepRow, ratio
 from resnet_jax.bench.inputs import InputRow
+
+if TYPE_CHECKING:
+    from resnet_jax.bench.epochs import EpochRow
 
 LIBRARIES = ("jax", "jaxlib", "flax", "optax", "numpy", "torch")
 # Settings that change the timings without changing the command.
@@ -55,6 +58,45 @@ def markdown_table(rows: Sequence[StepRow]) -> str:
     return "\n".join(lines)
 
 
+def epoch_lines(rows: Sequence[EpochRow]) -> list[str]:
+    """One line per JAX runner of a model's epochs, then one per pair of JAX and torch runners ending in
+    ``ratio=`` (torch's epoch time over JAX's)."""
+    from resnet_jax.bench.epochs import epoch_ratio
+
+    jax_rows, torch_rows = _epoch_rows(rows)
+    lines = [
+        f"{row.label}: {row.name} {row.seconds:.2f} s ({row.images / row.seconds:,.0f} img/s, {_epoch_cost(row)})"
+        for row in jax_rows
+    ]
+    lines += [
+        f"{row.label}: {jax_row.name} {jax_row.seconds:.2f} s, {row.name} {row.seconds:.2f} s ({_epoch_cost(row)}), "
+        f"ratio={epoch_ratio(jax_row, row):.2f}"
+        for row in torch_rows
+        for jax_row in jax_rows
+    ]
+    return lines
+
+
+def epoch_table(rows: Sequence[EpochRow]) -> str:
+    """Seconds per epoch with the data on the device, per JAX runner and torch variant."""
+    from resnet_jax.bench.epochs import epoch_ratio
+
+    header = "| model | images | batch | precision | JAX | JAX s/epoch | torch | torch s/epoch | ratio |"
+    lines = [header, "|---" * 9 + "|"]
+    for model_rows in _by_model(rows):
+        jax_rows, torch_rows = _epoch_rows(model_rows)
+        for jax_row in jax_rows:
+            case = jax_row.case
+            start = f"| {case.model} | {jax_row.images:,} | {case.batch} | {case.precision} | {jax_row.variant} "
+            start += f"| {jax_row.seconds:.2f} "
+            lines += [
+                f"{start}| {row.variant} | {row.seconds:.2f} | {epoch_ratio(jax_row, row):.2f} |" for row in torch_rows
+            ]
+            if not torch_rows:
+                lines.append(start + "| - | - | - |")
+    return "\n".join(lines)
+
+
 def input_line(row: InputRow) -> str:
     return f"input {row.name}, batch {row.batch}: {row.img_per_s:,.0f} img/s"
 
@@ -73,10 +115,26 @@ def input_verdict(row: InputRow, step: StepRow) -> str:
 
 
 def results(
-    rows: Sequence[StepRow], inputs: Sequence[InputRow], skipped: Sequence[str], settings: Settings, command: str
+    rows: Sequence[StepRow],
+    inputs: Sequence[InputRow],
+    skipped: Sequence[str],
+    settings: Settings,
+    command: str,
+    epochs: Sequence[EpochRow] = (),
 ) -> dict[str, Any]:
     """Everything measured, with what is needed to rerun and compare it; each torch row holds its ratio to every
-    JAX runner of its case (``jax_over_torch``, by JAX variant)."""
+    JAX runner of its case (``jax_over_torch``, by JAX variant), each torch epoch its ratio to every JAX
+    epoch runner (``torch_seconds_over_jax``, by JAX variant)."""
+    from resnet_jax.bench.epochs import epoch_ratio
+
+    epoch_records = []
+    for model_rows in _by_model(epochs):
+        jax_rows, torch_rows = _epoch_rows(model_rows)
+        epoch_records += [_epoch_record(row) for row in jax_rows]
+        epoch_records += [
+            _epoch_record(row) | {"torch_seconds_over_jax": {j.variant: epoch_ratio(j, row) for j in jax_rows}}
+            for row in torch_rows
+        ]
     train = []
     for jax_rows, torch_rows in _by_case(rows):
         train += [_row_record(row) for row in jax_rows]
@@ -92,6 +150,7 @@ def results(
         "environment": {name: os.environ.get(name) for name in ENVIRONMENT},
         "train": train,
         "input": [vars(row) for row in inputs],
+        "epochs": epoch_records,
         "skipped": list(skipped),
     }
 
@@ -166,6 +225,38 @@ def _by_case(rows: Sequence[StepRow]) -> list[tuple[list[StepRow], list[StepRow]
         jax_rows, torch_rows = groups.setdefault(row.case, ([], []))
         (jax_rows if row.framework == "jax" else torch_rows).append(row)
     return list(groups.values())
+
+
+def _epoch_record(row: EpochRow) -> dict[str, Any]:
+    case = row.case
+    return {
+        "model": case.model,
+        "images": row.images,
+        "image_size": case.image_size,
+        "batch": case.batch,
+        "precision": case.precision,
+        "framework": row.framework,
+        "variant": row.variant,
+        "seconds": row.seconds,
+        "compile_seconds": row.compile_seconds,
+        "epoch_seconds": row.epoch_seconds,
+    }
+
+
+def _by_model(rows: Sequence[EpochRow]) -> list[list[EpochRow]]:
+    groups: dict[Any, list[EpochRow]] = {}
+    for row in rows:
+        groups.setdefault(row.case, []).append(row)
+    return list(groups.values())
+
+
+def _epoch_rows(rows: Sequence[EpochRow]) -> tuple[list[EpochRow], list[EpochRow]]:
+    """(the JAX rows, the torch rows) of one model's epochs."""
+    return [row for row in rows if row.framework == "jax"], [row for row in rows if row.framework != "jax"]
+
+
+def _epoch_cost(row: EpochRow) -> str:
+    return f"compile and first step {row.compile_seconds:.1f}s"
 
 
 def _cost(row: StepRow) -> str:

@@ -48,51 +48,62 @@ class TorchStep:
         from resnet_jax.bench import torch_models
 
         self.variant = variant
-        self._torch = torch
-        self._device = torch.device(torch_device())
+        self.torch = torch
+        self.device = torch.device(torch_device())
         torch.manual_seed(seed)
-        model = torch_models.create(case.model, case.num_classes).to(self._device).train()
-        images, labels = case.synthetic_batch(seed)
-        self._images = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).to(self._device)
-        self._labels = torch.from_numpy(labels).long().to(self._device)
+        model = torch_models.create(case.model, case.num_classes).to(self.device).train()
         if variant != "eager":
             model = model.to(memory_format=torch.channels_last)
-            self._images = self._images.contiguous(memory_format=torch.channels_last)
+        images, labels = case.synthetic_batch(seed)
+        self._images = self.in_memory_format(torch.from_numpy(images.transpose(0, 3, 1, 2)).to(self.device))
+        self._labels = torch.from_numpy(labels).long().to(self.device)
         self._optimizer = torch.optim.SGD(
             model.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY
         )
         self._forward = torch.compile(model) if variant == "compile" else model
         self._autocast = case.precision == "bf16"
-        if self._device.type == "cuda":
+        if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
+
+    def in_memory_format(self, images: Any) -> Any:
+        """NCHW ``images`` laid out as this variant's model expects them (channels_last but for "eager")."""
+        layout = self.torch.contiguous_format if self.variant == "eager" else self.torch.channels_last
+        return images.contiguous(memory_format=layout)
 
     def compile(self) -> float:
         """The first step, which is where torch.compile compiles; returns its seconds."""
         return sum(self.run(1))
 
     def run(self, num_steps: int) -> list[float]:
-        torch = self._torch
         times = []
         for _ in range(num_steps):
             began = time.perf_counter()
-            with self._precision():
-                loss = torch.nn.functional.cross_entropy(self._forward(self._images).float(), self._labels)
-            self._optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self._optimizer.step()
-            if self._device.type == "cuda":
-                torch.cuda.synchronize()
+            self.step(self._images, self._labels)
+            self.synchronize()
             times.append(time.perf_counter() - began)
         return times
 
+    def step(self, images: Any, labels: Any) -> None:
+        """One SGD step on a batch (forward, cross-entropy, backward, update), not waited for."""
+        with self._precision():
+            loss = self.torch.nn.functional.cross_entropy(self._forward(images).float(), labels)
+        self._optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self._optimizer.step()
+
+    def synchronize(self) -> None:
+        """Wait for the device (a GPU runs torch's work asynchronously; a CPU has finished already)."""
+        if self.device.type == "cuda":
+            self.torch.cuda.synchronize()
+
     def peak_memory(self) -> tuple[int | None, str]:
         """The GPU's peak allocation, or on CPU the process's peak resident memory (JAX's included)."""
-        if self._device.type == "cuda":
-            return int(self._torch.cuda.max_memory_allocated()), "torch.cuda.max_memory_allocated"
+        if self.device.type == "cuda":
+            return int(self.torch.cuda.max_memory_allocated()), "torch.cuda.max_memory_allocated"
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
         return int(peak), "process peak RSS (both frameworks)"
 
     def _precision(self) -> Any:
         if not self._autocast:
             return contextlib.nullcontext()
-        return self._torch.autocast(self._device.type, dtype=self._torch.bfloat16)
+        return self.torch.autocast(self.device.type, dtype=self.torch.bfloat16)

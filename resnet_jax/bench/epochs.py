@@ -1,0 +1,219 @@
+"""Whole training epochs with the data set resident on the device, JAX against PyTorch.
+
+A CIFAR-sized step is short enough on a GPU that feeding it from the host can cost more than the step. Here
+both frameworks copy the uint8 images to the device once and make every batch there (a permutation per
+epoch, pad-4 random crop, flip, normalisation), so an epoch's time is the training alone: for JAX the
+project's train step fed by `ResidentData`, for PyTorch the same model, optimizer and augmentation
+in torch ops. Epochs are timed in turn, like the step rows, and the ratio is PyTorch's epoch time over JAX's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from resnet_jax import data
+from resnet_jax.bench.cases import LEARNING_RATE, Case
+from resnet_jax.bench.harness import Settings
+from resnet_jax.bench.inputs import CIFAR_SHAPE, ResidentData
+from resnet_jax.bench.jax_side import DTYPES, optimizer_config
+from resnet_jax.bench.torch_side import TorchStep
+from resnet_jax.models import create_model
+from resnet_jax.train.optim import create_optimizer
+from resnet_jax.train.steps import TrainState, compile_steps, create_train_state, make_mesh, train_step
+
+
+class EpochRunner(Protocol):
+    framework: str
+    variant: str
+
+    def compile(self) -> float: ...
+
+    def run_epoch(self) -> float: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class EpochRow:
+    """One runner's epochs of one model: compile (and first step) seconds, then the seconds of each epoch."""
+
+    case: Case
+    images: int
+    framework: str
+    variant: str
+    compile_seconds: float
+    epoch_seconds: list[float]
+
+    @property
+    def seconds(self) -> float:
+        return statistics.median(self.epoch_seconds)
+
+    @property
+    def name(self) -> str:
+        return f"{self.framework} {self.variant}"
+
+    @property
+    def label(self) -> str:
+        return f"{self.case.model} epoch of {self.images:,} CIFAR-shaped images on the device, " + (
+            f"batch {self.case.batch} {self.case.precision}"
+        )
+
+
+def epoch_ratio(jax_row: EpochRow, torch_row: EpochRow) -> float:
+    """Median over rounds of torch's epoch time over JAX's in the same round (> 1: JAX is faster)."""
+    pairs = zip(jax_row.epoch_seconds, torch_row.epoch_seconds, strict=True)
+    return statistics.median(t / j for j, t in pairs)
+
+
+class JaxEpoch:
+    """The project's train step over batches made on the device: one compiled call per step (`compile_steps`,
+    state donated), or with ``scan_steps`` > 1 that many steps per call (`lax.scan` over the step and the
+    batch maker; the steps left over at an epoch's end go one by one)."""
+
+    framework = "jax"
+
+    def __init__(self, case: Case, source: data.ArraySource, seed: int = 0, scan_steps: int = 1) -> None:
+        model = create_model(case.model, num_classes=source.num_classes, dtype=DTYPES[case.precision])
+        tx = create_optimizer(optimizer_config(), optax.constant_schedule(LEARNING_RATE))
+        self._steps = compile_steps(make_mesh(jax.devices()[:1]))
+        self._state = self._steps.put_state(create_train_state(model, tx, source.image_shape, seed))
+        self._data = ResidentData(source, case.batch, seed)
+        self._scan_steps = scan_steps
+        self.variant = "jit" if scan_steps == 1 else f"jit, {scan_steps} steps per call"
+        self._epoch = 0
+        self._train: Any = None
+        self._train_several: Any = None
+
+    def _several_steps(
+        self, state: TrainState, images: jax.Array, labels: jax.Array, order: jax.Array, first: jax.Array
+    ):
+        def step(state: TrainState, offset: jax.Array) -> tuple[TrainState, Any]:
+            return train_step(state, self._data.batch_at(images, labels, order, first + offset))
+
+        return jax.lax.scan(step, state, jnp.arange(self._scan_steps))
+
+    def compile(self) -> float:
+        """Compile the step(s) and the batch maker and take a first step; returns the seconds."""
+        began = time.perf_counter()
+        resident, order = self._data, self._data.order(0)
+        batch = resident.make(resident.images, resident.labels, order, jnp.int32(0))
+        self._train = self._steps.train.lower(self._state, batch).compile()
+        if self._scan_steps > 1:
+            arguments = (self._state, resident.images, resident.labels, order, jnp.int32(0))
+            self._train_several = jax.jit(self._several_steps, donate_argnums=0).lower(*arguments).compile()
+        self._state, metrics = self._train(self._state, batch)
+        jax.block_until_ready(metrics)
+        return time.perf_counter() - began
+
+    def run_epoch(self) -> float:
+        """Seconds of one epoch, dispatched call after call and waited for at the end."""
+        resident, per_epoch = self._data, self._data.steps_per_epoch
+        began = time.perf_counter()
+        order, first = resident.order(self._epoch), self._epoch * per_epoch
+        scanned = per_epoch - per_epoch % self._scan_steps if self._scan_steps > 1 else 0
+        for offset in range(0, scanned, self._scan_steps):
+            self._state, metrics = self._train_several(
+                self._state, resident.images, resident.labels, order, jnp.int32(first + offset)
+            )
+        for offset in range(scanned, per_epoch):
+            batch = resident.make(resident.images, resident.labels, order, jnp.int32(first + offset))
+            self._state, metrics = self._train(self._state, batch)
+        jax.block_until_ready((self._state, metrics))
+        self._epoch += 1
+        return time.perf_counter() - began
+
+
+class TorchEpoch:
+    """`TorchStep`'s model, optimizer and precision, over batches that torch makes on its device."""
+
+    framework = "torch"
+
+    def __init__(self, case: Case, source: data.ArraySource, variant: str, seed: int = 0, pad: int = 4) -> None:
+        self._step = TorchStep(case, variant, seed)
+        self.variant = variant
+        torch = self._torch = self._step.torch
+        device = self._step.device
+        self._generator = torch.Generator(device=device).manual_seed(seed)
+        self._pad = pad
+        padded = torch.nn.functional.pad(torch.from_numpy(source.images), (0, 0) + (self._pad, self._pad) * 2)
+        self._images = padded.to(device)  # (N, H + 8, W + 8, C) uint8
+        self._labels = torch.from_numpy(source.labels).long().to(device)
+        self._mean = torch.tensor(source.mean, dtype=torch.float32, device=device) * 255
+        self._std = torch.tensor(source.std, dtype=torch.float32, device=device) * 255
+        self._height, self._width = source.image_shape[:2]
+        self._batch = case.batch
+        self._steps_per_epoch = data.steps_per_epoch(source.num_examples, case.batch)
+
+    def make_batch(self, index: Any) -> Any:
+        """NCHW float images of the examples ``index``: random pad-4 crops, half of them flipped, normalised."""
+        torch, size = self._torch, len(index)
+        offsets = torch.randint(0, 2 * self._pad + 1, (size, 2), generator=self._generator, device=index.device)
+        rows = offsets[:, :1] + torch.arange(self._height, device=index.device)
+        cols = offsets[:, 1:] + torch.arange(self._width, device=index.device)
+        crops = self._images[index[:, None, None], rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
+        flipped = torch.rand(size, generator=self._generator, device=index.device) < 0.5
+        crops = torch.where(flipped[:, None, None, None], crops.flip(2), crops)
+        images = ((crops.float() - self._mean) / self._std).permute(0, 3, 1, 2)  # NCHW view of NHWC memory
+        return self._step.in_memory_format(images)
+
+    def compile(self) -> float:
+        """One step (where torch.compile compiles); returns its seconds."""
+        began = time.perf_counter()
+        index = self._torch.arange(self._batch, device=self._labels.device)
+        self._step.step(self.make_batch(index), self._labels[index])
+        self._step.synchronize()
+        return time.perf_counter() - began
+
+    def run_epoch(self) -> float:
+        """Seconds of one epoch: a fresh permutation, every full batch of it, waited for at the end."""
+        torch = self._torch
+        began = time.perf_counter()
+        order = torch.randperm(len(self._labels), generator=self._generator, device=self._labels.device)
+        for step in range(self._steps_per_epoch):
+            index = order[step * self._batch : (step + 1) * self._batch]
+            self._step.step(self.make_batch(index), self._labels[index])
+        self._step.synchronize()
+        return time.perf_counter() - began
+
+
+def bench_epochs(
+    models: Sequence[str],
+    batch: int,
+    precision: str,
+    images: int,
+    settings: Settings,
+    torch_variants: Sequence[str] = (),
+    report: Any = lambda rows: None,
+    scan_steps: int = 0,
+) -> list[EpochRow]:
+    """Each model's epochs over ``images`` (at least ``batch``) synthetic CIFAR-shaped images: compile, one
+    untimed epoch, then ``settings.repeats`` rounds of one epoch per runner in turn. ``scan_steps`` > 1 adds a
+    JAX row that runs that many steps per compiled call."""
+    source = data.synthetic(num_examples=images, image_shape=CIFAR_SHAPE, seed=0)
+    rows = []
+    for model in models:
+        case = Case(model, CIFAR_SHAPE[0], batch, precision, num_classes=source.num_classes)
+        runners: list[EpochRunner] = [JaxEpoch(case, source)]
+        if scan_steps > 1:
+            runners.append(JaxEpoch(case, source, scan_steps=scan_steps))
+        runners += [TorchEpoch(case, source, variant) for variant in torch_variants]
+        compile_seconds = [runner.compile() for runner in runners]
+        for runner in runners:
+            runner.run_epoch()
+        seconds: list[list[float]] = [[] for _ in runners]
+        for _ in range(settings.repeats):
+            for runner, times in zip(runners, seconds, strict=True):
+                times.append(runner.run_epoch())
+        model_rows = [
+            EpochRow(case, images, runner.framework, runner.variant, compiled, times)
+            for runner, compiled, times in zip(runners, compile_seconds, seconds, strict=True)
+        ]
+        report(model_rows)
+        rows += model_rows
+    return rows
