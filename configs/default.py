@@ -72,6 +72,9 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Bookkeeping.
     config.seed = 0
+    # JAX's persistent compilation cache (e.g. "~/.cache/resnet-jax/xla", or a bucket on a pod): a resumed or
+    # repeated run loads its compiled steps instead of compiling them again. "" = off.
+    config.compilation_cache_dir = ""
     config.log_every_steps = 50
     config.eval_every_steps = 500
     # > 0: stop at the first evaluation with at least this test accuracy (time to accuracy: metrics.jsonl

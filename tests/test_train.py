@@ -260,6 +260,24 @@ def test_a_target_accuracy_that_is_not_a_fraction_is_refused_before_anything_run
     assert not (tmp_path / "run").exists()
 
 
+def test_a_compilation_cache_lets_a_second_run_load_every_program_instead_of_compiling_it(idx_dir, tmp_path):
+    cache = tmp_path / "xla_cache"
+    overrides = [f"--config.data_dir={idx_dir}", f"--config.compilation_cache_dir={cache}", "--config.model=resnet8"]
+    overrides += ["--config.batch_size=8", "--config.eval_batch_size=8", "--config.num_train_steps=2"]
+
+    def train(workdir: str) -> set[str]:
+        command = [sys.executable, "-m", "resnet_jax.cli", "train", "--config", "configs/fashion_mnist_resnet20.py"]
+        result = subprocess.run(
+            [*command, "--workdir", str(tmp_path / workdir), *overrides], cwd=REPO, capture_output=True, text=True
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+        return {path.name for path in cache.iterdir() if not path.name.endswith("-atime")}
+
+    first = train("first")
+    assert any(name.startswith("jit_train_step-") for name in first)
+    assert train("second") == first  # the same programs: all loaded from the cache, none compiled again
+
+
 def test_a_workdir_of_another_model_is_refused(idx_dir, tmp_path):
     train_and_evaluate(small_config(idx_dir, num_train_steps=3), tmp_path)
     with pytest.raises(ValueError, match=r"holds a run of resnet8.*choose another --workdir"):

@@ -60,9 +60,8 @@ class EpochRow:
 
     @property
     def label(self) -> str:
-        return f"{self.case.model} epoch of {self.images:,} CIFAR-shaped images on the device, " + (
-            f"batch {self.case.batch} {self.case.precision}"
-        )
+        case, images = self.case, f"{self.images:,} CIFAR-shaped images"
+        return f"{case.model} epoch of {images} on the device, batch {case.batch} {case.precision}"
 
 
 def epoch_ratio(jax_row: EpochRow, torch_row: EpochRow) -> float:
@@ -92,7 +91,7 @@ class JaxEpoch:
 
     def _several_steps(
         self, state: TrainState, images: jax.Array, labels: jax.Array, order: jax.Array, first: jax.Array
-    ):
+    ) -> tuple[TrainState, Any]:
         def step(state: TrainState, offset: jax.Array) -> tuple[TrainState, Any]:
             return train_step(state, self._data.batch_at(images, labels, order, first + offset))
 
@@ -142,7 +141,7 @@ class TorchEpoch:
         self._generator = torch.Generator(device=device).manual_seed(seed)
         self._pad = pad
         padded = torch.nn.functional.pad(torch.from_numpy(source.images), (0, 0) + (self._pad, self._pad) * 2)
-        self._images = padded.to(device)  # (N, H + 8, W + 8, C) uint8
+        self._images = padded.to(device)  # (N, H + 2 pad, W + 2 pad, C) uint8
         self._labels = torch.from_numpy(source.labels).long().to(device)
         self._mean = torch.tensor(source.mean, dtype=torch.float32, device=device) * 255
         self._std = torch.tensor(source.std, dtype=torch.float32, device=device) * 255
@@ -151,7 +150,8 @@ class TorchEpoch:
         self._steps_per_epoch = data.steps_per_epoch(source.num_examples, case.batch)
 
     def make_batch(self, index: Any) -> Any:
-        """NCHW float images of the examples ``index``: random pad-4 crops, half of them flipped, normalised."""
+        """NCHW float images of the examples ``index``: random crops of the padded images, half of them flipped,
+        normalised, in the memory format of the torch variant."""
         torch, size = self._torch, len(index)
         offsets = torch.randint(0, 2 * self._pad + 1, (size, 2), generator=self._generator, device=index.device)
         rows = offsets[:, :1] + torch.arange(self._height, device=index.device)

@@ -10,6 +10,7 @@ measurement, read from the ``elapsed_s`` of metrics.jsonl (wall time of the run,
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from pathlib import Path
@@ -98,6 +99,14 @@ def training_batches(config: ml_collections.ConfigDict, source: Any, start_step:
     )
 
 
+def use_compilation_cache(directory: str) -> None:
+    """Keep compiled programs in ``directory`` (JAX's persistent compilation cache; a local path or a bucket),
+    so that a restarted or repeated run loads its steps instead of compiling them again. "" leaves it off."""
+    if directory:
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(directory))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
 def check_target_accuracy(config: ml_collections.ConfigDict) -> float:
     """``stop_at_test_accuracy``: 0 (train every step) or the test accuracy at which to stop, checked up front."""
     target = config.get("stop_at_test_accuracy", 0.0)
@@ -172,6 +181,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     began = time.perf_counter()
     workdir = Path(workdir)
     distributed.initialize(config)
+    use_compilation_cache(config.get("compilation_cache_dir", ""))
     lead = jax.process_index() == 0
     check_batch_sizes(config)
     target = check_target_accuracy(config)
