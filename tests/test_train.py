@@ -44,6 +44,10 @@ def small_config(data_dir: Path, **changes):
     return config
 
 
+CHANGED_BY_SMALL_CONFIG = ("model", "data_dir", "batch_size", "eval_batch_size", "num_train_steps", "log_every_steps")
+CHANGED_BY_SMALL_CONFIG += ("eval_every_steps", "checkpoint_every_steps", "compilation_cache_dir")
+
+
 # Fashion-MNIST-shaped IDX files: 64 training images and a prime number (17) of test images.
 idx_dir = idx_folder_fixture(num_train=64, num_test=17, compressed=True)
 
@@ -261,21 +265,33 @@ def test_a_target_accuracy_that_is_not_a_fraction_is_refused_before_anything_run
 
 
 def test_a_compilation_cache_lets_a_second_run_load_every_program_instead_of_compiling_it(idx_dir, tmp_path):
+    from jax.experimental.compilation_cache import compilation_cache
+
     cache = tmp_path / "xla_cache"
-    overrides = [f"--config.data_dir={idx_dir}", f"--config.compilation_cache_dir={cache}", "--config.model=resnet8"]
-    overrides += ["--config.batch_size=8", "--config.eval_batch_size=8", "--config.num_train_steps=2"]
+    config = small_config(idx_dir, num_train_steps=2, compilation_cache_dir=str(cache))
 
-    def train(workdir: str) -> set[str]:
-        command = [sys.executable, "-m", "resnet_jax.cli", "train", "--config", "configs/fashion_mnist_resnet20.py"]
-        result = subprocess.run(
-            [*command, "--workdir", str(tmp_path / workdir), *overrides], cwd=REPO, capture_output=True, text=True
-        )
-        assert result.returncode == 0, result.stderr[-2000:]
-        return {path.name for path in cache.iterdir() if not path.name.endswith("-atime")}
+    def steps_cached() -> set[str]:  # the train and eval steps (smaller programs may hit JAX's in-memory cache)
+        return {path.name for path in cache.glob("jit_*_step-*-cache")}
 
-    first = train("first")
-    assert any(name.startswith("jit_train_step-") for name in first)
-    assert train("second") == first  # the same programs: all loaded from the cache, none compiled again
+    jax.jit(lambda x: x + 1)(1.0)  # JAX decides at a process's first compile whether to use the cache
+    try:
+        train_and_evaluate(config, tmp_path / "first")
+    finally:
+        jax.config.update("jax_compilation_cache_dir", None)
+        compilation_cache.reset_cache()
+    first = steps_cached()
+    assert {name.split("-")[0] for name in first} == {"jit_train_step", "jit_eval_step"}
+
+    overrides = [f"--config.{key}={value}" for key, value in config.items() if key in CHANGED_BY_SMALL_CONFIG]
+    command = [sys.executable, "-m", "resnet_jax.cli", "train", "--config", "configs/default.py", *overrides]
+    env = os.environ | {"JAX_LOG_COMPILES": "1", "JAX_EXPLAIN_CACHE_MISSES": "1"}  # log each hit and miss
+    second = [*command, "--workdir", str(tmp_path / "second")]
+    result = subprocess.run(second, cwd=REPO, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for step in ("jit_train_step", "jit_eval_step"):  # a new process, the same steps: loaded, not compiled
+        assert f"Persistent compilation cache hit for '{step}'" in result.stderr
+        assert f"PERSISTENT COMPILATION CACHE MISS for '{step}'" not in result.stderr
+    assert steps_cached() == first
 
 
 def test_a_workdir_of_another_model_is_refused(idx_dir, tmp_path):

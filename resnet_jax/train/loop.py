@@ -102,9 +102,12 @@ def training_batches(config: ml_collections.ConfigDict, source: Any, start_step:
 def use_compilation_cache(directory: str) -> None:
     """Keep compiled programs in ``directory`` (JAX's persistent compilation cache; a local path or a bucket),
     so that a restarted or repeated run loads its steps instead of compiling them again. "" leaves it off."""
-    if directory:
+    if directory and os.path.expanduser(directory) != jax.config.jax_compilation_cache_dir:
+        from jax.experimental.compilation_cache import compilation_cache
+
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(directory))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        compilation_cache.reset_cache()  # JAX decides once whether to use it: at the first compile of the process
 
 
 def check_target_accuracy(config: ml_collections.ConfigDict) -> float:
