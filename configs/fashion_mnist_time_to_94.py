@@ -7,8 +7,10 @@ and the run stops at the first evaluation that reaches 0.94. The last lines give
 of the run (start to that evaluation: loading, compiling and the evaluations count), and every record of
 metrics.jsonl has its elapsed_s. A rerun of the command on the same workdir reports the stop and trains no
 further; `--config.stop_at_test_accuracy=0` goes on to the recipe's end.
-Expected: TBD
-Time: TBD
+Expected: stops at step 7020 (epoch 15.0) with test_accuracy 0.9406 (seed 0; 0.9229 / 0.8947 / 0.9347 after
+epochs 12 / 13 / 14; the whole 20-epoch recipe ended at 0.9489).
+Time: 42m02s to 94% on 2 CPU cores (2,522 s, loading, compiling and 15 evaluations included; 293-428 img/s,
+short niced test runs beside it at times). On a GPU, the same command gives the GPU's time to 94%.
 """
 
 from configs import fashion_mnist_wrn16_2
