@@ -84,6 +84,7 @@ def test_bench_without_torch_prints_jax_rows_only(tmp_path, capsys):
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPU cores, one per process")
+@pytest.mark.slow  # run with the slow tests to keep the default run under 15 minutes
 def test_bench_cpu_processes_row_runs_the_pinned_pmap_job_beside_the_others(tmp_path, capsys):
     arguments = [*TINY, "--repeats", "2", "--vs-torch", "--cpu-processes", "2", "--no-input", "--out", str(tmp_path)]
     assert main(["bench", *arguments]) == 0
@@ -101,6 +102,7 @@ def test_bench_cpu_processes_row_runs_the_pinned_pmap_job_beside_the_others(tmp_
         assert torch_row["jax_over_torch"][row["variant"]] == pytest.approx(expected)
 
 
+@pytest.mark.slow  # run with the slow tests to keep the default run under 15 minutes
 def test_bench_epochs_time_whole_epochs_with_the_data_on_the_device_against_torch(tmp_path, capsys):
     arguments = ["--model", "resnet8", "--batch", "16", "--epochs", "--epoch-images", "40", "--scan-steps", "2"]
     arguments += ["--repeats", "2", "--steps", "1", "--warmup", "0", "--no-input", "--vs-torch", "--out", str(tmp_path)]

@@ -184,6 +184,7 @@ def test_cpu_processes_refuse_what_they_cannot_run_before_starting_any(idx_dir, 
     assert not workdir.exists()
 
 
+@pytest.mark.slow  # run with the slow tests to keep the default run under 15 minutes
 def test_sigterm_to_cpu_processes_checkpoints_every_process_and_resumes(idx_dir, tmp_path):
     workdir = tmp_path / "two_processes"
     args = ["--cpu-processes", "2", "--config.parallelism=pmap"]

@@ -161,6 +161,7 @@ TRAIN = [sys.executable, "-m", "resnet_jax.cli", "train"]
 CPU_ONLY = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "JAX_PLATFORMS": "cpu"}
 
 
+@pytest.mark.slow  # run with the slow tests to keep the default run under 15 minutes
 def test_two_processes_train_like_one_process_on_the_same_global_batch(tmp_path):
     data = tmp_path / "idx"
     data.mkdir()
