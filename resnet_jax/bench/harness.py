@@ -67,6 +67,10 @@ class StepRow:
     def name(self) -> str:
         return f"{self.framework} {self.variant}"
 
+    @property
+    def label(self) -> str:
+        return self.case.label
+
 
 def ratio(jax_row: StepRow, torch_row: StepRow) -> float:
     """Median over repeats of JAX img/s over torch img/s measured in the same repeat."""

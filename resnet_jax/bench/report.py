@@ -10,7 +10,7 @@ import os
 import platform
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,32 +30,18 @@ MIB = 2**20
 
 def case_lines(rows: Sequence[StepRow]) -> list[str]:
     """One line per JAX runner of a case, then one per pair of JAX and torch runners ending in ``ratio=JAX/torch``."""
-    lines = []
-    for jax_rows, torch_rows in _by_case(rows):
-        lines += [f"{row.case.label}: {row.name} {row.img_per_s:,.0f} img/s ({_cost(row)})" for row in jax_rows]
-        lines += [
-            f"{row.case.label}: {jax_row.name} {jax_row.img_per_s:,.0f} img/s, {row.name} {row.img_per_s:,.0f} img/s "
-            f"({_cost(row)}), ratio={ratio(jax_row, row):.2f}"
-            for row in torch_rows
-            for jax_row in jax_rows
-        ]
-    return lines
+    return _runner_lines(rows, lambda row: f"{row.img_per_s:,.0f} img/s", _cost, ratio)
 
 
 def markdown_table(rows: Sequence[StepRow]) -> str:
     """The README's table: one line per case, JAX runner and torch variant (or per JAX runner, JAX alone)."""
-    header = "| model | input | batch | precision | JAX | JAX img/s | torch | torch img/s | ratio |"
-    lines = [header, "|---" * 9 + "|"]
-    for jax_rows, torch_rows in _by_case(rows):
-        for jax_row in jax_rows:
-            case = jax_row.case
-            start = f"| {case.model} | {case.image_size}x{case.image_size} | {case.batch} | {case.precision} "
-            start += f"| {jax_row.variant} | {jax_row.img_per_s:,.0f} "
-            for row in torch_rows:
-                lines.append(start + f"| {row.variant} | {row.img_per_s:,.0f} | {ratio(jax_row, row):.2f} |")
-            if not torch_rows:
-                lines.append(start + "| - | - | - |")
-    return "\n".join(lines)
+    return _table(
+        rows,
+        "| model | input | batch | precision | JAX | JAX img/s | torch | torch img/s | ratio |",
+        lambda row: f"{row.case.model} | {row.case.image_size}x{row.case.image_size}",
+        lambda row: f"{row.img_per_s:,.0f}",
+        ratio,
+    )
 
 
 def epoch_lines(rows: Sequence[EpochRow]) -> list[str]:
@@ -63,38 +49,20 @@ def epoch_lines(rows: Sequence[EpochRow]) -> list[str]:
     ``ratio=`` (torch's epoch time over JAX's)."""
     from resnet_jax.bench.epochs import epoch_ratio
 
-    jax_rows, torch_rows = _epoch_rows(rows)
-    lines = [
-        f"{row.label}: {row.name} {row.seconds:.2f} s ({row.images / row.seconds:,.0f} img/s, {_epoch_cost(row)})"
-        for row in jax_rows
-    ]
-    lines += [
-        f"{row.label}: {jax_row.name} {jax_row.seconds:.2f} s, {row.name} {row.seconds:.2f} s ({_epoch_cost(row)}), "
-        f"ratio={epoch_ratio(jax_row, row):.2f}"
-        for row in torch_rows
-        for jax_row in jax_rows
-    ]
-    return lines
+    return _runner_lines(rows, lambda row: f"{row.seconds:.2f} s", _epoch_cost, epoch_ratio)
 
 
 def epoch_table(rows: Sequence[EpochRow]) -> str:
     """Seconds per epoch with the data on the device, per JAX runner and torch variant."""
     from resnet_jax.bench.epochs import epoch_ratio
 
-    header = "| model | images | batch | precision | JAX | JAX s/epoch | torch | torch s/epoch | ratio |"
-    lines = [header, "|---" * 9 + "|"]
-    for model_rows in _by_model(rows):
-        jax_rows, torch_rows = _epoch_rows(model_rows)
-        for jax_row in jax_rows:
-            case = jax_row.case
-            start = f"| {case.model} | {jax_row.images:,} | {case.batch} | {case.precision} | {jax_row.variant} "
-            start += f"| {jax_row.seconds:.2f} "
-            lines += [
-                f"{start}| {row.variant} | {row.seconds:.2f} | {epoch_ratio(jax_row, row):.2f} |" for row in torch_rows
-            ]
-            if not torch_rows:
-                lines.append(start + "| - | - | - |")
-    return "\n".join(lines)
+    return _table(
+        rows,
+        "| model | images | batch | precision | JAX | JAX s/epoch | torch | torch s/epoch | ratio |",
+        lambda row: f"{row.case.model} | {row.images:,}",
+        lambda row: f"{row.seconds:.2f}",
+        epoch_ratio,
+    )
 
 
 def input_line(row: InputRow) -> str:
@@ -128,8 +96,7 @@ def results(
     from resnet_jax.bench.epochs import epoch_ratio
 
     epoch_records = []
-    for model_rows in _by_model(epochs):
-        jax_rows, torch_rows = _epoch_rows(model_rows)
+    for jax_rows, torch_rows in _by_case(epochs):
         epoch_records += [_epoch_record(row) for row in jax_rows]
         epoch_records += [
             _epoch_record(row) | {"torch_seconds_over_jax": {j.variant: epoch_ratio(j, row) for j in jax_rows}}
@@ -218,13 +185,48 @@ def _row_record(row: StepRow) -> dict[str, Any]:
     }
 
 
-def _by_case(rows: Sequence[StepRow]) -> list[tuple[list[StepRow], list[StepRow]]]:
-    """(the JAX rows, the torch rows) of each case, in order."""
-    groups: dict[Any, tuple[list[StepRow], list[StepRow]]] = {}
+def _by_case(rows: Sequence[Any]) -> list[tuple[list[Any], list[Any]]]:
+    """(the JAX rows, the torch rows) of each case, in order (step rows or epoch rows)."""
+    groups: dict[Any, tuple[list[Any], list[Any]]] = {}
     for row in rows:
         jax_rows, torch_rows = groups.setdefault(row.case, ([], []))
         (jax_rows if row.framework == "jax" else torch_rows).append(row)
     return list(groups.values())
+
+
+def _table(
+    rows: Sequence[Any],
+    header: str,
+    what: Callable[[Any], str],
+    rate: Callable[[Any], str],
+    ratio_of: Callable[[Any, Any], float],
+) -> str:
+    """A Markdown table: one line per case, JAX runner and torch variant (or per JAX runner, JAX alone)."""
+    lines = [header, "|---" * (header.count("|") - 1) + "|"]
+    for jax_rows, torch_rows in _by_case(rows):
+        for jax_row in jax_rows:
+            case = jax_row.case
+            start = f"| {what(jax_row)} | {case.batch} | {case.precision} | {jax_row.variant} | {rate(jax_row)} "
+            lines += [f"{start}| {row.variant} | {rate(row)} | {ratio_of(jax_row, row):.2f} |" for row in torch_rows]
+            if not torch_rows:
+                lines.append(start + "| - | - | - |")
+    return "\n".join(lines)
+
+
+def _runner_lines(
+    rows: Sequence[Any], rate: Callable[[Any], str], cost: Callable[[Any], str], ratio_of: Callable[[Any, Any], float]
+) -> list[str]:
+    """Each JAX runner's rate and cost, then each torch runner against each JAX runner, ending in ``ratio=``."""
+    lines = []
+    for jax_rows, torch_rows in _by_case(rows):
+        lines += [f"{row.label}: {row.name} {rate(row)} ({cost(row)})" for row in jax_rows]
+        lines += [
+            f"{row.label}: {jax_row.name} {rate(jax_row)}, {row.name} {rate(row)} ({cost(row)}), "
+            f"ratio={ratio_of(jax_row, row):.2f}"
+            for row in torch_rows
+            for jax_row in jax_rows
+        ]
+    return lines
 
 
 def _epoch_record(row: EpochRow) -> dict[str, Any]:
@@ -243,20 +245,8 @@ def _epoch_record(row: EpochRow) -> dict[str, Any]:
     }
 
 
-def _by_model(rows: Sequence[EpochRow]) -> list[list[EpochRow]]:
-    groups: dict[Any, list[EpochRow]] = {}
-    for row in rows:
-        groups.setdefault(row.case, []).append(row)
-    return list(groups.values())
-
-
-def _epoch_rows(rows: Sequence[EpochRow]) -> tuple[list[EpochRow], list[EpochRow]]:
-    """(the JAX rows, the torch rows) of one model's epochs."""
-    return [row for row in rows if row.framework == "jax"], [row for row in rows if row.framework != "jax"]
-
-
 def _epoch_cost(row: EpochRow) -> str:
-    return f"compile and first step {row.compile_seconds:.1f}s"
+    return f"{row.images / row.seconds:,.0f} img/s, compile and first step {row.compile_seconds:.1f}s"
 
 
 def _cost(row: StepRow) -> str:
