@@ -243,6 +243,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     def saveable(state: TrainState) -> TrainState:  # pmap keeps one copy per device: save one
         return state if config.parallelism == "jit" else steps.fetch(state)
 
+    def checked(window: list[dict[str, jax.Array]], done: int) -> list[dict[str, float]]:
+        """The metrics of the steps up to ``done``, fetched and checked to be finite."""
+        records = [steps.fetch(m) for m in window]
+        check_finite(records, done - len(records), checkpoints)
+        return records
+
     test_metrics: dict[str, float] = {}
     window: list[dict[str, jax.Array]] = []
     train_step = steps.train
@@ -259,9 +265,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                 window.append(metrics)
                 done = step + 1
                 if done % config.log_every_steps == 0 or done == end:
-                    records = [steps.fetch(m) for m in window]
-                    check_finite(records, done - len(records), checkpoints)
-                    window = []
+                    records, window = checked(window, done), []
                     means = {k: float(np.mean([r[k] for r in records])) for k in records[0] if k != "finite"}
                     log.write(done, "train", means | {"learning_rate": float(schedule(step))}, elapsed())
                     progress.update(done, {k: means[k] for k in ("loss", "accuracy")})
@@ -277,10 +281,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                         reached = {"test_accuracy": test_metrics["accuracy"], "step": done, "elapsed_s": elapsed()}
                 signum = stop.agreed()
                 if done == end or reached or signum is not None or checkpoints.manager.should_save(done):
-                    if window:  # every step before a checkpoint is checked
-                        records = [steps.fetch(m) for m in window]
-                        check_finite(records, done - len(records), checkpoints)
-                        window = []
+                    checked(window, done)  # every step before a checkpoint is checked
+                    window = []
                     meta = run_meta(config, done, elapsed(), **({"reached": reached} if reached else {}))
                     metrics = {ACCURACY: test_metrics["accuracy"]} if evaluated else None
                     checkpoints.save(done, saveable(state), meta, metrics, force=True)
