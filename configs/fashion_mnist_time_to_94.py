@@ -9,8 +9,10 @@ metrics.jsonl has its elapsed_s. A rerun of the command on the same workdir repo
 further; `--config.stop_at_test_accuracy=0` goes on to the recipe's end.
 Expected: stops at step 7020 (epoch 15.0) with test_accuracy 0.9406 (seed 0; 0.9229 / 0.8947 / 0.9347 after
 epochs 12 / 13 / 14; the whole 20-epoch recipe ended at 0.9489).
-Time: 42m02s to 94% on 2 CPU cores (2,522 s, loading, compiling and 15 evaluations included; 293-428 img/s,
-short niced test runs beside it at times). On a GPU, the same command gives the GPU's time to 94%.
+Time: 2m18s to 94% on one H100 (138.1 s: step 7020, test_accuracy 0.9405; 45.5 s of it compiling the
+train step, which `--config.compilation_cache_dir=DIR` saves on a second run; 20,000-30,000 img/s).
+42m02s on 2 CPU cores (2,522 s, loading, compiling and 15 evaluations included; 293-428 img/s, short
+niced test runs beside it at times).
 """
 
 from configs import fashion_mnist_wrn16_2

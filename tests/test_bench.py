@@ -20,7 +20,7 @@ from idx_files import idx_folder_fixture
 from resnet_jax import create_model, data
 from resnet_jax.bench import torch_models
 from resnet_jax.bench.cases import Case
-from resnet_jax.bench.cli import chosen_cases
+from resnet_jax.bench.cli import chosen_cases, invoked_command
 from resnet_jax.bench.epochs import JaxEpoch, TorchEpoch
 from resnet_jax.bench.harness import Settings, StepRow, ratio, time_runners
 from resnet_jax.bench.inputs import ResidentData
@@ -220,6 +220,19 @@ def test_config_step_is_the_experiments_own(idx_dir):
     after = jax.tree.map(np.asarray, step._state.params)
     changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), before, after)
     assert all(jax.tree.leaves(changed["head"])) and not any(jax.tree.leaves(changed["stage1"]))  # the optimizer
+
+
+@pytest.mark.parametrize(
+    ("script", "program"),
+    [
+        ("/usr/local/bin/resnet-jax", "resnet-jax"),
+        ("/src/resnet_jax/bench/__main__.py", "python -m resnet_jax.bench"),
+        ("/src/resnet_jax/cli.py", "python -m resnet_jax.cli"),
+    ],
+)
+def test_results_record_the_command_as_it_was_typed(script, program, monkeypatch):
+    monkeypatch.setattr(sys, "argv", [script, "--batch", "32", "--out", "my results"])
+    assert invoked_command() == f"{program} --batch 32 --out 'my results'"
 
 
 def test_suite_leaves_the_gpu_case_out_on_cpu():

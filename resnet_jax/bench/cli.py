@@ -256,8 +256,11 @@ def check_cpu_processes(num_processes: int, cases: list[Case], platform: str) ->
 
 
 def invoked_command() -> str:
-    """The command line as typed: ``resnet-jax bench ...`` or ``python -m resnet_jax.bench ...``."""
-    program = Path(sys.argv[0]).name
-    if program == "__main__.py":
-        program = "python -m resnet_jax.bench"
+    """The command line as typed: ``resnet-jax bench ...``, ``python -m resnet_jax.bench ...`` or
+    ``python -m resnet_jax.cli bench ...`` (how a machine without the package installed runs it)."""
+    script = Path(sys.argv[0])
+    program = {
+        ("bench", "__main__.py"): "python -m resnet_jax.bench",
+        ("resnet_jax", "cli.py"): "python -m resnet_jax.cli",
+    }.get((script.parent.name, script.name), script.name)
     return " ".join([program, *map(shlex.quote, sys.argv[1:])])
