@@ -79,8 +79,8 @@ def add_bench_command(commands: Any) -> None:
         "--scan-steps",
         type=int,
         metavar="K",
-        help="with the epochs, also a JAX row that runs K steps per compiled call (lax.scan; default 10 on a GPU, "
-        "none on a CPU; 0 or 1: none)",
+        help="with the epochs, also a JAX row that runs K steps per compiled call (lax.scan, unrolled on a CPU; "
+        "default 10 on a GPU, none on a CPU, where it gains nothing; 0 or 1: none)",
     )
     p.add_argument(
         "--epoch-images",
