@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from resnet_jax.train.config import REQUIRED_KEYS, load_config
 from resnet_jax.train.loop import build_model, evaluate, train_and_evaluate
 from resnet_jax.train.optim import create_optimizer, learning_rate_schedule
 from resnet_jax.train.reporting import MetricsLog, read_metrics
-from resnet_jax.train.steps import compile_steps, create_train_state, make_mesh
+from resnet_jax.train.steps import TrainState, compile_steps, create_train_state, make_mesh
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((REPO / "configs").glob("*.py"))
@@ -54,6 +55,42 @@ idx_dir = idx_folder_fixture(num_train=64, num_test=17, compressed=True)
 
 def params_of(workdir: Path, step: int | None = None):
     return Checkpoints(workdir, every_steps=1, keep_latest=1, async_save=False).read_state(step)["params"]
+
+
+# --- the train state ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_train_state_starts_from_the_models_own_initialisation_compiled_once(dtype, caplog):
+    from resnet_jax.models import create_model
+
+    shape = (13, 11, 3)  # no other test's: op by op, the dummy forward pass would compile every layer here
+
+    def compiled_while_creating(seed: int) -> tuple[TrainState, list[str]]:
+        caplog.clear()
+        model = create_model("resnet8", num_classes=10, dtype=dtype)  # equal models, so one compiled init
+        with jax.log_compiles(), caplog.at_level(logging.WARNING):
+            state = create_train_state(model, optax.sgd(0.1, momentum=0.9), shape, seed=seed)
+        return state, [r.getMessage().split()[1] for r in caplog.records if r.getMessage().startswith("Compiling ")]
+
+    state, first = compiled_while_creating(3)
+    assert first.count("jit(_model_init)") == 1 and "jit(conv_general_dilated)" not in first
+    assert "jit(_model_init)" not in compiled_while_creating(4)[1]
+    model = create_model("resnet8", num_classes=10, dtype=dtype)
+    variables = model.init(jax.random.key(3), jnp.zeros((1, *shape)), train=False)
+    for name in ("params", "batch_stats"):
+        for got, expected in zip(jax.tree.leaves(getattr(state, name)), jax.tree.leaves(variables[name]), strict=True):
+            np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
+    assert int(state.step) == 0 and state.apply_fn.__self__ == model
+    assert (state.loss_scale is not None) == (dtype == "float16")
+
+
+def test_a_model_with_list_fields_still_initialises():
+    from resnet_jax.models import create_model
+
+    model = create_model("resnet8", num_classes=10, stage_widths=[16, 32, 64])  # unhashable: no cache key
+    state = create_train_state(model, optax.sgd(0.1), (16, 16, 3), seed=0)
+    assert state.params["head"]["kernel"].shape == (64, 10)
 
 
 # --- schedules and optimizer -------------------------------------------------------------------

@@ -48,7 +48,7 @@ def create_train_state(
 
     float16 models get a dynamic loss scale; float32 and bfloat16 need none.
     """
-    variables = model.init(jax.random.key(seed), jnp.zeros((1, *input_shape), jnp.float32), train=False)
+    variables = initial_variables(model, jax.random.key(seed), tuple(input_shape))
     loss_scale = DynamicLossScale.create() if jnp.dtype(model.dtype) == jnp.float16 else None
     return TrainState.create(
         apply_fn=model.apply,
@@ -57,6 +57,24 @@ def create_train_state(
         tx=tx,
         loss_scale=loss_scale,
     )
+
+
+def initial_variables(model: nn.Module, key: jax.Array, input_shape: tuple[int, ...]) -> dict[str, Any]:
+    """``model.init`` on a dummy batch, compiled once per model and shape: op by op, every initializer and every
+    layer of the dummy forward pass would be compiled on its own, seconds of a run's start on a GPU. (A model
+    with unhashable fields, such as lists, cannot key the cache and is compiled for this call alone.)"""
+    try:
+        hash(model)
+    except TypeError:
+        return jax.jit(partial(_model_init, model), static_argnums=1)(key, input_shape)
+    return _cached_model_init(model, key, input_shape)
+
+
+def _model_init(model: nn.Module, key: jax.Array, input_shape: tuple[int, ...]) -> dict[str, Any]:
+    return model.init(key, jnp.zeros((1, *input_shape), jnp.float32), train=False)
+
+
+_cached_model_init = jax.jit(_model_init, static_argnums=(0, 2))
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
