@@ -11,8 +11,8 @@ resized to 256.
 Expected: top-1 test_accuracy about 0.763 (Goyal et al. 2017: 23.74% error; torchvision's v1.5
 weights: 76.13%).
 Time: not measured end to end (no ImageNet here). The train step runs at 5,274 img/s on one H100 at batch
-256 per device (`resnet-jax bench --model resnet50 --batch 256 --precision bf16`), so 90 epochs take at
-least 6 hours of steps on one H100, if the host's JPEG decoding keeps up, which was not measured.
+256 per device (`resnet-jax bench --model resnet50 --batch 256 --precision bf16`): at that rate 90 epochs
+are about 6 hours of steps on one H100, if the host's JPEG decoding keeps up (not measured).
 """
 
 from configs import default
