@@ -161,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         metavar="N",
         help="run N processes of one job on this machine's CPU, each pinned to its own cores (gloo collectives; "
-        "needs --config.parallelism=pmap); faster than one process on a multi-core CPU",
+        "needs --config.parallelism=pmap); faster than one jit process on a multi-core CPU, as is one process "
+        "with --config.parallelism=threads",
     )
     p.set_defaults(run=train)
 

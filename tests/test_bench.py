@@ -38,10 +38,10 @@ def test_bench_vs_torch_prints_ratios_and_writes_results(tmp_path, capsys):
     assert main(["bench", *TINY, "--repeats", "2", "--vs-torch", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     ratio_lines = [line for line in out.splitlines() if "ratio=" in line]
-    assert len(ratio_lines) == 1
-    assert re.fullmatch(
-        r"resnet8 16x16 batch 4 fp32: jax .* img/s, torch eager .* img/s \(.*\), ratio=\d+\.\d\d", ratio_lines[0]
-    )
+    assert len(ratio_lines) == 2  # jit, and (on a CPU, by default) the batch in 2 parts on host threads
+    for line, variant in zip(ratio_lines, ("jit", r"threads \(2\)"), strict=True):
+        pattern = rf"resnet8 16x16 batch 4 fp32: jax {variant} .* img/s, torch eager .* img/s \(.*\), ratio=\d+\.\d\d"
+        assert re.fullmatch(pattern, line)
     (path,) = tmp_path.glob("*.json")
     assert re.fullmatch(r"\d{4}-\d\d-\d\d-cpu-\d+cores\.json", path.name)
     record = json.loads(path.read_text())
@@ -51,16 +51,18 @@ def test_bench_vs_torch_prints_ratios_and_writes_results(tmp_path, capsys):
     assert record["versions"]["torch"]
     assert record["settings"] == {"steps": 2, "warmup": 1, "repeats": 2}
     assert set(record["environment"]) >= {"XLA_FLAGS", "OMP_NUM_THREADS"}
-    jax_row, torch_row = record["train"]
+    jax_row, threads_row, torch_row = record["train"]
     assert (jax_row["framework"], torch_row["framework"], torch_row["variant"]) == ("jax", "torch", "eager")
+    assert (threads_row["framework"], threads_row["variant"]) == ("jax", "threads (2)")
     for row in record["train"]:
         assert (row["model"], row["image_size"], row["batch"], row["precision"]) == ("resnet8", 16, 4, "fp32")
         assert len(row["step_seconds"]) == 2 and all(len(repeat) == 2 for repeat in row["step_seconds"])
         assert row["img_per_s"] == pytest.approx(4 / np.median(row["step_seconds"]))
         assert row["compile_seconds"] > 0 and row["peak_memory_bytes"] > 0 and row["memory_source"]
-    expected = np.median(np.divide(jax_row["img_per_s_per_repeat"], torch_row["img_per_s_per_repeat"]))
-    assert torch_row["jax_over_torch"] == {"jit": pytest.approx(expected)}
-    assert f"ratio={expected:.2f}" in ratio_lines[0]
+    for row, line in zip((jax_row, threads_row), ratio_lines, strict=True):
+        expected = np.median(np.divide(row["img_per_s_per_repeat"], torch_row["img_per_s_per_repeat"]))
+        assert torch_row["jax_over_torch"][row["variant"]] == pytest.approx(expected)
+        assert f"ratio={expected:.2f}" in line
     inputs = {row["name"]: row for row in record["input"]}
     no_fashion_mnist = any(line.startswith("input Fashion-MNIST: no data") for line in record["skipped"])
     assert set(inputs) == {"CIFAR-shaped 32x32x3 (synthetic)", "CIFAR-shaped 32x32x3 (synthetic), device-resident"} | (
@@ -73,14 +75,32 @@ def test_bench_vs_torch_prints_ratios_and_writes_results(tmp_path, capsys):
 
 
 def test_bench_without_torch_prints_jax_rows_only(tmp_path, capsys):
-    assert main(["bench", *TINY, "--no-input", "--out", str(tmp_path)]) == 0
+    assert main(["bench", *TINY, "--threads", "4", "--no-input", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "ratio=" not in out
-    assert re.search(
-        r"^resnet8 16x16 batch 4 fp32: jax jit [\d,]+ img/s \(compile [\d.]+s, peak [\d,]+ MiB\)$", out, re.M
-    )
+    for variant in ("jit", r"threads \(4\)"):
+        line = rf"^resnet8 16x16 batch 4 fp32: jax {variant} [\d,]+ img/s \(compile [\d.]+s, peak [\d,]+ MiB\)$"
+        assert re.search(line, out, re.M)
     record = json.loads(next(tmp_path.glob("*.json")).read_text())
-    assert [row["framework"] for row in record["train"]] == ["jax"] and record["input"] == []
+    assert [row["variant"] for row in record["train"]] == ["jit", "threads (4)"] and record["input"] == []
+    assert record["train"][1]["memory_source"] == "XLA buffers of the parts' programs and the update"
+    assert main(["bench", *TINY, "--threads", "0", "--no-input", "--out", str(tmp_path / "none")]) == 0
+    record = json.loads(next((tmp_path / "none").glob("*.json")).read_text())
+    assert [row["variant"] for row in record["train"]] == ["jit"]
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--threads", "3"], "batch 4 does not split into 3 parts"),
+        (["--threads", "-1"], "--threads -1: give the number of batch parts"),
+        (["--config", "configs/default.py", "--threads", "2"], "--threads describe a suite row"),
+    ],
+)
+def test_bench_threads_refuse_what_they_cannot_run_before_timing(tmp_path, capsys, arguments, message):
+    assert main(["bench", *TINY, *arguments, "--no-input", "--out", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.json"))
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPU cores, one per process")

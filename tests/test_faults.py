@@ -150,6 +150,8 @@ def test_a_corrupt_latest_checkpoint_is_set_aside_and_the_previous_one_restored(
         ({"batch_size": 0}, "batch"),
         ({"dataset": "mnist"}, "tfds build mnist"),
         ({"parallelism": "pjit"}, "parallelism='pjit'"),
+        ({"parallelism": "threads", "threads": 0}, "threads=0"),
+        ({"parallelism": "threads", "batch_size": 127}, "(1 processes) and 2 threads; use a multiple of 2"),
     ],
 )
 def test_bad_input_fails_before_compiling_with_one_clear_message(idx_dir, tmp_path, capsys, change, message):

@@ -335,7 +335,7 @@ def test_column_pairs_conv_matches_xla_in_values_gradients_and_forward_mode():
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="pins a thread to one core (Linux)")
-def test_narrow_convs_run_over_column_pairs_only_in_a_one_core_process():
+def test_narrow_convs_run_over_column_pairs_only_in_programs_with_one_core():
     def pair_kernel_compiled(shape, features, strides=1):
         x, w = jnp.zeros(shape), jnp.zeros((3, 3, shape[-1], features))
         conv = partial(blocks.conv_general_dilated, padding=((1, 1), (1, 1)), dimension_numbers=blocks.NHWC)
@@ -352,3 +352,5 @@ def test_narrow_convs_run_over_column_pairs_only_in_a_one_core_process():
     finally:
         os.sched_setaffinity(0, cores)
     assert len(cores) == 1 or not pair_kernel_compiled((4, 8, 10, 16), 16)
+    with blocks.programs_at_once(len(cores)):  # a batch part of parallelism "threads": one core's share
+        assert pair_kernel_compiled((4, 8, 10, 16), 16)

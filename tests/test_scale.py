@@ -1,4 +1,5 @@
-"""Scale, for real: pmap against jit on 8 CPU devices, fp16 loss scaling, and two processes over gloo."""
+"""Scale, for real: pmap against jit on 8 CPU devices, batch parts on host threads against pmap, fp16 loss
+scaling, and two processes over gloo."""
 
 from __future__ import annotations
 
@@ -53,15 +54,16 @@ PMAP_AGAINST_JIT = """
 
     collectives = {}
 
-    def train(parallelism, devices, batches):
-        steps = compile_steps(make_mesh(devices), parallelism=parallelism)
+    def train(parallelism, devices, batches, threads=2):
+        steps = compile_steps(make_mesh(devices), parallelism=parallelism, threads=threads)
         tx = create_optimizer(config, learning_rate_schedule(config, 4))
         state = steps.put_state(create_train_state(create_model("resnet8"), tx, (16, 16, 3), seed=0))
-        hlo = steps.train.lower(state, steps.put_batch(batches[0])).compile().as_text()
-        collectives[parallelism] = hlo.count(" all-reduce(")
+        compiled = steps.compile_train(state, steps.put_batch(batches[0]))
+        if parallelism != "threads":
+            collectives[parallelism] = compiled.as_text().count(" all-reduce(")
         for b in batches:
-            state, _ = steps.train(state, steps.put_batch(b))
-        return steps.fetch(state) if parallelism == "pmap" else jax.device_get(state)
+            state, _ = compiled(state, steps.put_batch(b))
+        return steps.fetch(state)
 
     def gap(a, b):
         return max(float(np.max(np.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
@@ -70,12 +72,17 @@ PMAP_AGAINST_JIT = """
     pmap_tiled = train("pmap", jax.devices(), [tiled, tiled])
     jit_global = train("jit", jax.devices(), [distinct])
     pmap_local = train("pmap", jax.devices(), [distinct])
+    threads_local = train("threads", jax.devices()[:1], [distinct, distinct], threads=8)
+    pmap_twice = train("pmap", jax.devices(), [distinct, distinct])
     print(json.dumps({
         "tiled_params": gap(jit_one.params, pmap_tiled.params),
         "tiled_stats": gap(jit_one.batch_stats, pmap_tiled.batch_stats),
         "per_device_vs_global_bn": gap(jit_global.params, pmap_local.params),
         "scale": max(float(np.max(np.abs(x))) for x in jax.tree.leaves(jit_one.params)),
         "pmap_all_reduces": collectives["pmap"],
+        "threads_vs_pmap_params": gap(threads_local.params, pmap_twice.params),
+        "threads_vs_pmap_stats": gap(threads_local.batch_stats, pmap_twice.batch_stats),
+        "threads_vs_pmap_momentum": gap(threads_local.opt_state, pmap_twice.opt_state),
     }))
 """
 
@@ -89,19 +96,25 @@ def test_pmap_shares_the_step_body_and_normalises_per_device():
     assert report["per_device_vs_global_bn"] > 1e-4
     # Gradients, statistics and metrics cross devices in one all-reduce (gloo pays milliseconds per call).
     assert report["pmap_all_reduces"] == 1
+    # 8 batch parts on host threads of one device: the step of pmap over 8 devices (BN per part, averaged
+    # gradients and statistics), to the summation order.
+    assert report["threads_vs_pmap_params"] <= 1e-5 * report["scale"]
+    assert report["threads_vs_pmap_stats"] <= 1e-5
+    assert report["threads_vs_pmap_momentum"] <= 1e-4
 
 
-def fp16_state(config):
+def fp16_state(config, parallelism="jit"):
     source = load_source("synthetic", "train", num_examples=32, image_shape=(16, 16, 3), num_classes=10)
-    steps = compile_steps(make_mesh())
+    steps = compile_steps(make_mesh(jax.devices()[:1]), parallelism=parallelism)
     tx = create_optimizer(config, learning_rate_schedule(config, 4))
     state = create_train_state(build_model(config, 10), tx, (16, 16, 3), seed=0)
     return steps, state, next(train_batches(source, global_batch_size=16, seed=0))
 
 
-def test_float16_loss_scaling_skips_non_finite_steps_and_lowers_the_scale():
+@pytest.mark.parametrize("parallelism", ["jit", "threads"])
+def test_float16_loss_scaling_skips_non_finite_steps_and_lowers_the_scale(parallelism):
     config = load_config(REPO / "configs/default.py", ["--config.dtype=float16", "--config.model=resnet8"])
-    steps, state, batch = fp16_state(config)
+    steps, state, batch = fp16_state(config, parallelism)
     assert state.loss_scale is not None
     overflowing = state.replace(loss_scale=state.loss_scale.replace(scale=jnp.asarray(3e38, jnp.float32)))
     before = jax.device_get(overflowing)
@@ -234,6 +247,37 @@ def test_cpu_processes_run_pmap_as_one_process_with_as_many_devices_does(tmp_pat
     # them by 0.1. This tiny run is chaotic: by step 6 the same orders drift apart by 1e-3 (both runs repeat
     # bit for bit), so step 3 is where equality shows.
     assert relative_gap(params_at_step(tmp_path / "two", 3), params_at_step(tmp_path / "one", 3)) <= 1e-5
+
+
+def test_threads_train_as_pmap_over_as_many_devices_and_resume_and_evaluate(tmp_path):
+    data = tmp_path / "idx"
+    data.mkdir()
+    make_idx_folder(data, compressed=False, num_train=64, num_test=17)
+    threads = [*small_run(data), "--config.parallelism=threads", "--config.threads=2"]
+    interrupted = [*threads, "--config.num_train_steps=3"]
+    run = lambda args, env=CPU_ONLY: subprocess.run(  # noqa: E731
+        [*TRAIN, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
+    for args in (interrupted, threads):  # three steps, then resumed from that checkpoint to six
+        done = run([*args, "--workdir", str(tmp_path / "threads")])
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert "1 cpu device(s) in 1 process(es), threads (2)" in done.stdout
+    assert "resumed from step 3" in done.stdout
+    two_devices = {**CPU_ONLY, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    pmap = run([*small_run(data), "--config.parallelism=pmap", "--workdir", str(tmp_path / "pmap")], two_devices)
+    assert pmap.returncode == 0, pmap.stderr[-3000:]
+    # The same arithmetic in another order; step 3, as in the test above (this tiny run is chaotic later on).
+    assert relative_gap(params_at_step(tmp_path / "threads", 3), params_at_step(tmp_path / "pmap", 3)) <= 1e-5
+    final = float(done.stdout.split("final test_accuracy=")[1].split()[0])
+    evaluated = subprocess.run(
+        [sys.executable, "-m", "resnet_jax.cli", "eval", "--workdir", str(tmp_path / "threads")],
+        cwd=REPO,
+        env=CPU_ONLY,
+        capture_output=True,
+        text=True,
+    )
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert f"step 6 test_accuracy={final:.4f}" in evaluated.stdout
 
 
 def test_core_groups_split_the_cores_evenly_and_refuse_more_processes_than_cores():

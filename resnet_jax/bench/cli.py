@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from resnet_jax.bench.inputs import InputRow
 
 RESULTS_DIR = "benchmarks/results"
+DEFAULT_THREADS = 2  # configs/default.py's `threads`
 GPU_TORCH_ROWS = (
     "skipped the torch channels_last (AMP) and torch.compile rows: GPU rows by default; run them here with "
     "--torch-variants eager channels_last compile"
@@ -68,6 +69,13 @@ def add_bench_command(commands: Any) -> None:
         metavar="N",
         help="also time the step as `resnet-jax train --cpu-processes N` runs it: N pinned processes, pmap, gloo "
         "(CPU only; the batch is split over them)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="also time the step as `resnet-jax train --config.parallelism=threads --config.threads=N` runs it: the "
+        f"batch in N parts whose programs run side by side (CPU only; default {DEFAULT_THREADS} on a CPU, 0: no row)",
     )
     p.add_argument(
         "--epochs",
@@ -120,6 +128,9 @@ def run_bench(args: argparse.Namespace) -> None:
         raise ValueError(f"--scan-steps {args.scan_steps}: give a number of steps per call, or 0 for none.")
     if args.cpu_processes is not None:
         check_cpu_processes(args.cpu_processes, cases, platform)
+    threads = args.threads if args.threads is not None else (DEFAULT_THREADS if platform == "cpu" else 0)
+    if threads:
+        check_threads(threads, cases, platform)
     variants: tuple[str, ...] = ()
     if args.vs_torch:
         from resnet_jax.bench import torch_models
@@ -151,6 +162,7 @@ def run_bench(args: argparse.Namespace) -> None:
         variants,
         lambda case_rows: print(*report.case_lines(case_rows), sep="\n"),
         args.cpu_processes,
+        threads,
     )
     epochs = []
     if run_epochs:
@@ -190,6 +202,7 @@ def bench_config(args: argparse.Namespace, settings: Settings) -> None:
         "--vs-torch": args.vs_torch or None,
         "--torch-variants": args.torch_variants,
         "--cpu-processes": args.cpu_processes,
+        "--threads": args.threads,
         "--epochs": args.epochs or None,
         "--scan-steps": args.scan_steps,
     }
@@ -253,6 +266,17 @@ def check_cpu_processes(num_processes: int, cases: list[Case], platform: str) ->
         raise ValueError(f"--cpu-processes is a CPU row; JAX runs on {platform} here. Drop the flag.")
     for case in cases:
         JaxProcesses.cores_per_process(case, num_processes)
+
+
+def check_threads(threads: int, cases: list[Case], platform: str) -> None:
+    """Refuse a --threads row that cannot run, before anything is timed."""
+    if platform != "cpu":
+        raise ValueError(f"--threads is a CPU row; JAX runs on {platform} here. Drop the flag.")
+    if threads < 0:
+        raise ValueError(f"--threads {threads}: give the number of batch parts, or 0 for no such row.")
+    for case in cases:
+        if case.batch % threads:
+            raise ValueError(f"batch {case.batch} does not split into {threads} parts; make it a multiple.")
 
 
 def invoked_command() -> str:

@@ -105,7 +105,7 @@ class JaxEpoch:
         began = time.perf_counter()
         resident, order = self._data, self._data.order(0)
         batch = resident.make(resident.images, resident.labels, order, jnp.int32(0))
-        self._train = self._steps.train.lower(self._state, batch).compile()
+        self._train = self._steps.compile_train(self._state, batch)
         if self._scan_steps > 1:
             arguments = (self._state, resident.images, resident.labels, order, jnp.int32(0))
             self._train_several = jax.jit(self._several_steps, donate_argnums=0).lower(*arguments).compile()

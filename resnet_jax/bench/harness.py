@@ -117,15 +117,19 @@ def bench_cases(
     torch_variants: Sequence[str] = (),
     report: Callable[[list[StepRow]], None] = lambda rows: None,
     cpu_processes: int | None = None,
+    threads: int = 0,
 ) -> list[StepRow]:
-    """Every case with JAX (also on ``cpu_processes`` pinned processes, if given) and, if ``torch_variants`` is not
-    empty, those torch variants; ``report`` sees each case's rows as soon as they are measured."""
+    """Every case with JAX (also on ``cpu_processes`` pinned processes, and as ``threads`` batch parts side by side,
+    if given) and, if ``torch_variants`` is not empty, those torch variants; ``report`` sees each case's rows as
+    soon as they are measured."""
     from resnet_jax.bench.jax_side import JaxStep
     from resnet_jax.bench.processes import JaxProcesses
 
     rows = []
     for case in cases:
         runners: list[StepRunner] = [JaxStep.of_case(case)]
+        if threads:
+            runners.append(JaxStep.of_case(case, threads=threads))
         if cpu_processes:
             runners.append(JaxProcesses(case, cpu_processes))
         if torch_variants:

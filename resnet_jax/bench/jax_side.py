@@ -15,7 +15,14 @@ from resnet_jax import data
 from resnet_jax.bench.cases import LEARNING_RATE, MOMENTUM, WEIGHT_DECAY, Case
 from resnet_jax.models import create_model
 from resnet_jax.train.optim import create_optimizer, learning_rate_schedule
-from resnet_jax.train.steps import Steps, TrainState, compile_steps, create_train_state, make_mesh
+from resnet_jax.train.steps import (
+    Steps,
+    ThreadedTrainStep,
+    TrainState,
+    compile_steps,
+    create_train_state,
+    make_mesh,
+)
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 PRECISIONS_OF_DTYPES = {dtype: precision for precision, dtype in DTYPES.items()}
@@ -52,18 +59,20 @@ class JaxStep:
         self._train = None
 
     @classmethod
-    def of_case(cls, case: Case, seed: int = 0) -> JaxStep:
-        """A suite row: the bench's optimizer (`optimizer_config`) on a synthetic batch."""
+    def of_case(cls, case: Case, seed: int = 0, threads: int = 0) -> JaxStep:
+        """A suite row: the bench's optimizer (`optimizer_config`) on a synthetic batch; ``threads`` > 0 times
+        parallelism "threads" (on one CPU device) instead of jit."""
         model = create_model(case.model, num_classes=case.num_classes, dtype=DTYPES[case.precision])
         tx = create_optimizer(optimizer_config(), optax.constant_schedule(LEARNING_RATE))
-        parallelism = "jit" if jax.process_count() == 1 else "pmap"
-        devices = jax.devices()[:1] if parallelism == "jit" else jax.devices()
-        steps = compile_steps(make_mesh(devices), parallelism=parallelism)
+        parallelism = "pmap" if jax.process_count() > 1 else "threads" if threads else "jit"
+        devices = jax.devices() if parallelism == "pmap" else jax.devices()[:1]
+        steps = compile_steps(make_mesh(devices), parallelism=parallelism, threads=threads)
         images, labels = case.synthetic_batch(seed)
         share = case.batch // jax.process_count()
         rows = slice(jax.process_index() * share, (jax.process_index() + 1) * share)
         state = create_train_state(model, tx, case.input_shape, seed)
-        return cls(case, steps, state, {"image": images[rows], "label": labels[rows]}, parallelism)
+        variant = f"threads ({threads})" if threads else parallelism
+        return cls(case, steps, state, {"image": images[rows], "label": labels[rows]}, variant)
 
     @classmethod
     def of_config(cls, config: ml_collections.ConfigDict, source: data.ArraySource | data.StreamSource) -> JaxStep:
@@ -84,13 +93,13 @@ class JaxStep:
         schedule = learning_rate_schedule(config, data.steps_per_epoch(source.num_examples, config.batch_size))
         tx = create_optimizer(config, schedule)
         state = create_train_state(build_model(config, source.num_classes), tx, case.input_shape, config.seed)
-        steps = compile_steps(make_mesh(), config.label_smoothing, config.parallelism)
+        steps = compile_steps(make_mesh(), config.label_smoothing, config.parallelism, config.threads)
         return cls(case, steps, state, batch, config.parallelism)
 
     def compile(self) -> float:
         """Lower and compile the step; returns the seconds it took."""
         began = time.perf_counter()
-        self._train = self._steps.train.lower(self._state, self._batch).compile()
+        self._train = self._steps.compile_train(self._state, self._batch)
         return time.perf_counter() - began
 
     def run(self, num_steps: int) -> list[float]:
@@ -108,11 +117,18 @@ class JaxStep:
         stats = jax.local_devices()[0].memory_stats() or {}
         if "peak_bytes_in_use" in stats:
             return int(stats["peak_bytes_in_use"]), "device peak_bytes_in_use"
-        memory = self._train.memory_analysis()
-        size = (
-            memory.argument_size_in_bytes
-            + memory.output_size_in_bytes
-            + memory.temp_size_in_bytes
-            - memory.alias_size_in_bytes
-        )
-        return int(size), "XLA buffers of the step (arguments + outputs + temporaries)"
+        if isinstance(self._train, ThreadedTrainStep):
+            parts = len(self._batch) * xla_buffer_bytes(self._train.gradients)
+            return parts + xla_buffer_bytes(self._train.update), "XLA buffers of the parts' programs and the update"
+        return xla_buffer_bytes(self._train), "XLA buffers of the step (arguments + outputs + temporaries)"
+
+
+def xla_buffer_bytes(compiled: Any) -> int:
+    """Arguments, outputs and temporaries of a compiled program, donated arguments counted once."""
+    memory = compiled.memory_analysis()
+    return int(
+        memory.argument_size_in_bytes
+        + memory.output_size_in_bytes
+        + memory.temp_size_in_bytes
+        - memory.alias_size_in_bytes
+    )

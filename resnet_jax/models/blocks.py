@@ -12,9 +12,11 @@ Plain (no shortcut):               y = relu(F(x))  or  y = F(a)
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import inspect
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any, ClassVar
 
@@ -57,16 +59,33 @@ NHWC = ("NHWC", "HWIO", "NHWC")
 CONV_SIGNATURE = inspect.signature(lax.conv_general_dilated)
 
 
-def cores_of_this_thread() -> int:
-    """The cores this thread may run on (its affinity on Linux, where `--cpu-processes` pins; else all)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+_programs_at_once = contextvars.ContextVar("programs_at_once", default=1)
+
+
+@contextlib.contextmanager
+def programs_at_once(count: int) -> Iterator[None]:
+    """Trace programs that will run ``count`` at a time on this thread's cores (the batch parts of
+    parallelism "threads"), so that each gets the convolutions of its share of the cores."""
+    token = _programs_at_once.set(count)
+    try:
+        yield
+    finally:
+        _programs_at_once.reset(token)
+
+
+def cores_per_program() -> float:
+    """The cores a program traced here will have: this thread's (its affinity on Linux, where `--cpu-processes`
+    pins; else all) shared by the programs running at once (`programs_at_once`)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return cores / _programs_at_once.get()
 
 
 def column_pairs_eligible(lhs: jax.Array, rhs: jax.Array, options: inspect.BoundArguments) -> bool:
     """Whether `conv_over_column_pairs` should compute this convolution: NHWC, 3x3, stride 1, padding 1, no
-    dilation or groups, an even width, few enough channels that XLA:CPU would run it on Eigen, and a process on
-    one core (as `--cpu-processes` runs them): with two threads Eigen's convolution was as fast (+2% for pairs)."""
-    if cores_of_this_thread() != 1:
+    dilation or groups, an even width, few enough channels that XLA:CPU would run it on Eigen, and a program with
+    one core or less (a process of `--cpu-processes`, a batch part of parallelism "threads"): with two threads
+    Eigen's convolution was as fast (+2% for pairs)."""
+    if cores_per_program() > 1:
         return False
     o = options.arguments
     nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC) if lhs.ndim == rhs.ndim == 4 else None

@@ -70,14 +70,17 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int) -> ResNet:
 
 
 def check_batch_sizes(config: ml_collections.ConfigDict) -> None:
-    """Both batch sizes must split evenly over the devices (and processes) before anything compiles."""
+    """Both batch sizes must split evenly over the devices (and processes, or threads) before anything compiles."""
     devices, processes = jax.device_count(), jax.process_count()
+    parts = config.threads if config.parallelism == "threads" else 1
+    multiple = np.lcm.reduce([devices, processes, max(parts, 1)])
     for key in ("batch_size", "eval_batch_size"):
         size = config[key]
-        if size < 1 or size % devices or size % processes:
+        if size < 1 or size % multiple:
+            over = f"{devices} devices ({processes} processes)" + (f" and {parts} threads" if parts > 1 else "")
             raise ValueError(
-                f"{key}={size} does not divide over {devices} devices ({processes} processes); use a multiple "
-                f"of {np.lcm(devices, processes)}, e.g. --config.{key}={max(1, size // devices) * devices}."
+                f"{key}={size} does not divide over {over}; use a multiple of {multiple}, e.g. "
+                f"--config.{key}={max(1, size // multiple) * multiple}."
             )
 
 
@@ -195,7 +198,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     schedule = learning_rate_schedule(config, steps_per_epoch)
     tx = create_optimizer(config, schedule)
     mesh = make_mesh()
-    steps = compile_steps(mesh, config.label_smoothing, config.parallelism)
+    steps = compile_steps(mesh, config.label_smoothing, config.parallelism, config.threads)
 
     checkpoints = Checkpoints(workdir, every_steps=config.checkpoint_every_steps, keep_latest=config.keep_checkpoints)
     progress = Progress(config.num_train_steps, 0, config.batch_size, enabled=lead)
@@ -237,11 +240,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         f"{config.model} on {config.dataset}: {train_source.num_examples:,} training images, batch "
         f"{config.batch_size}, {config.num_train_steps:,} steps ({config.num_train_steps / steps_per_epoch:.1f} "
         f"epochs), {jax.device_count()} {jax.devices()[0].platform} device(s) in {jax.process_count()} "
-        f"process(es), {config.parallelism}"
+        f"process(es), {config.parallelism}" + (f" ({config.threads})" if config.parallelism == "threads" else "")
     )
 
     def saveable(state: TrainState) -> TrainState:  # pmap keeps one copy per device: save one
-        return state if config.parallelism == "jit" else steps.fetch(state)
+        return steps.fetch(state) if config.parallelism == "pmap" else state
 
     def checked(window: list[dict[str, jax.Array]], done: int) -> list[dict[str, float]]:
         """The metrics of the steps up to ``done``, fetched and checked to be finite."""
@@ -258,7 +261,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                 batch = steps.put_batch(next(batches))
                 if step == start:
                     compile_began = time.perf_counter()
-                    train_step = train_step.lower(state, batch).compile()
+                    train_step = steps.compile_train(state, batch)
                     progress.compiled(time.perf_counter() - compile_began)
                     progress.start_timing(step)
                 state, metrics = train_step(state, batch)
@@ -341,7 +344,7 @@ def evaluate(workdir: str | Path, step: int | None = None) -> dict[str, float]:
     _, state, config = load_run(workdir, step)
     check_batch_sizes(config)
     test_source = data.load_source(config.dataset, config.eval_split, config.data_dir)
-    steps = compile_steps(make_mesh(), parallelism=config.parallelism)
+    steps = compile_steps(make_mesh(), parallelism=config.parallelism, threads=config.get("threads", 2))
     metrics = evaluate_state(steps, steps.put_state(state), test_source, config)
     print(f"step {int(state.step)} test_accuracy={metrics['accuracy']:.4f} test_loss={metrics['loss']:.4f}")
     return metrics
