@@ -29,6 +29,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.mixup_alpha = 0.0
     config.label_smoothing = 0.0
     config.image_size = ml_collections.config_dict.placeholder(int)  # resize images to N x N (None: as stored)
+    # True: the training set (an in-memory one) copied to every device once and each batch cropped, flipped and
+    # normalised there, the same batches as the host's, for jit without erasing, mixup or image_size. On a GPU the
+    # host cannot keep up with a CIFAR-sized step. steps_per_call > 1: that many steps per compiled call
+    # (lax.scan), which saves launching each step from Python (README, "Speed").
+    config.data_on_device = False
+    config.steps_per_call = 1
 
     # Optimisation: SGD with coupled L2 weight decay, as in the papers.
     config.batch_size = 128  # global, over every device and process

@@ -23,7 +23,6 @@ from resnet_jax.bench.cases import Case
 from resnet_jax.bench.cli import chosen_cases, invoked_command
 from resnet_jax.bench.epochs import JaxEpoch, TorchEpoch
 from resnet_jax.bench.harness import Settings, StepRow, ratio, time_runners
-from resnet_jax.bench.inputs import ResidentData
 from resnet_jax.bench.jax_side import JaxStep
 from resnet_jax.bench.report import write_results
 from resnet_jax.bench.torch_side import TorchStep
@@ -106,7 +105,8 @@ def test_bench_threads_refuse_what_they_cannot_run_before_timing(tmp_path, capsy
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPU cores, one per process")
 @pytest.mark.slow  # run with the slow tests to keep the default run under 15 minutes
 def test_bench_cpu_processes_row_runs_the_pinned_pmap_job_beside_the_others(tmp_path, capsys):
-    arguments = [*TINY, "--repeats", "2", "--vs-torch", "--cpu-processes", "2", "--no-input", "--out", str(tmp_path)]
+    arguments = [*TINY, "--repeats", "2", "--vs-torch", "--cpu-processes", "2", "--threads", "0", "--no-input"]
+    arguments += ["--out", str(tmp_path)]
     assert main(["bench", *arguments]) == 0
     out = capsys.readouterr().out
     assert re.search(r"^resnet8 16x16 batch 4 fp32: jax pmap, 2 processes [\d,]+ img/s \(compile", out, re.M)
@@ -328,7 +328,8 @@ def test_runners_train_the_same_model_with_the_real_step():
 @pytest.mark.slow
 def test_torch_compile_and_bf16_rows_run_on_cpu(tmp_path, capsys):
     """The GPU rows exercised on the CPU: torch.compile (inductor needs a C compiler) and bf16 autocast."""
-    arguments = [*TINY, "--precision", "bf16", "--vs-torch", "--torch-variants", "eager", "channels_last", "compile"]
+    arguments = [*TINY, "--precision", "bf16", "--vs-torch", "--threads", "0"]
+    arguments += ["--torch-variants", "eager", "channels_last", "compile"]
     assert main(["bench", *arguments, "--no-input", "--out", str(tmp_path)]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if "ratio=" in line]
     assert [line.split(": jax")[0] for line in lines] == ["resnet8 16x16 batch 4 bf16"] * 3
@@ -339,26 +340,6 @@ def test_torch_compile_and_bf16_rows_run_on_cpu(tmp_path, capsys):
 def test_torch_models_match_the_flax_models(name, params):
     num_classes = create_model(name).num_classes
     assert sum(p.numel() for p in torch_models.create(name, num_classes).parameters()) == params
-
-
-def test_device_resident_batches_are_epochs_of_crops_and_flips():
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (12, 6, 6, 1), dtype=np.uint8)
-    source = ArraySource(images, np.arange(12, dtype=np.int32), 12, "test", (0.4,), (0.3,))
-    batches = iter(ResidentData(source, batch=4, pad=2))
-    padded = np.pad(images, ((0, 0), (2, 2), (2, 2), (0, 0)))
-    for _ in range(2):  # two epochs of three batches: each example once per epoch
-        epoch = [jax.device_get(next(batches)) for _ in range(3)]
-        assert sorted(np.concatenate([b["label"] for b in epoch]).tolist()) == list(range(12))
-        for batch in epoch:
-            for image, label in zip(batch["image"], batch["label"], strict=True):
-                crops = [
-                    normalize(padded[label, y : y + 6, x : x + 6], source.mean, source.std)
-                    for y in range(5)
-                    for x in range(5)
-                ]
-                crops += [crop[:, ::-1] for crop in crops]
-                assert min(np.abs(image - crop).max() for crop in crops) < 1e-5
 
 
 def test_python_m_resnet_jax_bench_is_the_cli():

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 
+import jax
 import numpy as np
 import pytest
 from idx_files import make_idx_folder, write_idx
@@ -31,8 +32,10 @@ from resnet_jax.data import (
     steps_per_epoch,
     synthetic,
     train_batches,
+    train_draws,
 )
 from resnet_jax.data.augment import apply_crop_flip, sample_erasing
+from resnet_jax.data.device import DeviceImages
 from resnet_jax.data.pipeline import _prefetch
 from resnet_jax.data.sources import FASHION_MNIST_DIR
 
@@ -262,6 +265,22 @@ def test_resume_reproduces_the_run_exactly(options):
     for k in (1, 6, 9):
         resumed = take(train_batches(source, global_batch_size=16, seed=7, start_step=k, **options), 20 - k)
         assert_same_batches(run[k:], resumed)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"augment": True}, {"augment": False}, {"pad": 0}, {"pad": 2, "flip": False}],
+    ids=["augmented", "plain", "flip only", "crop only"],
+)
+def test_batches_made_on_the_device_are_the_host_pipelines_bit_for_bit(options):
+    source = synthetic(50, (8, 6, 3), seed=0)  # 3 steps an epoch: steps 2 to 8 cross two epoch boundaries
+    host = take(train_batches(source, global_batch_size=16, seed=5, start_step=2, **options), 6)
+    draws = list(itertools.islice(train_draws(50, global_batch_size=16, seed=5, start_step=2, **options), 6))
+    on_device = DeviceImages(source, pad=options.get("pad", 4) if options.get("augment", True) else 0)
+    make = jax.jit(on_device.batch)
+    made = [jax.device_get(make(on_device.images, on_device.labels, d)) for d in draws]
+    assert_same_batches(host, made)
+    assert made[0]["image"].dtype == np.float32 and made[0]["label"].dtype == np.int32
 
 
 def test_random_erasing_in_the_pipeline_erases_every_image_on_top_of_crop_and_flip():

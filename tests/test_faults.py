@@ -152,6 +152,12 @@ def test_a_corrupt_latest_checkpoint_is_set_aside_and_the_previous_one_restored(
         ({"parallelism": "pjit"}, "parallelism='pjit'"),
         ({"parallelism": "threads", "threads": 0}, "threads=0"),
         ({"parallelism": "threads", "batch_size": 127}, "(1 processes) and 2 threads; use a multiple of 2"),
+        ({"steps_per_call": 4}, "steps on batches made on the device: add --config.data_on_device=True"),
+        ({"data_on_device": True, "parallelism": "pmap"}, "this run has: parallelism='pmap' (use jit)"),
+        (
+            {"data_on_device": True, "random_erasing": 0.5, "mixup_alpha": 0.2},
+            "this run has: random_erasing, mixup_alpha",
+        ),
     ],
 )
 def test_bad_input_fails_before_compiling_with_one_clear_message(idx_dir, tmp_path, capsys, change, message):

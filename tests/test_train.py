@@ -22,7 +22,7 @@ from resnet_jax.cli import main
 from resnet_jax.data import load_source, train_batches
 from resnet_jax.train.checkpoint import Checkpoints
 from resnet_jax.train.config import REQUIRED_KEYS, load_config
-from resnet_jax.train.loop import build_model, evaluate, train_and_evaluate
+from resnet_jax.train.loop import build_model, evaluate, next_stop, train_and_evaluate
 from resnet_jax.train.optim import create_optimizer, learning_rate_schedule
 from resnet_jax.train.reporting import MetricsLog, read_metrics
 from resnet_jax.train.steps import TrainState, compile_steps, create_train_state, make_mesh
@@ -243,6 +243,27 @@ def test_restart_resumes_from_the_checkpoint_and_matches_an_uninterrupted_run(id
     assert jax.tree.all(jax.tree.map(np.array_equal, straight, resumed))
 
 
+def test_data_on_device_trains_the_host_pipelines_run_bit_for_bit_several_steps_a_call(idx_dir, tmp_path, capsys):
+    settings = {"lr_schedule": "constant", "log_every_steps": 3, "eval_every_steps": 6}
+    train_and_evaluate(small_config(idx_dir, **settings), tmp_path / "host")
+    train_and_evaluate(small_config(idx_dir, **settings, num_train_steps=3), tmp_path / "switched")
+    on_device = small_config(idx_dir, **settings, data_on_device=True, steps_per_call=3)
+    train_and_evaluate(on_device, tmp_path / "switched")  # resumed at step 3 on the device, 3 steps in one call
+    out = capsys.readouterr().out
+    assert "resumed from step 3" in out and "data on the device, 3 step(s) per call" in out
+    assert jax.tree.all(jax.tree.map(np.array_equal, params_of(tmp_path / "host"), params_of(tmp_path / "switched")))
+    losses = {
+        run: [(r["step"], r["loss"]) for r in read_metrics(tmp_path / run) if r["split"] == "train"]
+        for run in ("host", "switched")
+    }
+    assert losses["switched"] == losses["host"] and [step for step, _ in losses["host"]] == [3, 6]
+
+
+def test_calls_of_several_steps_stop_where_the_loop_logs_evaluates_checkpoints_or_ends():
+    config = small_config(Path("."), log_every_steps=50, eval_every_steps=500, checkpoint_every_steps=200)
+    assert [next_stop(step, 1234, config) for step in (0, 49, 50, 190, 1199, 1200)] == [50, 50, 100, 200, 1200, 1234]
+
+
 def test_a_resumed_run_forgets_the_metrics_logged_after_its_checkpoint(tmp_path):
     interrupted = MetricsLog(tmp_path)
     for step in (2, 4, 6):  # killed at step 7; the last checkpoint was step 4
@@ -371,6 +392,7 @@ MULTI_DEVICE = textwrap.dedent(
     from resnet_jax.train.config import load_config
     from resnet_jax.train.steps import compile_steps, create_train_state, make_mesh
     from resnet_jax.train.loop import check_batch_sizes
+    from resnet_jax.train.feed import DeviceFeed
 
     config = load_config("configs/default.py")
     source = load_source("synthetic", "train", num_examples=64, image_shape=(16, 16, 3), num_classes=10)
@@ -383,8 +405,14 @@ MULTI_DEVICE = textwrap.dedent(
         for _ in range(3):
             state, metrics = steps.train(state, steps.put_batch(next(batches)))
         results[len(devices)] = jax.device_get(state.params)
-    one, eight = results[1], results[8]
-    error = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(eight)))
+    # The same steps on batches made on the eight devices, three steps in one call.
+    feed = DeviceFeed(make_mesh(), source, global_batch_size=16, seed=0, steps_per_call=3)
+    state = steps.put_state(create_train_state(create_model("resnet8"), tx, (16, 16, 3), seed=0))
+    feed.compile(state)
+    state, metrics = feed(state, 3)
+    one, eight, on_device = results[1], results[8], jax.device_get(state.params)
+    gap = lambda x, y: max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y)))
+    error, device_error = gap(one, eight), gap(eight, on_device)
     scale = max(float(np.max(np.abs(a))) for a in jax.tree.leaves(one))
     config.batch_size = 12
     try:
@@ -392,7 +420,8 @@ MULTI_DEVICE = textwrap.dedent(
         message = ""
     except ValueError as e:
         message = str(e)
-    print(json.dumps({"devices": jax.device_count(), "error": error, "scale": scale, "message": message}))
+    report = {"devices": jax.device_count(), "error": error, "device_error": device_error, "scale": scale}
+    print(json.dumps(report | {"message": message}))
     """
 )
 
@@ -406,6 +435,7 @@ def test_eight_devices_train_like_one_device_on_the_same_global_batch():
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["devices"] == 8
     assert report["error"] <= 1e-5 * report["scale"]  # BN statistics and gradients are those of the global batch
+    assert report["device_error"] <= 1e-6 * report["scale"]  # each device makes its rows of the same batches
     assert "batch_size=12 does not divide over 8 devices" in report["message"]
 
 

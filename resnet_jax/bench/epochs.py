@@ -1,11 +1,12 @@
 """Whole training epochs with the data set resident on the device, JAX against PyTorch.
 
 A CIFAR-sized step is short enough on a GPU that feeding it from the host can cost more than the step. Here
-both frameworks copy the uint8 images to the device once and make every batch there (a permutation per
-epoch, pad-4 random crop, flip, normalisation), so an epoch's time is the training alone: for JAX the
-project's train step fed by `ResidentData`, for PyTorch the same model, optimizer and augmentation
-in torch ops. Epochs are timed in turn, like the step rows, and the ratio is PyTorch's epoch time over JAX's.
-"""
+both frameworks copy the uint8 images to the device once and make every batch there (the examples of a
+permutation per epoch, pad-4 random crop, flip, normalisation), so an epoch's time is the training alone:
+for JAX the project's train step fed by `DeviceFeed`, as `resnet-jax train --config.data_on_device=True`
+trains (the host draws the examples and crops, a few KB per step), for PyTorch the same model, optimizer
+and augmentation in torch ops. Epochs are timed in turn, like the step rows, and the ratio is PyTorch's
+epoch time over JAX's."""
 
 from __future__ import annotations
 
@@ -16,18 +17,18 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from resnet_jax import data
 from resnet_jax.bench.cases import LEARNING_RATE, Case
 from resnet_jax.bench.harness import Settings
-from resnet_jax.bench.inputs import CIFAR_SHAPE, ResidentData
+from resnet_jax.bench.inputs import CIFAR_SHAPE
 from resnet_jax.bench.jax_side import DTYPES, optimizer_config
 from resnet_jax.bench.torch_side import TorchStep
 from resnet_jax.models import create_model
+from resnet_jax.train.feed import DeviceFeed
 from resnet_jax.train.optim import create_optimizer
-from resnet_jax.train.steps import TrainState, compile_steps, create_train_state, make_mesh, train_step
+from resnet_jax.train.steps import compile_steps, create_train_state, make_mesh
 
 
 class EpochRunner(Protocol):
@@ -71,63 +72,38 @@ def epoch_ratio(jax_row: EpochRow, torch_row: EpochRow) -> float:
 
 
 class JaxEpoch:
-    """The project's train step over batches made on the device: one compiled call per step (`compile_steps`,
-    state donated), or with ``scan_steps`` > 1 that many steps per call (`lax.scan` over the step and the
-    batch maker; the steps left over at an epoch's end go one by one)."""
+    """The project's train step on batches made on the device, as `resnet-jax train --config.data_on_device=True`
+    trains (`DeviceFeed`): one compiled call per step, or with ``scan_steps`` > 1 that many steps per call
+    (the steps left over at an epoch's end go one by one)."""
 
     framework = "jax"
 
     def __init__(self, case: Case, source: data.ArraySource, seed: int = 0, scan_steps: int = 1) -> None:
         model = create_model(case.model, num_classes=source.num_classes, dtype=DTYPES[case.precision])
         tx = create_optimizer(optimizer_config(), optax.constant_schedule(LEARNING_RATE))
-        self._steps = compile_steps(make_mesh(jax.devices()[:1]))
-        self._state = self._steps.put_state(create_train_state(model, tx, source.image_shape, seed))
-        self._data = ResidentData(source, case.batch, seed)
-        self._scan_steps = scan_steps
+        mesh = make_mesh(jax.devices()[:1])
+        self._state = compile_steps(mesh).put_state(create_train_state(model, tx, source.image_shape, seed))
+        self._feed = DeviceFeed(mesh, source, global_batch_size=case.batch, seed=seed, steps_per_call=scan_steps)
+        self._steps_per_epoch = data.steps_per_epoch(source.num_examples, case.batch)
         self.variant = "jit" if scan_steps == 1 else f"jit, {scan_steps} steps per call"
-        self._epoch = 0
-        self._train: Any = None
-        self._train_several: Any = None
-
-    def _several_steps(
-        self, state: TrainState, images: jax.Array, labels: jax.Array, order: jax.Array, first: jax.Array
-    ) -> tuple[TrainState, Any]:
-        def step(state: TrainState, offset: jax.Array) -> tuple[TrainState, Any]:
-            return train_step(state, self._data.batch_at(images, labels, order, first + offset))
-
-        # XLA:CPU leaves the convolutions of a loop body to a naive loop (no YNNPACK, no Eigen canonical layout:
-        # a 3x3 kernel gradient 50x slower, jax-ml/jax#12868), so there the K steps are unrolled instead.
-        unroll = self._scan_steps if jax.default_backend() == "cpu" else 1
-        return jax.lax.scan(step, state, jnp.arange(self._scan_steps), unroll=unroll)
 
     def compile(self) -> float:
-        """Compile the step(s) and the batch maker and take a first step; returns the seconds."""
+        """Compile the call(s) and take a first step; returns the seconds."""
         began = time.perf_counter()
-        resident, order = self._data, self._data.order(0)
-        batch = resident.make(resident.images, resident.labels, order, jnp.int32(0))
-        self._train = self._steps.compile_train(self._state, batch)
-        if self._scan_steps > 1:
-            arguments = (self._state, resident.images, resident.labels, order, jnp.int32(0))
-            self._train_several = jax.jit(self._several_steps, donate_argnums=0).lower(*arguments).compile()
-        self._state, metrics = self._train(self._state, batch)
+        self._feed.compile(self._state)
+        self._state, metrics = self._feed(self._state, 1)
         jax.block_until_ready(metrics)
         return time.perf_counter() - began
 
     def run_epoch(self) -> float:
-        """Seconds of one epoch, dispatched call after call and waited for at the end."""
-        resident, per_epoch = self._data, self._data.steps_per_epoch
+        """Seconds of one epoch's steps, dispatched call after call and waited for at the end."""
         began = time.perf_counter()
-        order, first = resident.order(self._epoch), self._epoch * per_epoch
-        scanned = per_epoch - per_epoch % self._scan_steps if self._scan_steps > 1 else 0
-        for offset in range(0, scanned, self._scan_steps):
-            self._state, metrics = self._train_several(
-                self._state, resident.images, resident.labels, order, jnp.int32(first + offset)
-            )
-        for offset in range(scanned, per_epoch):
-            batch = resident.make(resident.images, resident.labels, order, jnp.int32(first + offset))
-            self._state, metrics = self._train(self._state, batch)
+        done = 0
+        while done < self._steps_per_epoch:
+            count = self._feed.steps_in_call(done, self._steps_per_epoch)
+            self._state, metrics = self._feed(self._state, count)
+            done += count
         jax.block_until_ready((self._state, metrics))
-        self._epoch += 1
         return time.perf_counter() - began
 
 

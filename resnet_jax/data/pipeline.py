@@ -15,7 +15,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import numpy as np
 
@@ -100,17 +100,13 @@ def train_batches(
         )
         return imagenet.as_numpy(dataset)
     local = local_batch_size(global_batch_size, process_count)
-    steps = steps_per_epoch(source.num_examples, global_batch_size)
     rows = slice(process_index * local, (process_index + 1) * local)
-    permutation = _EpochPermutation(source.num_examples, seed)
     crop_pad = pad if augment else 0
+    draw = _Drawer(source.num_examples, global_batch_size, seed, crop_pad, flip and augment)
     erase = augment and random_erasing > 0
 
     def make(step: int) -> Batch:
-        epoch, i = divmod(step, steps)
-        index = permutation(epoch)[i * global_batch_size : (i + 1) * global_batch_size]
-        rng = np.random.default_rng([seed, step, 1])
-        offsets, flips = sample_crop_flip(rng, global_batch_size, crop_pad, flip and augment)
+        (index, offsets, flips), rng = draw(step)
         if erase:
             boxes, noise = sample_erasing(rng, global_batch_size, source.image_shape, random_erasing)
 
@@ -131,6 +127,46 @@ def train_batches(
         }
 
     return _prefetch(make, itertools.count(start_step), prefetch)
+
+
+class BatchDraws(NamedTuple):
+    """Which examples a global training batch holds, and where each is cropped and whether it is mirrored: all
+    that is random about a batch but erasing and mixup. The host (`train_batches`) and the accelerator
+    (`DeviceImages`) make the same batches from the same draws."""
+
+    index: np.ndarray  # (B,) example ids
+    offsets: np.ndarray  # (B, 2) crop offsets into the zero-padded image
+    flips: np.ndarray  # (B,) bool
+
+
+def train_draws(
+    num_examples: int,
+    *,
+    global_batch_size: int,
+    seed: int,
+    start_step: int = 0,
+    augment: bool = True,
+    pad: int = 4,
+    flip: bool = True,
+) -> Iterator[BatchDraws]:
+    """The `BatchDraws` of the global training batches from ``start_step`` on, as `train_batches` draws them."""
+    draw = _Drawer(num_examples, global_batch_size, seed, pad if augment else 0, flip and augment)
+    return (draw(step)[0] for step in itertools.count(start_step))
+
+
+class _Drawer:
+    """Global batch ``step``'s draws, and the generator that its erasing and mixup draw from next."""
+
+    def __init__(self, num_examples: int, global_batch_size: int, seed: int, pad: int, flip: bool) -> None:
+        self.steps = steps_per_epoch(num_examples, global_batch_size)
+        self.permutation = _EpochPermutation(num_examples, seed)
+        self.batch, self.seed, self.pad, self.flip = global_batch_size, seed, pad, flip
+
+    def __call__(self, step: int) -> tuple[BatchDraws, np.random.Generator]:
+        epoch, i = divmod(step, self.steps)
+        index = self.permutation(epoch)[i * self.batch : (i + 1) * self.batch]
+        rng = np.random.default_rng([self.seed, step, 1])
+        return BatchDraws(index, *sample_crop_flip(rng, self.batch, self.pad, self.flip)), rng
 
 
 def eval_batches(

@@ -20,11 +20,13 @@ import jax
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 
 from resnet_jax import data
 from resnet_jax.models import ResNet, create_model
 from resnet_jax.train import distributed
 from resnet_jax.train.checkpoint import ACCURACY, Checkpoints
+from resnet_jax.train.feed import DeviceFeed, HostFeed
 from resnet_jax.train.optim import create_optimizer, learning_rate_schedule
 from resnet_jax.train.reporting import MetricsLog, Progress, format_duration, plot_curves
 from resnet_jax.train.steps import Steps, TrainState, compile_steps, create_train_state, make_mesh
@@ -84,22 +86,78 @@ def check_batch_sizes(config: ml_collections.ConfigDict) -> None:
             )
 
 
+def batch_draws(config: ml_collections.ConfigDict, start_step: int = 0) -> dict[str, Any]:
+    """The config's choice of training examples, crops and flips from ``start_step`` on: the keywords of
+    `data.train_draws`, which `train_batches` and `DeviceFeed` take too."""
+    return {
+        "global_batch_size": config.batch_size,
+        "seed": config.seed,
+        "start_step": start_step,
+        "augment": config.augment,
+        "pad": config.crop_padding,
+        "flip": config.random_flip,
+    }
+
+
 def training_batches(config: ml_collections.ConfigDict, source: Any, start_step: int = 0) -> Any:
     """This process's training batches from ``start_step`` on, augmented as the config says."""
     return data.train_batches(
         source,
-        global_batch_size=config.batch_size,
-        seed=config.seed,
-        start_step=start_step,
-        augment=config.augment,
-        pad=config.crop_padding,
-        flip=config.random_flip,
+        **batch_draws(config, start_step),
         random_erasing=config.random_erasing,
         mixup_alpha=config.mixup_alpha,
         image_size=config.get("image_size"),
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
+
+
+def check_feed(config: ml_collections.ConfigDict, source: data.ArraySource | data.StreamSource) -> None:
+    """``data_on_device`` and ``steps_per_call`` can train this run: checked before anything compiles."""
+    per_call, on_device = config.steps_per_call, config.data_on_device
+    if per_call < 1:
+        raise ValueError(f"steps_per_call={per_call}: give the train steps per compiled call, e.g. 10 (1: one each).")
+    if not on_device:
+        if per_call > 1:
+            raise ValueError(
+                f"steps_per_call={per_call} runs steps on batches made on the device: add --config.data_on_device=True."
+            )
+        return
+    problems = [
+        f"parallelism={config.parallelism!r} (use jit)" if config.parallelism != "jit" else "",
+        f"{source.name} is streamed, not held in memory" if isinstance(source, data.StreamSource) else "",
+        "random_erasing" if config.random_erasing else "",
+        "mixup_alpha" if config.mixup_alpha else "",
+        "image_size" if config.get("image_size") is not None else "",
+    ]
+    if any(problems):
+        raise ValueError(
+            "data_on_device=True makes batches on the device by random crop and flip alone, for an in-memory data set "
+            f"under jit; this run has: {', '.join(p for p in problems if p)}. Change those, or set "
+            "--config.data_on_device=False (the host pipeline does all of it)."
+        )
+
+
+def create_feed(
+    config: ml_collections.ConfigDict, source: Any, steps: Steps, mesh: Mesh, start_step: int
+) -> HostFeed | DeviceFeed:
+    """The run's batches from ``start_step`` on: from the host pipeline, or made on the devices."""
+    if not config.data_on_device:
+        return HostFeed(steps, training_batches(config, source, start_step))
+    return DeviceFeed(
+        mesh,
+        source,
+        **batch_draws(config, start_step),
+        steps_per_call=config.steps_per_call,
+        label_smoothing=config.label_smoothing,
+    )
+
+
+def next_stop(step: int, end: int, config: ml_collections.ConfigDict) -> int:
+    """The first step after ``step`` at which the loop logs, evaluates, checkpoints or ends: a call of several
+    steps must not run past it."""
+    every = (config.log_every_steps, config.eval_every_steps, config.checkpoint_every_steps)
+    return min([end] + [(step // n + 1) * n for n in every if n > 0])
 
 
 def use_compilation_cache(directory: str) -> None:
@@ -193,6 +251,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     target = check_target_accuracy(config)
     train_source = data.load_source(config.dataset, config.train_split, config.data_dir)
     test_source = data.load_source(config.dataset, config.eval_split, config.data_dir)
+    check_feed(config, train_source)
     model = build_model(config, train_source.num_classes)
     steps_per_epoch = data.steps_per_epoch(train_source.num_examples, config.batch_size)
     schedule = learning_rate_schedule(config, steps_per_epoch)
@@ -234,43 +293,46 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     def elapsed() -> float:  # wall time of the run, going on from the checkpoint's
         return elapsed_before + time.perf_counter() - began
 
-    batches = training_batches(config, train_source, start)
+    feed = create_feed(config, train_source, steps, mesh, start)
     log = MetricsLog(workdir, enabled=lead, start_step=start)
     progress.message(
         f"{config.model} on {config.dataset}: {train_source.num_examples:,} training images, batch "
         f"{config.batch_size}, {config.num_train_steps:,} steps ({config.num_train_steps / steps_per_epoch:.1f} "
         f"epochs), {jax.device_count()} {jax.devices()[0].platform} device(s) in {jax.process_count()} "
-        f"process(es), {config.parallelism}" + (f" ({config.threads})" if config.parallelism == "threads" else "")
+        f"process(es), {config.parallelism}"
+        + (f" ({config.threads})" if config.parallelism == "threads" else "")
+        + (f", data on the device, {feed.steps_per_call} step(s) per call" if isinstance(feed, DeviceFeed) else "")
     )
 
     def saveable(state: TrainState) -> TrainState:  # pmap keeps one copy per device: save one
         return steps.fetch(state) if config.parallelism == "pmap" else state
 
     def checked(window: list[dict[str, jax.Array]], done: int) -> list[dict[str, float]]:
-        """The metrics of the steps up to ``done``, fetched and checked to be finite."""
-        records = [steps.fetch(m) for m in window]
+        """The metrics of the steps up to ``done``, one record per step, fetched and checked to be finite."""
+        records = []
+        for metrics in map(steps.fetch, window):  # a call's metrics: one value per step it ran
+            values = {k: np.atleast_1d(v) for k, v in metrics.items()}
+            records += [{k: v[i] for k, v in values.items()} for i in range(len(values["loss"]))]
         check_finite(records, done - len(records), checkpoints)
         return records
 
     test_metrics: dict[str, float] = {}
     window: list[dict[str, jax.Array]] = []
-    train_step = steps.train
+    step = start
     try:
         with StopSignals() as stop:
-            for step in range(start, end):
-                batch = steps.put_batch(next(batches))
-                if step == start:
-                    compile_began = time.perf_counter()
-                    train_step = steps.compile_train(state, batch)
-                    progress.compiled(time.perf_counter() - compile_began)
-                    progress.start_timing(step)
-                state, metrics = train_step(state, batch)
+            if start < end:
+                progress.compiled(feed.compile(state))
+                progress.start_timing(start)
+            while step < end:
+                count = feed.steps_in_call(step, next_stop(step, end, config))
+                state, metrics = feed(state, count)
                 window.append(metrics)
-                done = step + 1
+                done = step = step + count
                 if done % config.log_every_steps == 0 or done == end:
                     records, window = checked(window, done), []
                     means = {k: float(np.mean([r[k] for r in records])) for k in records[0] if k != "finite"}
-                    log.write(done, "train", means | {"learning_rate": float(schedule(step))}, elapsed())
+                    log.write(done, "train", means | {"learning_rate": float(schedule(done - 1))}, elapsed())
                     progress.update(done, {k: means[k] for k in ("loss", "accuracy")})
                 evaluated = done % config.eval_every_steps == 0 or done == end
                 if evaluated:
