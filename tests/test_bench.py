@@ -214,6 +214,23 @@ def test_bench_config_times_the_experiments_own_step_and_input_pipeline(idx_dir,
     assert (record["config"]["model"], record["config"]["label_smoothing"]) == ("resnet8", 0.1)
 
 
+def test_bench_config_with_the_data_on_the_device_times_its_calls_of_several_steps(idx_dir, tmp_path, capsys):
+    experiment = ["--config", "configs/fashion_mnist_resnet20.py", f"--config.data_dir={idx_dir}"]
+    changes = ["--config.model=resnet8", "--config.batch_size=8", "--config.data_on_device=True"]
+    changes += ["--config.steps_per_call=2"]
+    assert main(["bench", *experiment, *changes, "--steps", "3", "--warmup", "1", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(
+        r"^resnet8 28x28 batch 8 fp32: jax jit, data on the device, 2 step\(s\) per call [\d,]+ img/s", out, re.M
+    )
+    assert "there is no input pipeline to time" in out and "input fashion_mnist" not in out
+    (row,) = json.loads(next(tmp_path.glob("*.json")).read_text())["train"]
+    assert [len(repeat) for repeat in row["step_seconds"]] == [4] * len(row["step_seconds"])  # two calls of two
+    assert all(repeat[0] == repeat[1] and repeat[2] == repeat[3] for repeat in row["step_seconds"])
+    assert main(["bench", *experiment, *changes, "--config.parallelism=pmap", "--out", str(tmp_path)]) == 2
+    assert "this run has: parallelism='pmap' (use jit)" in capsys.readouterr().err
+
+
 def test_config_step_is_the_experiments_own(idx_dir):
     from resnet_jax import data
     from resnet_jax.train.config import load_config

@@ -105,7 +105,7 @@ def test_pmap_shares_the_step_body_and_normalises_per_device():
 
 def fp16_state(config, parallelism="jit"):
     source = load_source("synthetic", "train", num_examples=32, image_shape=(16, 16, 3), num_classes=10)
-    steps = compile_steps(make_mesh(jax.devices()[:1]), parallelism=parallelism)
+    steps = compile_steps(make_mesh(jax.devices()[:1]), parallelism=parallelism, threads=2)
     tx = create_optimizer(config, learning_rate_schedule(config, 4))
     state = create_train_state(build_model(config, 10), tx, (16, 16, 3), seed=0)
     return steps, state, next(train_batches(source, global_batch_size=16, seed=0))

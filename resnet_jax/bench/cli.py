@@ -216,7 +216,9 @@ def bench_config(args: argparse.Namespace, settings: Settings) -> None:
     step = JaxStep.of_config(config, source)
     rows = harness.time_runners(step.case, [step], settings)
     print(*report.case_lines(rows), sep="\n")
-    inputs = [] if args.no_input else [config_input_row(config, source, settings.steps)]
+    inputs = [] if args.no_input or config.data_on_device else [config_input_row(config, source, settings.steps)]
+    if config.data_on_device:
+        print("data_on_device: the step makes its own batches on the device; there is no input pipeline to time")
     for row in inputs:
         print(report.input_line(row))
         print(report.input_verdict(row, rows[0]))

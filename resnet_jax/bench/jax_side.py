@@ -14,6 +14,7 @@ import optax
 from resnet_jax import data
 from resnet_jax.bench.cases import LEARNING_RATE, MOMENTUM, WEIGHT_DECAY, Case
 from resnet_jax.models import create_model
+from resnet_jax.train.feed import DeviceFeed
 from resnet_jax.train.optim import create_optimizer, learning_rate_schedule
 from resnet_jax.train.steps import (
     Steps,
@@ -75,16 +76,20 @@ class JaxStep:
         return cls(case, steps, state, {"image": images[rows], "label": labels[rows]}, variant)
 
     @classmethod
-    def of_config(cls, config: ml_collections.ConfigDict, source: data.ArraySource | data.StreamSource) -> JaxStep:
+    def of_config(
+        cls, config: ml_collections.ConfigDict, source: data.ArraySource | data.StreamSource
+    ) -> JaxStep | DeviceFeedStep:
         """An experiment's own step, as `resnet-jax train --config` builds it (model overrides, optimizer and
-        schedule, label smoothing, parallelism, every device), on the first batch of its input pipeline."""
-        from resnet_jax.train.loop import build_model, check_batch_sizes, training_batches
+        schedule, label smoothing, parallelism, every device), on the first batch of its input pipeline; with
+        ``data_on_device``, its calls of ``steps_per_call`` steps on batches made on the devices."""
+        from resnet_jax.train.loop import build_model, check_batch_sizes, check_feed, create_feed, training_batches
 
         check_batch_sizes(config)
+        check_feed(config, source)
         if config.dtype not in PRECISIONS_OF_DTYPES:
             raise ValueError(f"dtype={config.dtype!r}: bench times {' and '.join(PRECISIONS_OF_DTYPES)} steps.")
-        batch = next(training_batches(config, source))
-        height, width, channels = batch["image"].shape[1:]
+        batch = None if config.data_on_device else next(training_batches(config, source))
+        height, width, channels = source.image_shape if batch is None else batch["image"].shape[1:]
         if height != width:
             raise ValueError(f"{config.dataset} images are {height}x{width}; set --config.image_size=N to time a size.")
         case = Case(
@@ -93,7 +98,11 @@ class JaxStep:
         schedule = learning_rate_schedule(config, data.steps_per_epoch(source.num_examples, config.batch_size))
         tx = create_optimizer(config, schedule)
         state = create_train_state(build_model(config, source.num_classes), tx, case.input_shape, config.seed)
-        steps = compile_steps(make_mesh(), config.label_smoothing, config.parallelism, config.threads)
+        mesh = make_mesh()
+        steps = compile_steps(mesh, config.label_smoothing, config.parallelism, config.threads)
+        if batch is None:
+            variant = f"jit, data on the device, {config.steps_per_call} step(s) per call"
+            return DeviceFeedStep(case, create_feed(config, source, steps, mesh, 0), steps.put_state(state), variant)
         return cls(case, steps, state, batch, config.parallelism)
 
     def compile(self) -> float:
@@ -121,6 +130,39 @@ class JaxStep:
             parts = len(self._batch) * xla_buffer_bytes(self._train.gradients)
             return parts + xla_buffer_bytes(self._train.update), "XLA buffers of the parts' programs and the update"
         return xla_buffer_bytes(self._train), "XLA buffers of the step (arguments + outputs + temporaries)"
+
+
+class DeviceFeedStep:
+    """Times the calls of a `DeviceFeed` (``steps_per_call`` steps each, batches made on the devices, metrics
+    fetched each call); a step's time is its call's over the steps it ran."""
+
+    framework = "jax"
+
+    def __init__(self, case: Case, feed: DeviceFeed, state: TrainState, variant: str) -> None:
+        self.case, self.variant = case, variant
+        self._feed, self._state = feed, state
+
+    def compile(self) -> float:
+        return self._feed.compile(self._state)
+
+    def run(self, num_steps: int) -> list[float]:
+        """Seconds of each of ``num_steps`` steps (or more, to the end of the last call)."""
+        times: list[float] = []
+        while len(times) < num_steps:
+            count = self._feed.steps_per_call
+            began = time.perf_counter()
+            self._state, metrics = self._feed(self._state, count)
+            jax.block_until_ready(metrics)
+            times += [(time.perf_counter() - began) / count] * count
+        return times
+
+    def peak_memory(self) -> tuple[int | None, str]:
+        """As `JaxStep.peak_memory`, for the call of ``steps_per_call`` steps."""
+        stats = jax.local_devices()[0].memory_stats() or {}
+        if "peak_bytes_in_use" in stats:
+            return int(stats["peak_bytes_in_use"]), "device peak_bytes_in_use"
+        call = self._feed.compiled[self._feed.steps_per_call]
+        return xla_buffer_bytes(call), "XLA buffers of a call (arguments, with the data set, + outputs + temporaries)"
 
 
 def xla_buffer_bytes(compiled: Any) -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from functools import partial
+from typing import Any
 
 import jax
 import numpy as np
@@ -94,7 +95,7 @@ class DeviceFeed:
         )
         replicated = self._replicated
         self._train = jax.jit(body, in_shardings=replicated, out_shardings=replicated, donate_argnums=0)
-        self._compiled: dict[int, object] = {}
+        self.compiled: dict[int, Any] = {}  # steps per call -> its compiled program
 
     def _train_steps(
         self,
@@ -125,7 +126,7 @@ class DeviceFeed:
 
             draws = data.BatchDraws(drawn(), drawn(2), drawn(dtype=np.bool_))
             lowered = self._train.lower(state, self.images.images, self.images.labels, draws)
-            self._compiled[count] = lowered.compile()
+            self.compiled[count] = lowered.compile()
         return time.perf_counter() - began
 
     def steps_in_call(self, step: int, stop: int) -> int:
@@ -141,5 +142,5 @@ class DeviceFeed:
             np.stack([d.flips for d in drawn]),
         )
         draws = jax.tree.map(partial(jax.make_array_from_process_local_data, self._replicated), stacked)
-        train = self._compiled.get(count, self._train)
+        train = self.compiled.get(count, self._train)
         return train(state, self.images.images, self.images.labels, draws)

@@ -406,7 +406,7 @@ def evaluate(workdir: str | Path, step: int | None = None) -> dict[str, float]:
     _, state, config = load_run(workdir, step)
     check_batch_sizes(config)
     test_source = data.load_source(config.dataset, config.eval_split, config.data_dir)
-    steps = compile_steps(make_mesh(), parallelism=config.parallelism, threads=config.get("threads", 2))
+    steps = compile_steps(make_mesh(), parallelism=config.parallelism, threads=config.get("threads", 1))
     metrics = evaluate_state(steps, steps.put_state(state), test_source, config)
     print(f"step {int(state.step)} test_accuracy={metrics['accuracy']:.4f} test_loss={metrics['loss']:.4f}")
     return metrics

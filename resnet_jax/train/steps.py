@@ -191,9 +191,10 @@ class Steps:
     # (state, step input) -> ``train`` compiled ahead of time for them
 
 
-def compile_steps(mesh: Mesh, label_smoothing: float = 0.0, parallelism: str = "jit", threads: int = 2) -> Steps:
+def compile_steps(mesh: Mesh, label_smoothing: float = 0.0, parallelism: str = "jit", threads: int = 1) -> Steps:
     """The train and eval steps compiled with jit over ``mesh``, with pmap over the local devices, or for
-    ``threads`` parts of the batch of ``mesh``'s one CPU device."""
+    ``threads`` parts of the batch of ``mesh``'s one CPU device (configs/default.py's `threads` says how many
+    pay)."""
     if parallelism == "jit":
         batch_sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
         replicated = NamedSharding(mesh, PartitionSpec())
