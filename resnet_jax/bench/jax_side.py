@@ -123,9 +123,8 @@ class JaxStep:
 
     def peak_memory(self) -> tuple[int | None, str]:
         """The device's peak bytes in use where it reports them (GPU, TPU), else the step's XLA buffers."""
-        stats = jax.local_devices()[0].memory_stats() or {}
-        if "peak_bytes_in_use" in stats:
-            return int(stats["peak_bytes_in_use"]), "device peak_bytes_in_use"
+        if peak := device_peak_memory():
+            return peak
         if isinstance(self._train, ThreadedTrainStep):
             parts = len(self._batch) * xla_buffer_bytes(self._train.gradients)
             return parts + xla_buffer_bytes(self._train.update), "XLA buffers of the parts' programs and the update"
@@ -158,11 +157,16 @@ class DeviceFeedStep:
 
     def peak_memory(self) -> tuple[int | None, str]:
         """As `JaxStep.peak_memory`, for the call of ``steps_per_call`` steps."""
-        stats = jax.local_devices()[0].memory_stats() or {}
-        if "peak_bytes_in_use" in stats:
-            return int(stats["peak_bytes_in_use"]), "device peak_bytes_in_use"
+        if peak := device_peak_memory():
+            return peak
         call = self._feed.compiled[self._feed.steps_per_call]
         return xla_buffer_bytes(call), "XLA buffers of a call (arguments, with the data set, + outputs + temporaries)"
+
+
+def device_peak_memory() -> tuple[int, str] | None:
+    """The device's peak bytes in use, where it reports them (GPU, TPU; a CPU does not)."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    return (int(stats["peak_bytes_in_use"]), "device peak_bytes_in_use") if "peak_bytes_in_use" in stats else None
 
 
 def xla_buffer_bytes(compiled: Any) -> int:
