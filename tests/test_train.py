@@ -218,7 +218,7 @@ def test_train_and_evaluate_writes_checkpoints_metrics_and_plots(idx_dir, tmp_pa
     metrics = train_and_evaluate(small_config(idx_dir, keep_checkpoints=1), workdir)
     out = capsys.readouterr().out
     assert f"final test_accuracy={metrics['accuracy']:.4f}" in out
-    assert "compiled the train step" in out and "img/s" in out
+    assert "created the train state in" in out and "compiled the train step" in out and "img/s" in out
     records = read_metrics(workdir)
     assert [r["step"] for r in records if r["split"] == "train"] == [2, 4, 6]
     assert [r["step"] for r in records if r["split"] == "test"] == [3, 6]

@@ -261,7 +261,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
     checkpoints = Checkpoints(workdir, every_steps=config.checkpoint_every_steps, keep_latest=config.keep_checkpoints)
     progress = Progress(config.num_train_steps, 0, config.batch_size, enabled=lead)
-    state = create_train_state(model, tx, train_source.image_shape, config.seed)
+    init_began = time.perf_counter()
+    state = jax.block_until_ready(create_train_state(model, tx, train_source.image_shape, config.seed))
+    progress.message(f"created the train state in {time.perf_counter() - init_began:.1f}s")
 
     def same_run(meta: dict) -> None:
         if (meta["model"], meta["dataset"]) != (config.model, config.dataset):
