@@ -38,6 +38,9 @@ def test_bench_vs_torch_prints_ratios_and_writes_results(tmp_path, capsys):
     out = capsys.readouterr().out
     ratio_lines = [line for line in out.splitlines() if "ratio=" in line]
     assert len(ratio_lines) == 2  # jit, and (on a CPU, by default) the batch in 2 parts on host threads
+    stages = [line.removeprefix("resnet8 16x16 batch 4 fp32: ") for line in out.splitlines() if ": compiling " in line]
+    assert stages == ["compiling jax jit", "compiling jax threads (2)", "compiling torch eager"]
+    assert out.index("timing 2 round(s) of 2 steps of each") < out.index(ratio_lines[0])  # said before the results
     for line, variant in zip(ratio_lines, ("jit", r"threads \(2\)"), strict=True):
         pattern = rf"resnet8 16x16 batch 4 fp32: jax {variant} .* img/s, torch eager .* img/s \(.*\), ratio=\d+\.\d\d"
         assert re.fullmatch(pattern, line)
@@ -129,6 +132,9 @@ def test_bench_epochs_time_whole_epochs_with_the_data_on_the_device_against_torc
     assert main(["bench", *arguments]) == 0
     out = capsys.readouterr().out
     label = "resnet8 epoch of 40 CIFAR-shaped images on the device, batch 16 fp32"
+    stages = [line.removeprefix(f"{label}: ") for line in out.splitlines() if line.startswith(f"{label}: compiling")]
+    assert stages == ["compiling jax jit", "compiling jax jit, 2 steps per call", "compiling torch eager"]
+    assert f"{label}: timing 2 round(s) of an epoch of each" in out
     for jax_name in ("jax jit", "jax jit, 2 steps per call"):
         line = rf"^{label}: {jax_name} [\d.]+ s \([\d,]+ img/s, compile and first step [\d.]+s\)$"
         assert re.search(line, out, re.M)

@@ -30,6 +30,11 @@ TIME_TO_ACCURACY = (
 )
 
 
+def say(line: str) -> None:
+    """A progress line, out at once: a bench's output often goes to a log that someone is watching."""
+    print(line, flush=True)
+
+
 def add_bench_command(commands: Any) -> None:
     """Add ``bench`` to the ``resnet-jax`` subparsers ``commands``."""
     from resnet_jax.bench.torch_side import VARIANTS
@@ -163,6 +168,7 @@ def run_bench(args: argparse.Namespace) -> None:
         lambda case_rows: print(*report.case_lines(case_rows), sep="\n"),
         args.cpu_processes,
         threads,
+        say,
     )
     epochs = []
     if run_epochs:
@@ -177,6 +183,7 @@ def run_bench(args: argparse.Namespace) -> None:
             variants,
             lambda model_rows: print(*report.epoch_lines(model_rows), sep="\n"),
             args.scan_steps if args.scan_steps is not None else (0 if platform == "cpu" else GPU_SCAN_STEPS),
+            say,
         )
     inputs = []
     if not args.no_input:
@@ -214,7 +221,7 @@ def bench_config(args: argparse.Namespace, settings: Settings) -> None:
     config = load_config(args.config, args.overrides)
     source = data.load_source(config.dataset, config.train_split, config.data_dir)
     step = JaxStep.of_config(config, source)
-    rows = harness.time_runners(step.case, [step], settings)
+    rows = harness.time_runners(step.case, [step], settings, say)
     print(*report.case_lines(rows), sep="\n")
     inputs = [] if args.no_input or config.data_on_device else [config_input_row(config, source, settings.steps)]
     if config.data_on_device:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import jax
@@ -21,7 +21,7 @@ import optax
 
 from resnet_jax import data
 from resnet_jax.bench.cases import LEARNING_RATE, Case
-from resnet_jax.bench.harness import Settings
+from resnet_jax.bench.harness import Runner, Settings, compile_runners
 from resnet_jax.bench.inputs import CIFAR_SHAPE
 from resnet_jax.bench.jax_side import DTYPES, optimizer_config
 from resnet_jax.bench.torch_side import TorchStep
@@ -31,11 +31,8 @@ from resnet_jax.train.optim import create_optimizer
 from resnet_jax.train.steps import compile_steps, create_train_state, make_mesh
 
 
-class EpochRunner(Protocol):
-    framework: str
-    variant: str
-
-    def compile(self) -> float: ...
+class EpochRunner(Runner, Protocol):
+    """One framework's whole epochs of one model (`JaxEpoch`, `TorchEpoch`)."""
 
     def run_epoch(self) -> float: ...
 
@@ -61,8 +58,12 @@ class EpochRow:
 
     @property
     def label(self) -> str:
-        case, images = self.case, f"{self.images:,} CIFAR-shaped images"
-        return f"{case.model} epoch of {images} on the device, batch {case.batch} {case.precision}"
+        return epoch_label(self.case, self.images)
+
+
+def epoch_label(case: Case, images: int) -> str:
+    """What a model's epoch rows and progress lines begin with."""
+    return f"{case.model} epoch of {images:,} CIFAR-shaped images on the device, batch {case.batch} {case.precision}"
 
 
 def epoch_ratio(jax_row: EpochRow, torch_row: EpochRow) -> float:
@@ -170,10 +171,11 @@ def bench_epochs(
     torch_variants: Sequence[str] = (),
     report: Any = lambda rows: None,
     scan_steps: int = 0,
+    say: Callable[[str], None] = lambda line: None,
 ) -> list[EpochRow]:
     """Each model's epochs over ``images`` (at least ``batch``) synthetic CIFAR-shaped images: compile, one
     untimed epoch, then ``settings.repeats`` rounds of one epoch per runner in turn. ``scan_steps`` > 1 adds a
-    JAX row that runs that many steps per compiled call."""
+    JAX row that runs that many steps per compiled call. ``say`` hears each stage as it begins."""
     source = data.synthetic(num_examples=images, image_shape=CIFAR_SHAPE, seed=0)
     rows = []
     for model in models:
@@ -182,9 +184,11 @@ def bench_epochs(
         if scan_steps > 1:
             runners.append(JaxEpoch(case, source, scan_steps=scan_steps))
         runners += [TorchEpoch(case, source, variant) for variant in torch_variants]
-        compile_seconds = [runner.compile() for runner in runners]
+        label = epoch_label(case, images)
+        compile_seconds = compile_runners(label, runners, say)
         for runner in runners:
             runner.run_epoch()
+        say(f"{label}: timing {settings.repeats} round(s) of an epoch of each")
         seconds: list[list[float]] = [[] for _ in runners]
         for _ in range(settings.repeats):
             for runner, times in zip(runners, seconds, strict=True):

@@ -16,13 +16,17 @@ from typing import Protocol
 from resnet_jax.bench.cases import GPU_ONLY, SUITE, Case
 
 
-class StepRunner(Protocol):
-    """One framework's train step on one case (`JaxStep`, `TorchStep`)."""
+class Runner(Protocol):
+    """What every timed runner has: a framework and a variant that name its row, and a compile (seconds)."""
 
     framework: str
     variant: str
 
     def compile(self) -> float: ...
+
+
+class StepRunner(Runner, Protocol):
+    """One framework's train step on one case (`JaxStep`, `TorchStep`)."""
 
     def run(self, num_steps: int) -> list[float]: ...
 
@@ -78,11 +82,25 @@ def ratio(jax_row: StepRow, torch_row: StepRow) -> float:
     return statistics.median(j / t for j, t in pairs)
 
 
-def time_runners(case: Case, runners: Sequence[StepRunner], settings: Settings) -> list[StepRow]:
-    """Compile and warm every runner, then time them in turn, ``settings.repeats`` times."""
-    compile_seconds = [runner.compile() for runner in runners]
+def compile_runners(label: str, runners: Sequence[Runner], say: Callable[[str], None]) -> list[float]:
+    """Each runner's compile seconds, saying which one compiles before it starts: on a GPU one compile can take
+    minutes, and a silent bench cannot be told from a stuck one."""
+    seconds = []
+    for runner in runners:
+        say(f"{label}: compiling {runner.framework} {runner.variant}")
+        seconds.append(runner.compile())
+    return seconds
+
+
+def time_runners(
+    case: Case, runners: Sequence[StepRunner], settings: Settings, say: Callable[[str], None] = lambda line: None
+) -> list[StepRow]:
+    """Compile and warm every runner, then time them in turn, ``settings.repeats`` times; ``say`` hears each
+    stage as it begins."""
+    compile_seconds = compile_runners(case.label, runners, say)
     for runner in runners:
         runner.run(settings.warmup)
+    say(f"{case.label}: timing {settings.repeats} round(s) of {settings.steps} steps of each")
     timings: list[list[list[float]]] = [[] for _ in runners]
     for _ in range(settings.repeats):
         for runner, times in zip(runners, timings, strict=True):
@@ -118,6 +136,7 @@ def bench_cases(
     report: Callable[[list[StepRow]], None] = lambda rows: None,
     cpu_processes: int | None = None,
     threads: int = 0,
+    say: Callable[[str], None] = lambda line: None,
 ) -> list[StepRow]:
     """Every case with JAX (also on ``cpu_processes`` pinned processes, and as ``threads`` batch parts side by side,
     if given) and, if ``torch_variants`` is not empty, those torch variants; ``report`` sees each case's rows as
@@ -137,7 +156,7 @@ def bench_cases(
 
             runners += [TorchStep(case, variant) for variant in torch_variants]
         try:
-            case_rows = time_runners(case, runners, settings)
+            case_rows = time_runners(case, runners, settings, say)
         finally:
             for runner in runners:
                 if isinstance(runner, JaxProcesses):
