@@ -65,6 +65,11 @@ def test_bench_vs_torch_prints_ratios_and_writes_results(tmp_path, capsys):
         expected = np.median(np.divide(row["img_per_s_per_repeat"], torch_row["img_per_s_per_repeat"]))
         assert torch_row["jax_over_torch"][row["variant"]] == pytest.approx(expected)
         assert f"ratio={expected:.2f}" in line
+    (relative_line,) = [line for line in out.splitlines() if "relative=" in line]
+    relative = np.median(np.divide(threads_row["img_per_s_per_repeat"], jax_row["img_per_s_per_repeat"]))
+    assert "relative_to_jax" not in jax_row and threads_row["relative_to_jax"] == {"jit": pytest.approx(relative)}
+    pattern = r"resnet8 16x16 batch 4 fp32: jax threads \(2\) [\d,]+ img/s against jax jit [\d,]+ img/s, relative="
+    assert re.fullmatch(pattern + f"{relative:.2f}", relative_line)
     inputs = {row["name"]: row for row in record["input"]}
     no_fashion_mnist = any(line.startswith("input Fashion-MNIST: no data") for line in record["skipped"])
     assert set(inputs) == {"CIFAR-shaped 32x32x3 (synthetic)", "CIFAR-shaped 32x32x3 (synthetic), device-resident"} | (
@@ -89,6 +94,24 @@ def test_bench_without_torch_prints_jax_rows_only(tmp_path, capsys):
     assert main(["bench", *TINY, "--threads", "0", "--no-input", "--out", str(tmp_path / "none")]) == 0
     record = json.loads(next((tmp_path / "none").glob("*.json")).read_text())
     assert [row["variant"] for row in record["train"]] == ["jit"]
+
+
+def test_bench_xla_options_rows_compile_the_same_step_with_those_options(tmp_path, capsys):
+    dump = tmp_path / "dump"
+    options = f"xla_dump_to={dump},xla_cpu_multi_thread_eigen=false"
+    arguments = [*TINY, "--threads", "0", "--no-input", "--out", str(tmp_path)]
+    assert main(["bench", *arguments, "--xla-options", options, "--xla-options", "xla_gpu_autotune_level=0"]) == 0
+    out = capsys.readouterr().out
+    variants = ["jit", f"jit, {options}", "jit, xla_gpu_autotune_level=0"]
+    assert [line.partition(": compiling jax ")[2] for line in out.splitlines() if ": compiling " in line] == variants
+    record = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert [row["variant"] for row in record["train"]] == variants
+    for row, line in zip(record["train"][1:], [line for line in out.splitlines() if "relative=" in line], strict=True):
+        relative = np.median(np.divide(row["img_per_s_per_repeat"], record["train"][0]["img_per_s_per_repeat"]))
+        assert row["relative_to_jax"] == {"jit": pytest.approx(relative)} and line.endswith(f"relative={relative:.2f}")
+    # Only the row given xla_dump_to dumped its train step, and XLA compiled it with the row's other option too.
+    (train_step_options,) = dump.glob("*jit_train_step*debug_options")
+    assert "xla_cpu_multi_thread_eigen: false" in train_step_options.read_text()
 
 
 @pytest.mark.parametrize(
@@ -224,15 +247,20 @@ def test_bench_config_with_the_data_on_the_device_times_its_calls_of_several_ste
     experiment = ["--config", "configs/fashion_mnist_resnet20.py", f"--config.data_dir={idx_dir}"]
     changes = ["--config.model=resnet8", "--config.batch_size=8", "--config.data_on_device=True"]
     changes += ["--config.steps_per_call=2"]
-    assert main(["bench", *experiment, *changes, "--steps", "3", "--warmup", "1", "--out", str(tmp_path)]) == 0
+    timing = ["--steps", "3", "--warmup", "1", "--out", str(tmp_path)]
+    options = f"xla_dump_to={tmp_path / 'dump'},xla_cpu_multi_thread_eigen=false"
+    assert main(["bench", *experiment, *changes, *timing, "--xla-options", options]) == 0
     out = capsys.readouterr().out
-    assert re.search(
-        r"^resnet8 28x28 batch 8 fp32: jax jit, data on the device, 2 step\(s\) per call [\d,]+ img/s", out, re.M
-    )
+    variant = "jit, data on the device, 2 step(s) per call"
+    assert re.search(rf"^resnet8 28x28 batch 8 fp32: jax {re.escape(variant)} [\d,]+ img/s", out, re.M)
     assert "there is no input pipeline to time" in out and "input fashion_mnist" not in out
-    (row,) = json.loads(next(tmp_path.glob("*.json")).read_text())["train"]
-    assert [len(repeat) for repeat in row["step_seconds"]] == [4] * len(row["step_seconds"])  # two calls of two
-    assert all(repeat[0] == repeat[1] and repeat[2] == repeat[3] for repeat in row["step_seconds"])
+    rows = json.loads(next(tmp_path.glob("*.json")).read_text())["train"]
+    assert [row["variant"] for row in rows] == [variant, f"{variant}, {options}"]
+    for row in rows:
+        assert [len(repeat) for repeat in row["step_seconds"]] == [4] * len(row["step_seconds"])  # two calls of two
+        assert all(repeat[0] == repeat[1] and repeat[2] == repeat[3] for repeat in row["step_seconds"])
+    (call_options,) = (tmp_path / "dump").glob("*jit__train_steps*debug_options")  # the second row's call
+    assert "xla_cpu_multi_thread_eigen: false" in call_options.read_text()
     assert main(["bench", *experiment, *changes, "--config.parallelism=pmap", "--out", str(tmp_path)]) == 2
     assert "this run has: parallelism='pmap' (use jit)" in capsys.readouterr().err
 
@@ -315,6 +343,9 @@ def test_any_case_option_replaces_the_suite():
         (["--model", "resnet8", "--epochs", "--epoch-images", "100", "--batch", "128"], "less than a batch"),
         (["--model", "resnet8", "--epochs", "--scan-steps", "-1"], "--scan-steps -1: give a number"),
         (["--config", "configs/default.py", "--epochs"], "--epochs describe a suite"),
+        (["--xla-options", "xla_gpu_autotune_level"], "--xla-options xla_gpu_autotune_level: give NAME=VALUE pairs"),
+        (["--xla-options", "xla_no_such_option=1"], "No such compile option: 'xla_no_such_option'. The names are"),
+        (["--xla-options", "xla_gpu_autotune_level=high"], "'high' is not a valid int32 value"),
     ],
 )
 def test_bad_arguments_fail_with_one_line_before_compiling(arguments, message, tmp_path, capsys):

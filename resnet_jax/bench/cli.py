@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from resnet_jax.bench.epochs import EpochRow
     from resnet_jax.bench.harness import Settings, StepRow
     from resnet_jax.bench.inputs import InputRow
+    from resnet_jax.bench.jax_side import XlaOptions
 
 RESULTS_DIR = "benchmarks/results"
 DEFAULT_THREADS = 2  # configs/default.py's `threads`
@@ -102,6 +103,15 @@ def add_bench_command(commands: Any) -> None:
         metavar="N",
         help=f"images in an epoch of --epochs (default {CIFAR_TRAIN_IMAGES:,}, CIFAR's training set)",
     )
+    p.add_argument(
+        "--xla-options",
+        action="append",
+        metavar="NAME=VALUE[,...]",
+        help="also a JAX row of the same step compiled with these XLA options, timed in turn with the others: what "
+        "an option costs, in one run (XLA_FLAGS holds for a whole process). Names and values as XLA_FLAGS takes "
+        "them, without the dashes, e.g. xla_gpu_deterministic_ops=true or xla_gpu_autotune_level=0; once more for "
+        "each row. Step rows and --config; not the epochs",
+    )
     p.add_argument("--no-input", action="store_true", help="skip the input-pipeline rows")
     p.add_argument("--out", default=RESULTS_DIR, help=f"folder of the JSON results (default {RESULTS_DIR})")
     p.set_defaults(run=run_bench, takes_config_overrides=True)
@@ -109,10 +119,12 @@ def add_bench_command(commands: Any) -> None:
 
 def run_bench(args: argparse.Namespace) -> None:
     from resnet_jax.bench.harness import Settings
+    from resnet_jax.bench.jax_side import check_xla_options, parse_xla_options
 
     settings = Settings(args.steps, args.warmup, args.repeats)  # checks the numbers before anything runs
+    xla_options = [parse_xla_options(text) for text in args.xla_options or []]
     if args.config is not None:
-        return bench_config(args, settings)
+        return bench_config(args, settings, xla_options)
     if args.overrides:
         raise ValueError(f"{args.overrides[0]} changes an experiment: add --config FILE, or drop it.")
     if args.vs_torch:  # JAX would otherwise take most of the GPU's memory before torch starts
@@ -136,6 +148,7 @@ def run_bench(args: argparse.Namespace) -> None:
     threads = args.threads if args.threads is not None else (DEFAULT_THREADS if platform == "cpu" else 0)
     if threads:
         check_threads(threads, cases, platform)
+    check_xla_options(xla_options)
     variants: tuple[str, ...] = ()
     if args.vs_torch:
         from resnet_jax.bench import torch_models
@@ -169,6 +182,7 @@ def run_bench(args: argparse.Namespace) -> None:
         args.cpu_processes,
         threads,
         say,
+        xla_options,
     )
     epochs = []
     if run_epochs:
@@ -193,12 +207,13 @@ def run_bench(args: argparse.Namespace) -> None:
     finish(rows, inputs, skipped, settings, args.out, epochs=epochs)
 
 
-def bench_config(args: argparse.Namespace, settings: Settings) -> None:
-    """The train step and the input pipeline of ``--config``: is the input the bottleneck?"""
+def bench_config(args: argparse.Namespace, settings: Settings, xla_options: list[XlaOptions]) -> None:
+    """The train step and the input pipeline of ``--config``: is the input the bottleneck? (And the same step
+    compiled with each of ``xla_options``.)"""
     from resnet_jax import data
     from resnet_jax.bench import harness, report
     from resnet_jax.bench.inputs import config_input_row
-    from resnet_jax.bench.jax_side import JaxStep
+    from resnet_jax.bench.jax_side import JaxStep, check_xla_options
     from resnet_jax.train.config import load_config
 
     suite_options = {
@@ -220,8 +235,9 @@ def bench_config(args: argparse.Namespace, settings: Settings) -> None:
         )
     config = load_config(args.config, args.overrides)
     source = data.load_source(config.dataset, config.train_split, config.data_dir)
-    step = JaxStep.of_config(config, source)
-    rows = harness.time_runners(step.case, [step], settings, say)
+    check_xla_options(xla_options)
+    steps = [JaxStep.of_config(config, source, options) for options in [None, *xla_options]]
+    rows = harness.time_runners(steps[0].case, steps, settings, say)
     print(*report.case_lines(rows), sep="\n")
     inputs = [] if args.no_input or config.data_on_device else [config_input_row(config, source, settings.steps)]
     if config.data_on_device:

@@ -1,9 +1,10 @@
 """Run the train-step rows with JAX and PyTorch interleaved, and reduce them to medians and ratios.
 
 Both frameworks share the machine with whatever else runs on it, so one timing says little: each
-repeat times ``steps`` steps of every runner in turn (JAX, JAX on several processes, then each torch
-variant), a rate is the batch over a median step time, and a ratio is the median over repeats of
-JAX's rate over torch's rate in the same repeat, so that load drifting between repeats cancels out.
+repeat times ``steps`` steps of every runner in turn (JAX, its other rows: XLA options, threads, several
+processes; then each torch variant), a rate is the batch over a median step time, and a ratio is the
+median over repeats of one rate over another in the same repeat (JAX's over torch's, or a further JAX
+row's over the first's), so that load drifting between repeats cancels out.
 """
 
 from __future__ import annotations
@@ -11,9 +12,12 @@ from __future__ import annotations
 import dataclasses
 import statistics
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from resnet_jax.bench.cases import GPU_ONLY, SUITE, Case
+
+if TYPE_CHECKING:
+    from resnet_jax.bench.jax_side import XlaOptions
 
 
 class Runner(Protocol):
@@ -137,16 +141,18 @@ def bench_cases(
     cpu_processes: int | None = None,
     threads: int = 0,
     say: Callable[[str], None] = lambda line: None,
+    xla_options: Sequence[XlaOptions] = (),
 ) -> list[StepRow]:
-    """Every case with JAX (also on ``cpu_processes`` pinned processes, and as ``threads`` batch parts side by side,
-    if given) and, if ``torch_variants`` is not empty, those torch variants; ``report`` sees each case's rows as
-    soon as they are measured."""
+    """Every case with JAX (also compiled with each of ``xla_options``, on ``cpu_processes`` pinned processes, and
+    as ``threads`` batch parts side by side, if given) and, if ``torch_variants`` is not empty, those torch
+    variants; ``report`` sees each case's rows as soon as they are measured."""
     from resnet_jax.bench.jax_side import JaxStep
     from resnet_jax.bench.processes import JaxProcesses
 
     rows = []
     for case in cases:
         runners: list[StepRunner] = [JaxStep.of_case(case)]
+        runners += [JaxStep.of_case(case, xla_options=options) for options in xla_options]
         if threads:
             runners.append(JaxStep.of_case(case, threads=threads))
         if cpu_processes:

@@ -5,6 +5,7 @@ one process of a pmap job over one device per process), for ``--config`` as the 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -27,6 +28,51 @@ from resnet_jax.train.steps import (
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 PRECISIONS_OF_DTYPES = {dtype: precision for precision, dtype in DTYPES.items()}
+XlaOptions = dict[str, bool | int | float | str]  # XLA compiler options of one program, as ``.compile`` takes them
+
+
+def parse_xla_options(text: str) -> XlaOptions:
+    """``NAME=VALUE,NAME=VALUE`` as XLA_FLAGS spells them, without the dashes, to compiler options: XLA wants
+    true/false as booleans and numbers as numbers."""
+    options: XlaOptions = {}
+    for item in text.split(","):
+        name, equals, value = item.strip().partition("=")
+        if not name or not equals:
+            raise ValueError(
+                f"--xla-options {text}: give NAME=VALUE pairs separated by commas, e.g. "
+                "xla_gpu_deterministic_ops=true,xla_gpu_autotune_level=0."
+            )
+        options[name] = {"true": True, "false": False}.get(value.lower(), _number_or_text(value))
+    return options
+
+
+def _number_or_text(value: str) -> int | float | str:
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
+
+
+def spell_xla_options(options: XlaOptions) -> str:
+    """The options as `parse_xla_options` reads them, for a row's name."""
+    spelled = {name: str(value).lower() if isinstance(value, bool) else value for name, value in options.items()}
+    return ",".join(f"{name}={value}" for name, value in spelled.items())
+
+
+def check_xla_options(rows: Sequence[XlaOptions]) -> None:
+    """Refuse an option XLA does not know, or a value it cannot read, by compiling an empty program with each
+    row's options (milliseconds) before any step compiles (minutes on a GPU)."""
+    for options in rows:
+        try:
+            jax.jit(lambda: 0).lower().compile(options)
+        except jax.errors.JaxRuntimeError as error:
+            reason = str(error).removeprefix("INVALID_ARGUMENT: ")
+            raise ValueError(
+                f"--xla-options {spell_xla_options(options)}: {reason}. The names are XLA's debug options, as "
+                "XLA_FLAGS takes them (without the dashes)."
+            ) from None
 
 
 def optimizer_config() -> ml_collections.ConfigDict:
@@ -52,17 +98,25 @@ class JaxStep:
 
     framework = "jax"
 
-    def __init__(self, case: Case, steps: Steps, state: TrainState, batch: dict[str, Any], variant: str) -> None:
-        self.case, self.variant = case, variant
-        self._steps = steps
+    def __init__(
+        self,
+        case: Case,
+        steps: Steps,
+        state: TrainState,
+        batch: dict[str, Any],
+        variant: str,
+        xla_options: XlaOptions | None = None,
+    ) -> None:
+        self.case, self.variant = case, with_options(variant, xla_options)
+        self._steps, self._xla_options = steps, xla_options
         self._state = steps.put_state(state)
         self._batch = steps.put_batch(batch)
         self._train = None
 
     @classmethod
-    def of_case(cls, case: Case, seed: int = 0, threads: int = 0) -> JaxStep:
+    def of_case(cls, case: Case, seed: int = 0, threads: int = 0, xla_options: XlaOptions | None = None) -> JaxStep:
         """A suite row: the bench's optimizer (`optimizer_config`) on a synthetic batch; ``threads`` > 0 times
-        parallelism "threads" (on one CPU device) instead of jit."""
+        parallelism "threads" (on one CPU device) instead of jit; ``xla_options`` compile it with those options."""
         model = create_model(case.model, num_classes=case.num_classes, dtype=DTYPES[case.precision])
         tx = create_optimizer(optimizer_config(), optax.constant_schedule(LEARNING_RATE))
         parallelism = "pmap" if jax.process_count() > 1 else "threads" if threads else "jit"
@@ -73,15 +127,19 @@ class JaxStep:
         rows = slice(jax.process_index() * share, (jax.process_index() + 1) * share)
         state = create_train_state(model, tx, case.input_shape, seed)
         variant = f"threads ({threads})" if threads else parallelism
-        return cls(case, steps, state, {"image": images[rows], "label": labels[rows]}, variant)
+        return cls(case, steps, state, {"image": images[rows], "label": labels[rows]}, variant, xla_options)
 
     @classmethod
     def of_config(
-        cls, config: ml_collections.ConfigDict, source: data.ArraySource | data.StreamSource
+        cls,
+        config: ml_collections.ConfigDict,
+        source: data.ArraySource | data.StreamSource,
+        xla_options: XlaOptions | None = None,
     ) -> JaxStep | DeviceFeedStep:
         """An experiment's own step, as `resnet-jax train --config` builds it (model overrides, optimizer and
         schedule, label smoothing, parallelism, every device), on the first batch of its input pipeline; with
-        ``data_on_device``, its calls of ``steps_per_call`` steps on batches made on the devices."""
+        ``data_on_device``, its calls of ``steps_per_call`` steps on batches made on the devices; compiled with
+        ``xla_options``, if given."""
         from resnet_jax.train.loop import build_model, check_batch_sizes, check_feed, create_feed, training_batches
 
         check_batch_sizes(config)
@@ -102,13 +160,14 @@ class JaxStep:
         steps = compile_steps(mesh, config.label_smoothing, config.parallelism, config.threads)
         if batch is None:
             variant = f"jit, data on the device, {config.steps_per_call} step(s) per call"
-            return DeviceFeedStep(case, create_feed(config, source, steps, mesh, 0), steps.put_state(state), variant)
-        return cls(case, steps, state, batch, config.parallelism)
+            feed = create_feed(config, source, steps, mesh, 0)
+            return DeviceFeedStep(case, feed, steps.put_state(state), variant, xla_options)
+        return cls(case, steps, state, batch, config.parallelism, xla_options)
 
     def compile(self) -> float:
         """Lower and compile the step; returns the seconds it took."""
         began = time.perf_counter()
-        self._train = self._steps.compile_train(self._state, self._batch)
+        self._train = self._steps.compile_train(self._state, self._batch, self._xla_options)
         return time.perf_counter() - began
 
     def run(self, num_steps: int) -> list[float]:
@@ -137,12 +196,14 @@ class DeviceFeedStep:
 
     framework = "jax"
 
-    def __init__(self, case: Case, feed: DeviceFeed, state: TrainState, variant: str) -> None:
-        self.case, self.variant = case, variant
-        self._feed, self._state = feed, state
+    def __init__(
+        self, case: Case, feed: DeviceFeed, state: TrainState, variant: str, xla_options: XlaOptions | None = None
+    ) -> None:
+        self.case, self.variant = case, with_options(variant, xla_options)
+        self._feed, self._state, self._xla_options = feed, state, xla_options
 
     def compile(self) -> float:
-        return self._feed.compile(self._state)
+        return self._feed.compile(self._state, self._xla_options)
 
     def run(self, num_steps: int) -> list[float]:
         """Seconds of each of ``num_steps`` steps (or more, to the end of the last call)."""
@@ -161,6 +222,11 @@ class DeviceFeedStep:
             return peak
         call = self._feed.compiled[self._feed.steps_per_call]
         return xla_buffer_bytes(call), "XLA buffers of a call (arguments, with the data set, + outputs + temporaries)"
+
+
+def with_options(variant: str, xla_options: XlaOptions | None) -> str:
+    """A row's variant, naming the XLA options it was compiled with."""
+    return f"{variant}, {spell_xla_options(xla_options)}" if xla_options else variant
 
 
 def device_peak_memory() -> tuple[int, str] | None:

@@ -29,7 +29,9 @@ MIB = 2**20
 
 
 def case_lines(rows: Sequence[StepRow]) -> list[str]:
-    """One line per JAX runner of a case, then one per pair of JAX and torch runners ending in ``ratio=JAX/torch``."""
+    """One line per JAX runner of a case, one for each further JAX runner against the first ending in
+    ``relative=`` (its img/s over the first's), then one per pair of JAX and torch runners ending in
+    ``ratio=JAX/torch``."""
     return _runner_lines(rows, lambda row: f"{row.img_per_s:,.0f} img/s", _cost, ratio)
 
 
@@ -45,7 +47,8 @@ def markdown_table(rows: Sequence[StepRow]) -> str:
 
 
 def epoch_lines(rows: Sequence[EpochRow]) -> list[str]:
-    """One line per JAX runner of a model's epochs, then one per pair of JAX and torch runners ending in
+    """One line per JAX runner of a model's epochs, one for each further JAX runner against the first ending in
+    ``relative=`` (the first's epoch time over its), then one per pair of JAX and torch runners ending in
     ``ratio=`` (torch's epoch time over JAX's)."""
     from resnet_jax.bench.epochs import epoch_ratio
 
@@ -92,19 +95,20 @@ def results(
 ) -> dict[str, Any]:
     """Everything measured, with what is needed to rerun and compare it; each torch row holds its ratio to every
     JAX runner of its case (``jax_over_torch``, by JAX variant), each torch epoch its ratio to every JAX
-    epoch runner (``torch_seconds_over_jax``, by JAX variant)."""
+    epoch runner (``torch_seconds_over_jax``, by JAX variant), and each JAX runner after a case's first its
+    speed relative to the first (``relative_to_jax``, by the first's variant)."""
     from resnet_jax.bench.epochs import epoch_ratio
 
     epoch_records = []
     for jax_rows, torch_rows in _by_case(epochs):
-        epoch_records += [_epoch_record(row) for row in jax_rows]
+        epoch_records += [_epoch_record(row) | _relative_record(row, jax_rows, epoch_ratio) for row in jax_rows]
         epoch_records += [
             _epoch_record(row) | {"torch_seconds_over_jax": {j.variant: epoch_ratio(j, row) for j in jax_rows}}
             for row in torch_rows
         ]
     train = []
     for jax_rows, torch_rows in _by_case(rows):
-        train += [_row_record(row) for row in jax_rows]
+        train += [_row_record(row) | _relative_record(row, jax_rows, ratio) for row in jax_rows]
         for row in torch_rows:
             ratios = {jax_row.variant: ratio(jax_row, row) for jax_row in jax_rows}
             train.append(_row_record(row) | {"jax_over_torch": ratios})
@@ -216,10 +220,17 @@ def _table(
 def _runner_lines(
     rows: Sequence[Any], rate: Callable[[Any], str], cost: Callable[[Any], str], ratio_of: Callable[[Any, Any], float]
 ) -> list[str]:
-    """Each JAX runner's rate and cost, then each torch runner against each JAX runner, ending in ``ratio=``."""
+    """Each JAX runner's rate and cost, each further JAX runner against the first (``relative=``), then each torch
+    runner against each JAX runner, ending in ``ratio=``."""
     lines = []
     for jax_rows, torch_rows in _by_case(rows):
+        first = jax_rows[0]
         lines += [f"{row.label}: {row.name} {rate(row)} ({cost(row)})" for row in jax_rows]
+        lines += [
+            f"{row.label}: {row.name} {rate(row)} against {first.name} {rate(first)}, "
+            f"relative={ratio_of(row, first):.2f}"
+            for row in jax_rows[1:]
+        ]
         lines += [
             f"{row.label}: {jax_row.name} {rate(jax_row)}, {row.name} {rate(row)} ({cost(row)}), "
             f"ratio={ratio_of(jax_row, row):.2f}"
@@ -227,6 +238,12 @@ def _runner_lines(
             for jax_row in jax_rows
         ]
     return lines
+
+
+def _relative_record(row: Any, jax_rows: Sequence[Any], ratio_of: Callable[[Any, Any], float]) -> dict[str, Any]:
+    """A JAX runner's speed relative to its case's first JAX runner (none for the first)."""
+    first = jax_rows[0]
+    return {} if row is first else {"relative_to_jax": {first.variant: ratio_of(row, first)}}
 
 
 def _epoch_record(row: EpochRow) -> dict[str, Any]:

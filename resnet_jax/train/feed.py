@@ -116,9 +116,10 @@ class DeviceFeed:
             return state, jax.tree.map(lambda x: x[None], metrics)
         return lax.scan(step, state, draws, unroll=unroll)
 
-    def compile(self, state: TrainState) -> float:
-        """Compile the call of ``steps_per_call`` steps; returns the seconds. (A call of one step, which only a stop
-        that ``steps_per_call`` does not divide needs, compiles when first made: a GPU compile takes half a minute.)"""
+    def compile(self, state: TrainState, options: dict[str, Any] | None = None) -> float:
+        """Compile the call of ``steps_per_call`` steps (with the XLA compiler ``options``, if given); returns the
+        seconds. (A call of one step, which only a stop that ``steps_per_call`` does not divide needs, compiles
+        as it is, when first made: a GPU compile takes half a minute.)"""
         began = time.perf_counter()
         count = self.steps_per_call
 
@@ -126,7 +127,8 @@ class DeviceFeed:
             return jax.ShapeDtypeStruct((count, self._batch_size, *shape), dtype, sharding=self._replicated)
 
         draws = data.BatchDraws(drawn(), drawn(2), drawn(dtype=np.bool_))
-        self.compiled[count] = self._train.lower(state, self.images.images, self.images.labels, draws).compile()
+        lowered = self._train.lower(state, self.images.images, self.images.labels, draws)
+        self.compiled[count] = lowered.compile(options)
         return time.perf_counter() - began
 
     def steps_in_call(self, step: int, stop: int) -> int:

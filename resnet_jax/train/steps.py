@@ -187,8 +187,8 @@ class Steps:
     put_batch: Callable[[dict[str, np.ndarray]], Any]  # this process's rows -> step input
     put_state: Callable[[TrainState], TrainState]
     fetch: Callable[[Any], Any]  # step output -> host numpy (one copy of replicated values)
-    compile_train: Callable[[TrainState, Any], Callable[[TrainState, Any], tuple[TrainState, Metrics]]]
-    # (state, step input) -> ``train`` compiled ahead of time for them
+    compile_train: Callable[..., Callable[[TrainState, Any], tuple[TrainState, Metrics]]]
+    # (state, step input, XLA compiler options or None) -> ``train`` compiled ahead of time for them
 
 
 def compile_steps(mesh: Mesh, label_smoothing: float = 0.0, parallelism: str = "jit", threads: int = 1) -> Steps:
@@ -210,7 +210,7 @@ def compile_steps(mesh: Mesh, label_smoothing: float = 0.0, parallelism: str = "
             put_batch=lambda local: shard_batch(mesh, local),
             put_state=lambda state: jax.device_put(state, replicated),
             fetch=jax.device_get,
-            compile_train=lambda state, batch: train.lower(state, batch).compile(),
+            compile_train=lambda state, batch, options=None: train.lower(state, batch).compile(options),
         )
     if parallelism == "pmap":
         # Global arrays with one row per device of every process: what pmap's compiled program expects.
@@ -239,7 +239,7 @@ def compile_steps(mesh: Mesh, label_smoothing: float = 0.0, parallelism: str = "
             put_batch=put_batch,
             put_state=put_state,
             fetch=lambda tree: jax.tree.map(lambda x: np.asarray(x.addressable_data(0)).reshape(x.shape[1:]), tree),
-            compile_train=lambda state, batch: train.lower(state, batch).compile(),
+            compile_train=lambda state, batch, options=None: train.lower(state, batch).compile(options),
         )
     if parallelism == "threads":
         return threaded_steps(mesh, label_smoothing, threads)
@@ -325,8 +325,12 @@ class ThreadedTrainStep:
         outputs = list(self.pool.map(lambda part: jax.block_until_ready(self.gradients(state, part)), parts))
         return self.update(state, outputs)
 
-    def compiled(self, state: TrainState, parts: Sequence[Batch]) -> ThreadedTrainStep:
-        """The same step with both programs compiled ahead of time for ``state`` and ``parts``."""
-        gradients = self.gradients.lower(state, parts[0]).compile()
+    def compiled(
+        self, state: TrainState, parts: Sequence[Batch], options: dict[str, Any] | None = None
+    ) -> ThreadedTrainStep:
+        """The same step with both programs compiled ahead of time for ``state`` and ``parts`` (with the XLA
+        compiler ``options``, if given)."""
+        gradients = self.gradients.lower(state, parts[0]).compile(options)
         outputs = jax.eval_shape(self.gradients, state, parts[0])
-        return ThreadedTrainStep(gradients, self.update.lower(state, [outputs] * len(parts)).compile(), self.pool)
+        update = self.update.lower(state, [outputs] * len(parts)).compile(options)
+        return ThreadedTrainStep(gradients, update, self.pool)
