@@ -66,10 +66,11 @@ def epoch_label(case: Case, images: int) -> str:
     return f"{case.model} epoch of {images:,} CIFAR-shaped images on the device, batch {case.batch} {case.precision}"
 
 
-def epoch_ratio(jax_row: EpochRow, torch_row: EpochRow) -> float:
-    """Median over rounds of torch's epoch time over JAX's in the same round (> 1: JAX is faster)."""
-    pairs = zip(jax_row.epoch_seconds, torch_row.epoch_seconds, strict=True)
-    return statistics.median(t / j for j, t in pairs)
+def epoch_ratio(row: EpochRow, other: EpochRow) -> float:
+    """How many times faster ``row`` ran than ``other`` (JAX than torch, or a further JAX row than the first):
+    the median over rounds of ``other``'s epoch time over ``row``'s in the same round."""
+    pairs = zip(row.epoch_seconds, other.epoch_seconds, strict=True)
+    return statistics.median(theirs / mine for mine, theirs in pairs)
 
 
 class JaxEpoch:

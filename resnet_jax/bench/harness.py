@@ -80,10 +80,11 @@ class StepRow:
         return self.case.label
 
 
-def ratio(jax_row: StepRow, torch_row: StepRow) -> float:
-    """Median over repeats of JAX img/s over torch img/s measured in the same repeat."""
-    pairs = zip(jax_row.img_per_s_per_repeat, torch_row.img_per_s_per_repeat, strict=True)
-    return statistics.median(j / t for j, t in pairs)
+def ratio(row: StepRow, other: StepRow) -> float:
+    """How many times faster ``row`` ran than ``other`` (JAX than torch, or a further JAX row than the first):
+    the median over repeats of their img/s ratio in the same repeat."""
+    pairs = zip(row.img_per_s_per_repeat, other.img_per_s_per_repeat, strict=True)
+    return statistics.median(mine / theirs for mine, theirs in pairs)
 
 
 def compile_runners(label: str, runners: Sequence[Runner], say: Callable[[str], None]) -> list[float]:
