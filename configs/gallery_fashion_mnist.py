@@ -1,0 +1,29 @@
+"""The results gallery's training recipe (docs/results.md): one recipe for plain and residual nets of
+20, 56 and 110 layers on Fashion-MNIST, trained to the end of a cosine schedule.
+
+    resnet-jax train --config configs/gallery_fashion_mnist.py --config.model=resnet110 --workdir runs/gallery/resnet110
+
+Expected and time: docs/results.md gives each model's accuracy and training time.
+"""
+
+from configs import default
+
+
+def get_config():
+    config = default.get_config()
+    config.model = "resnet110"  # the gallery trains resnet/plain 20, 56 and 110 with this recipe
+    config.dataset = "fashion_mnist"
+    config.crop_padding = 0  # flips only: the training error measures fitting (He et al.'s Fig. 6 signal)
+    config.random_flip = True
+    config.batch_size = 128
+    config.num_train_steps = 2_345  # 5 epochs of 60,000 images
+    config.learning_rate = 0.1
+    config.lr_schedule = "cosine"
+    config.warmup_steps = 400  # He et al. warm ResNet-110 up at lr 0.01 for about 400 steps
+    config.warmup_start_learning_rate = 0.01
+    config.weight_decay = 1e-4
+    config.log_every_steps = 25
+    config.eval_every_steps = 469  # every epoch
+    config.checkpoint_every_steps = 117  # 20 checkpoints along training: the trajectory tool reads them all
+    config.keep_checkpoints = 100
+    return config
