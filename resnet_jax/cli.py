@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from resnet_jax.analysis.cli import add_analyze_command
 from resnet_jax.bench.cli import add_bench_command
@@ -139,16 +139,8 @@ def add_image_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resize", type=int, default=256, help="shorter side before cropping (default 256)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="resnet-jax", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = commands.add_parser("summary", help="per-stage shapes, parameters and multiply-adds of a model")
-    p.add_argument("model", help="model name, e.g. resnet50, resnet20, wrn28_10 (see `resnet-jax models`)")
-    p.add_argument("--input-size", type=int, nargs=3, metavar=("H", "W", "C"), help="default 224 224 3 or 32 32 3")
-    p.add_argument("--num-classes", type=int, default=None, help="default 1000 (ImageNet models) or 10 (CIFAR)")
-    p.set_defaults(run=summary)
-
+def add_train_and_eval_commands(commands: Any) -> None:
+    """``train`` (a config in a workdir) and ``eval`` (a checkpoint of a workdir)."""
     p = commands.add_parser(
         "train",
         help="train an experiment config",
@@ -170,6 +162,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", required=True)
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     p.set_defaults(run=evaluate)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="resnet-jax", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = commands.add_parser("summary", help="per-stage shapes, parameters and multiply-adds of a model")
+    p.add_argument("model", help="model name, e.g. resnet50, resnet20, wrn28_10 (see `resnet-jax models`)")
+    p.add_argument("--input-size", type=int, nargs=3, metavar=("H", "W", "C"), help="default 224 224 3 or 32 32 3")
+    p.add_argument("--num-classes", type=int, default=None, help="default 1000 (ImageNet models) or 10 (CIFAR)")
+    p.set_defaults(run=summary)
+    add_train_and_eval_commands(commands)
 
     p = commands.add_parser("models", help="list the named models")
     p.set_defaults(run=list_names)

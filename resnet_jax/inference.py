@@ -21,6 +21,7 @@ import numpy as np
 
 from resnet_jax import data
 from resnet_jax.data.augment import CHANNEL_STATS
+from resnet_jax.train.runs import load_run
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -159,8 +160,6 @@ def checkpoint_inference(
 ) -> tuple[Inference, ml_collections.ConfigDict]:
     """An `Inference` of the checkpoint at ``step`` (default: the latest) of a run or `convert` output, and its
     config."""
-    from resnet_jax.train.loop import load_run
-
     model, state, config = load_run(workdir, step)
     return Inference(model, {"params": state.params, "batch_stats": state.batch_stats}, batch_size), config
 

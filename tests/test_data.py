@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -17,8 +18,8 @@ from idx_files import make_idx_folder, write_idx
 
 from resnet_jax.data import (
     ArraySource,
+    BatchSettings,
     StreamSource,
-    eval_batches,
     load_idx_folder,
     load_source,
     load_tfds_arrays,
@@ -31,25 +32,16 @@ from resnet_jax.data import (
     read_idx,
     steps_per_epoch,
     synthetic,
-    train_batches,
     train_draws,
 )
 from resnet_jax.data.augment import apply_crop_flip, sample_erasing
 from resnet_jax.data.device import DeviceImages
-from resnet_jax.data.pipeline import _prefetch
+from resnet_jax.data.pipeline import prefetch
 from resnet_jax.data.sources import FASHION_MNIST_DIR
 
 
 def take(batches, n: int) -> list[dict]:
     return list(itertools.islice(batches, n))
-
-
-def assert_same_batches(a: list[dict], b: list[dict]) -> None:
-    assert len(a) == len(b)
-    for x, y in zip(a, b, strict=True):
-        assert x.keys() == y.keys()
-        for key in x:
-            np.testing.assert_array_equal(x[key], y[key])
 
 
 def indexed_source(n: int, shape: tuple[int, int, int] = (8, 8, 3)) -> ArraySource:
@@ -120,9 +112,9 @@ def test_idx_path_does_not_import_tensorflow(tmp_path):
     make_idx_folder(tmp_path, compressed=True)
     code = (
         "import sys\n"
-        "from resnet_jax.data import load_source, train_batches\n"
+        "from resnet_jax.data import BatchSettings, load_source\n"
         f"source = load_source('fashion_mnist', 'train', data_dir={str(tmp_path)!r})\n"
-        "next(train_batches(source, global_batch_size=8, seed=0))\n"
+        "next(source.train_batches(BatchSettings(8)))\n"
         "assert 'tensorflow' not in sys.modules, 'the IDX path imported tensorflow'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
@@ -158,7 +150,7 @@ def test_tfds_cifar10_through_mock_data(tmp_path):
         assert source.images.shape == (12, 32, 32, 3) and source.images.dtype == np.uint8
         assert source.labels.dtype == np.int32 and source.labels.max() < 10
         assert source.num_classes == 10 and len(source.class_names) == 10
-        batch = next(train_batches(source, global_batch_size=4, seed=0))
+        batch = next(source.train_batches(BatchSettings(4)))
         assert batch["image"].shape == (4, 32, 32, 3)
 
 
@@ -251,9 +243,9 @@ PIPELINES = {
 @pytest.mark.parametrize("options", PIPELINES.values(), ids=PIPELINES.keys())
 def test_train_batches_are_deterministic(options):
     source = synthetic(100, (8, 8, 3), seed=0)
-    first = take(train_batches(source, global_batch_size=16, seed=3, **options), 8)
-    assert_same_batches(first, take(train_batches(source, global_batch_size=16, seed=3, **options), 8))
-    other = take(train_batches(source, global_batch_size=16, seed=4, **options), 8)
+    first = take(source.train_batches(BatchSettings(16, seed=3, **options)), 8)
+    chex.assert_trees_all_equal(first, take(source.train_batches(BatchSettings(16, seed=3, **options)), 8))
+    other = take(source.train_batches(BatchSettings(16, seed=4, **options)), 8)
     assert not np.array_equal(first[0]["image"], other[0]["image"])
     assert first[0]["image"].dtype == np.float32 and first[0]["image"].shape == (16, 8, 8, 3)
 
@@ -261,31 +253,32 @@ def test_train_batches_are_deterministic(options):
 @pytest.mark.parametrize("options", PIPELINES.values(), ids=PIPELINES.keys())
 def test_resume_reproduces_the_run_exactly(options):
     source = synthetic(100, (8, 8, 3), seed=0)  # 6 steps an epoch: the tail crosses two epoch boundaries
-    run = take(train_batches(source, global_batch_size=16, seed=7, **options), 20)
+    settings = BatchSettings(16, seed=7, **options)
+    run = take(source.train_batches(settings), 20)
     for k in (1, 6, 9):
-        resumed = take(train_batches(source, global_batch_size=16, seed=7, start_step=k, **options), 20 - k)
-        assert_same_batches(run[k:], resumed)
+        chex.assert_trees_all_equal(run[k:], take(source.train_batches(settings, start_step=k), 20 - k))
 
 
 @pytest.mark.parametrize(
     "options",
-    [{"augment": True}, {"augment": False}, {"pad": 0}, {"pad": 2, "flip": False}],
+    [{"augment": True}, {"augment": False}, {"crop_padding": 0}, {"crop_padding": 2, "random_flip": False}],
     ids=["augmented", "plain", "flip only", "crop only"],
 )
 def test_batches_made_on_the_device_are_the_host_pipelines_bit_for_bit(options):
     source = synthetic(50, (8, 6, 3), seed=0)  # 3 steps an epoch: steps 2 to 8 cross two epoch boundaries
-    host = take(train_batches(source, global_batch_size=16, seed=5, start_step=2, **options), 6)
-    draws = list(itertools.islice(train_draws(50, global_batch_size=16, seed=5, start_step=2, **options), 6))
-    on_device = DeviceImages(source, pad=options.get("pad", 4) if options.get("augment", True) else 0)
+    settings = BatchSettings(16, seed=5, **options)
+    host = take(source.train_batches(settings, start_step=2), 6)
+    draws = list(itertools.islice(train_draws(50, settings, start_step=2), 6))
+    on_device = DeviceImages(source, pad=settings.applied_padding)
     make = jax.jit(on_device.batch)
     made = [jax.device_get(make(on_device.images, on_device.labels, d)) for d in draws]
-    assert_same_batches(host, made)
+    chex.assert_trees_all_equal(host, made)
     assert made[0]["image"].dtype == np.float32 and made[0]["label"].dtype == np.int32
 
 
 def test_random_erasing_in_the_pipeline_erases_every_image_on_top_of_crop_and_flip():
     source = synthetic(100, (8, 8, 3), seed=0)
-    plain, erased = (take(train_batches(source, global_batch_size=16, seed=2, random_erasing=p), 2) for p in (0.0, 1.0))
+    plain, erased = (take(source.train_batches(BatchSettings(16, seed=2, random_erasing=p)), 2) for p in (0.0, 1.0))
     changed = (plain[1]["image"] != erased[1]["image"]).any(-1)  # (16, 8, 8): pixels the box covers
     assert changed.any((1, 2)).all()
     assert changed.mean() < 0.5
@@ -294,7 +287,7 @@ def test_random_erasing_in_the_pipeline_erases_every_image_on_top_of_crop_and_fl
 
 def test_epochs_cover_the_data_without_repeats():
     source = indexed_source(100)
-    labels = [b["label"] for b in take(train_batches(source, global_batch_size=16, seed=0, augment=False), 12)]
+    labels = [b["label"] for b in take(source.train_batches(BatchSettings(16, augment=False)), 12)]
     assert steps_per_epoch(100, 16) == 6
     for epoch in (labels[:6], labels[6:]):
         seen = np.concatenate(epoch)
@@ -305,22 +298,39 @@ def test_epochs_cover_the_data_without_repeats():
 @pytest.mark.parametrize("options", PIPELINES.values(), ids=PIPELINES.keys())
 def test_process_slices_make_up_the_global_batch(options):
     source = synthetic(100, (8, 8, 3), seed=0)
-    whole = take(train_batches(source, global_batch_size=16, seed=1, **options), 7)
+    whole = take(source.train_batches(BatchSettings(16, seed=1, **options)), 7)
     parts = [
-        take(train_batches(source, global_batch_size=16, seed=1, process_index=p, process_count=2, **options), 7)
+        take(source.train_batches(BatchSettings(16, seed=1, process_index=p, process_count=2, **options)), 7)
         for p in range(2)
     ]
     joined = [{k: np.concatenate([a[k], b[k]]) for k in a} for a, b in zip(*parts, strict=True)]
     assert parts[0][0]["image"].shape[0] == 8
-    assert_same_batches(whole, joined)
+    chex.assert_trees_all_equal(whole, joined)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"crop_padding": -1}, "crop_padding=-1"),
+        ({"random_erasing": 1.5}, "fraction of images to erase"),
+        ({"mixup_alpha": -0.2}, "Beta distribution"),
+        ({"image_size": 0}, "positive number of pixels"),
+        ({"process_index": 2, "process_count": 2}, "not one of the 2 processes"),
+        ({"eval_batch_size": 5, "process_count": 2}, "multiple of the process count"),
+    ],
+)
+def test_batch_settings_refuse_what_no_pipeline_can_draw(change, message):
+    with pytest.raises(ValueError, match=message):
+        BatchSettings(16, **change)
+    assert BatchSettings(16).eval_batch_size == 16 and BatchSettings(16, augment=False).applied_padding == 0
 
 
 def test_batch_size_errors_say_what_to_change():
     source = synthetic(10, (4, 4, 1))
     with pytest.raises(ValueError, match="multiple of the process count"):
-        train_batches(source, global_batch_size=9, seed=0, process_count=2)
+        BatchSettings(9, process_count=2)
     with pytest.raises(ValueError, match="larger than the 10 training examples"):
-        train_batches(source, global_batch_size=16, seed=0)
+        source.train_batches(BatchSettings(16))
 
 
 # --- Evaluation batches --------------------------------------------------------------------------
@@ -330,7 +340,7 @@ def test_batch_size_errors_say_what_to_change():
 def test_eval_covers_every_example_once_with_padding(process_count):
     source = indexed_source(101)  # prime: the last batch is partial
     streams = [
-        list(eval_batches(source, batch_size=16, process_index=p, process_count=process_count))
+        list(source.eval_batches(BatchSettings(16, process_index=p, process_count=process_count)))
         for p in range(process_count)
     ]
     assert len({len(s) for s in streams}) == 1 and len(streams[0]) == 7  # lockstep across processes
@@ -355,7 +365,7 @@ def prefetch_threads() -> list[threading.Thread]:
 
 def test_prefetch_thread_stops_when_the_iterator_is_dropped():
     before = set(prefetch_threads())
-    batches = train_batches(synthetic(64, (4, 4, 1)), global_batch_size=8, seed=0)
+    batches = synthetic(64, (4, 4, 1)).train_batches(BatchSettings(8))
     next(batches)
     (thread,) = set(prefetch_threads()) - before
     del batches
@@ -370,15 +380,15 @@ def test_prefetch_passes_errors_on():
             raise RuntimeError("bad step")
         return step
 
-    items = _prefetch(make, range(10), prefetch=2)
+    items = prefetch(make, range(10), ahead=2)
     assert [next(items) for _ in range(3)] == [0, 1, 2]
     with pytest.raises(RuntimeError, match="bad step"):
         next(items)
-    assert list(_prefetch(make, range(3), prefetch=2)) == [0, 1, 2]
+    assert list(prefetch(make, range(3), ahead=2)) == [0, 1, 2]
 
 
 def test_measure_input_throughput():
-    batches = train_batches(synthetic(256, (32, 32, 3)), global_batch_size=32, seed=0)
+    batches = synthetic(256, (32, 32, 3)).train_batches(BatchSettings(32))
     assert measure_input_throughput(batches, 5) > 0
 
 
@@ -430,13 +440,13 @@ def test_imagenet_through_mock_data(tmp_path):
     with tfds.testing.mock_data(num_examples=6):
         source = load_source("imagenet2012", "train", data_dir=str(tmp_path))
         assert isinstance(source, StreamSource) and source.num_examples == 6 and source.num_classes == 1000
-        run = take(train_batches(source, global_batch_size=2, seed=0), 7)  # 3 steps an epoch
+        run = take(source.train_batches(BatchSettings(2)), 7)  # 3 steps an epoch
         assert run[0]["image"].shape == (2, 224, 224, 3) and run[0]["image"].dtype == np.float32
         assert run[0]["label"].dtype == np.int32
         for k in (3, 4):  # resume at an epoch boundary and inside an epoch
-            assert_same_batches(run[k:], take(train_batches(source, global_batch_size=2, seed=0, start_step=k), 7 - k))
+            chex.assert_trees_all_equal(run[k:], take(source.train_batches(BatchSettings(2), start_step=k), 7 - k))
         assert not np.array_equal(run[0]["image"], run[3]["image"])
-        evaluation = list(eval_batches(load_source("imagenet2012", "validation", str(tmp_path)), batch_size=4))
+        evaluation = list(load_source("imagenet2012", "validation", str(tmp_path)).eval_batches(BatchSettings(4)))
         assert [b["mask"].sum() for b in evaluation] == [4, 2]
         assert {b["image"].shape for b in evaluation} == {(4, 224, 224, 3)}
 
@@ -478,25 +488,23 @@ def tiny_source(data_dir: str, split: str, num_examples: int) -> StreamSource:
 
 def test_streamed_training_is_sharded_by_process_and_resumable(tiny_jpeg_dir):
     source = tiny_source(tiny_jpeg_dir, "train", 23)
-    runs = [
-        take(train_batches(source, global_batch_size=4, seed=0, process_index=p, process_count=2), 7) for p in range(2)
-    ]
+    runs = [take(source.train_batches(BatchSettings(4, process_index=p, process_count=2)), 7) for p in range(2)]
     first_epoch = [np.concatenate([b["label"] for b in run[:5]]) for run in runs]  # 11 examples, batches of 2
     assert all(len(np.unique(labels)) == 10 for labels in first_epoch)
     assert not set(first_epoch[0]) & set(first_epoch[1])
-    resumed = train_batches(source, global_batch_size=4, seed=0, start_step=3, process_index=1, process_count=2)
-    assert_same_batches(runs[1][3:], take(resumed, 4))
+    resumed = source.train_batches(BatchSettings(4, process_index=1, process_count=2), start_step=3)
+    chex.assert_trees_all_equal(runs[1][3:], take(resumed, 4))
 
 
 @pytest.mark.parametrize("option", ["mixup_alpha", "random_erasing"])
 def test_streamed_training_refuses_array_only_augmentations(tiny_jpeg_dir, option):
     with pytest.raises(ValueError, match="set mixup_alpha=0 and random_erasing=0"):
-        train_batches(tiny_source(tiny_jpeg_dir, "train", 23), global_batch_size=4, seed=0, **{option: 0.2})
+        tiny_source(tiny_jpeg_dir, "train", 23).train_batches(BatchSettings(4, **{option: 0.2}))
 
 
 def test_streamed_eval_covers_every_example_once(tiny_jpeg_dir):
     source = tiny_source(tiny_jpeg_dir, "validation", 11)
-    streams = [list(eval_batches(source, batch_size=4, process_index=p, process_count=2)) for p in range(2)]
+    streams = [list(source.eval_batches(BatchSettings(4, process_index=p, process_count=2))) for p in range(2)]
     assert len(streams[0]) == len(streams[1]) == 3
     batches = [b for s in streams for b in s]
     real = np.concatenate([b["label"][b["mask"] == 1] for b in batches])

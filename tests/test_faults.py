@@ -10,8 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-import jax
-import numpy as np
+import chex
 import pytest
 from idx_files import idx_folder_fixture
 
@@ -76,10 +75,6 @@ def uninterrupted(idx_dir, tmp_path_factory) -> Path:
     return workdir
 
 
-def same_params(a, b) -> bool:
-    return jax.tree.all(jax.tree.map(np.array_equal, a, b))
-
-
 def test_sigkill_mid_training_then_restart_ends_bit_identical(idx_dir, uninterrupted, tmp_path):
     workdir = tmp_path / "killed"
     process = start_training(workdir, overrides(idx_dir))
@@ -91,7 +86,7 @@ def test_sigkill_mid_training_then_restart_ends_bit_identical(idx_dir, uninterru
     out, err = restarted.communicate(timeout=600)
     assert restarted.returncode == 0, err[-3000:]
     assert "resumed from step" in out
-    assert same_params(params_of(workdir), params_of(uninterrupted))
+    chex.assert_trees_all_equal(params_of(workdir), params_of(uninterrupted))
 
 
 def test_sigterm_finishes_the_step_checkpoints_and_exits_cleanly(idx_dir, uninterrupted, tmp_path):
@@ -108,7 +103,7 @@ def test_sigterm_finishes_the_step_checkpoints_and_exits_cleanly(idx_dir, uninte
     out, err = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, err[-3000:]
     assert f"resumed from step {stopped}" in out
-    assert same_params(params_of(workdir), params_of(uninterrupted))
+    chex.assert_trees_all_equal(params_of(workdir), params_of(uninterrupted))
 
 
 def test_divergence_stops_with_the_step_and_an_intact_last_good_checkpoint(idx_dir, tmp_path):

@@ -11,19 +11,20 @@ import sys
 import textwrap
 from pathlib import Path
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from idx_files import make_idx_folder
 
-from resnet_jax.data import load_source, train_batches
+from resnet_jax.data import BatchSettings, load_source
 from resnet_jax.train.checkpoint import Checkpoints
 from resnet_jax.train.config import load_config
 from resnet_jax.train.distributed import PIN_THEN_EXEC, core_groups
-from resnet_jax.train.loop import build_model
 from resnet_jax.train.optim import create_optimizer, learning_rate_schedule
 from resnet_jax.train.precision import DynamicLossScale
+from resnet_jax.train.runs import build_model
 from resnet_jax.train.steps import compile_steps, create_train_state, make_mesh
 
 REPO = Path(__file__).resolve().parent.parent
@@ -40,7 +41,7 @@ def run_python(code: str, devices: int = 8) -> dict:
 
 PMAP_AGAINST_JIT = """
     import json, jax, numpy as np
-    from resnet_jax.data import load_source, train_batches
+    from resnet_jax.data import BatchSettings, load_source
     from resnet_jax.models import create_model
     from resnet_jax.train.config import load_config
     from resnet_jax.train.optim import create_optimizer, learning_rate_schedule
@@ -48,9 +49,9 @@ PMAP_AGAINST_JIT = """
 
     config = load_config("configs/default.py")
     source = load_source("synthetic", "train", num_examples=64, image_shape=(16, 16, 3), num_classes=10)
-    batch = next(train_batches(source, global_batch_size=2, seed=0))
+    batch = next(source.train_batches(BatchSettings(2)))
     tiled = {k: np.concatenate([v] * 8) for k, v in batch.items()}  # every device gets the same 2 images
-    distinct = next(train_batches(source, global_batch_size=16, seed=1))
+    distinct = next(source.train_batches(BatchSettings(16, seed=1)))
 
     collectives = {}
 
@@ -63,7 +64,7 @@ PMAP_AGAINST_JIT = """
             collectives[parallelism] = compiled.as_text().count(" all-reduce(")
         for b in batches:
             state, _ = compiled(state, steps.put_batch(b))
-        return steps.fetch(state)
+        return steps.to_host(state)
 
     def gap(a, b):
         return max(float(np.max(np.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
@@ -108,7 +109,7 @@ def fp16_state(config, parallelism="jit"):
     steps = compile_steps(make_mesh(jax.devices()[:1]), parallelism=parallelism, threads=2)
     tx = create_optimizer(config, learning_rate_schedule(config, 4))
     state = create_train_state(build_model(config, 10), tx, (16, 16, 3), seed=0)
-    return steps, state, next(train_batches(source, global_batch_size=16, seed=0))
+    return steps, state, next(source.train_batches(BatchSettings(16)))
 
 
 @pytest.mark.parametrize("parallelism", ["jit", "threads"])
@@ -121,7 +122,7 @@ def test_float16_loss_scaling_skips_non_finite_steps_and_lowers_the_scale(parall
     after, metrics = steps.train(steps.put_state(overflowing), steps.put_batch(batch))
     assert float(metrics["skipped"]) == 1.0 and float(metrics["finite"]) == 1.0
     assert int(after.step) == 1  # the data stream moves on
-    assert jax.tree.all(jax.tree.map(np.array_equal, before.params, jax.device_get(after.params)))
+    chex.assert_trees_all_equal(before.params, jax.device_get(after.params))
     assert float(after.loss_scale.scale) == pytest.approx(1.5e38, rel=1e-6)
     after = after.replace(loss_scale=after.loss_scale.replace(scale=jnp.asarray(1024.0, jnp.float32)))
     normal, metrics = steps.train(after, steps.put_batch(batch))

@@ -31,7 +31,8 @@ from resnet_jax.models.torch_weights import (
     torch_state_dict,
     variables_from_torch,
 )
-from resnet_jax.train.loop import evaluate, load_run
+from resnet_jax.train.loop import evaluate
+from resnet_jax.train.runs import load_run
 
 REPO = Path(__file__).resolve().parent.parent
 RTOL = 1e-4

@@ -11,6 +11,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,12 +20,13 @@ import pytest
 from idx_files import idx_folder_fixture
 
 from resnet_jax.cli import main
-from resnet_jax.data import load_source, train_batches
+from resnet_jax.data import BatchSettings, load_source
 from resnet_jax.train.checkpoint import Checkpoints
 from resnet_jax.train.config import REQUIRED_KEYS, load_config
-from resnet_jax.train.loop import build_model, evaluate, next_stop, train_and_evaluate
+from resnet_jax.train.loop import Callback, evaluate, next_stop, train_and_evaluate
 from resnet_jax.train.optim import create_optimizer, learning_rate_schedule
 from resnet_jax.train.reporting import MetricsLog, read_metrics
+from resnet_jax.train.runs import build_model
 from resnet_jax.train.steps import TrainState, compile_steps, create_train_state, make_mesh
 
 REPO = Path(__file__).resolve().parent.parent
@@ -78,9 +80,8 @@ def test_train_state_starts_from_the_models_own_initialisation_compiled_once(dty
     assert "jit(_model_init)" not in compiled_while_creating(4)[1]
     model = create_model("resnet8", num_classes=10, dtype=dtype)
     variables = model.init(jax.random.key(3), jnp.zeros((1, *shape)), train=False)
-    for name in ("params", "batch_stats"):
-        for got, expected in zip(jax.tree.leaves(getattr(state, name)), jax.tree.leaves(variables[name]), strict=True):
-            np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
+    chex.assert_trees_all_close(state.params, variables["params"], rtol=1e-6, atol=1e-7)
+    chex.assert_trees_all_close(state.batch_stats, variables["batch_stats"], rtol=1e-6, atol=1e-7)
     assert int(state.step) == 0 and state.apply_fn.__self__ == model
     assert (state.loss_scale is not None) == (dtype == "float16")
 
@@ -215,7 +216,7 @@ def test_cli_rejects_an_unknown_key_before_training(tmp_path, capsys):
 
 def test_train_and_evaluate_writes_checkpoints_metrics_and_plots(idx_dir, tmp_path, capsys):
     workdir = tmp_path / "run"
-    metrics = train_and_evaluate(small_config(idx_dir, keep_checkpoints=1), workdir)
+    metrics = train_and_evaluate(small_config(idx_dir, keep_checkpoints=1), workdir).metrics
     out = capsys.readouterr().out
     assert f"final test_accuracy={metrics['accuracy']:.4f}" in out
     assert "created the train state in" in out and "compiled the train step" in out and "img/s" in out
@@ -239,8 +240,7 @@ def test_restart_resumes_from_the_checkpoint_and_matches_an_uninterrupted_run(id
     config.num_train_steps = 6
     train_and_evaluate(config, tmp_path / "resumed")
     assert "resumed from step 3" in capsys.readouterr().out
-    straight, resumed = params_of(tmp_path / "straight"), params_of(tmp_path / "resumed")
-    assert jax.tree.all(jax.tree.map(np.array_equal, straight, resumed))
+    chex.assert_trees_all_equal(params_of(tmp_path / "straight"), params_of(tmp_path / "resumed"))
 
 
 def test_data_on_device_trains_the_host_pipelines_run_bit_for_bit_several_steps_a_call(idx_dir, tmp_path, capsys):
@@ -251,12 +251,34 @@ def test_data_on_device_trains_the_host_pipelines_run_bit_for_bit_several_steps_
     train_and_evaluate(on_device, tmp_path / "switched")  # resumed at step 3 on the device, 3 steps in one call
     out = capsys.readouterr().out
     assert "resumed from step 3" in out and "data on the device, 3 step(s) per call" in out
-    assert jax.tree.all(jax.tree.map(np.array_equal, params_of(tmp_path / "host"), params_of(tmp_path / "switched")))
+    chex.assert_trees_all_equal(params_of(tmp_path / "host"), params_of(tmp_path / "switched"))
     losses = {
         run: [(r["step"], r["loss"]) for r in read_metrics(tmp_path / run) if r["split"] == "train"]
         for run in ("host", "switched")
     }
     assert losses["switched"] == losses["host"] and [step for step, _ in losses["host"]] == [3, 6]
+
+
+@pytest.mark.parametrize(
+    ("changes", "streamed", "message"),
+    [
+        ({"steps_per_call": 0}, False, "steps_per_call=0: give the train steps per compiled call"),
+        ({"steps_per_call": 3}, False, "add --config.data_on_device=True"),
+        ({"data_on_device": True, "mixup_alpha": 0.2}, False, "this run has: mixup_alpha"),
+        ({"data_on_device": True}, True, "this run has: tiny is streamed"),
+        ({"image_size": 64}, True, "tiny crops its images to their size itself"),
+        ({"crop_padding": -4}, False, "crop_padding=-4"),
+    ],
+)
+def test_feed_settings_that_cannot_train_are_refused_before_anything_compiles(changes, streamed, message):
+    from resnet_jax.data import StreamSource, synthetic
+    from resnet_jax.train.runs import check_config, check_feed
+
+    config = small_config(Path("."), **changes)
+    source = StreamSource("tiny", "train", None, 64, 10, (8, 8, 3), (0.5,) * 3, (0.25,) * 3) if streamed else None
+    with pytest.raises(ValueError, match=message):
+        check_config(config)
+        check_feed(config, source or synthetic(64, (8, 8, 3)))
 
 
 def test_calls_of_several_steps_stop_where_the_loop_logs_evaluates_checkpoints_or_ends():
@@ -289,7 +311,7 @@ def test_stop_at_test_accuracy_stops_at_the_first_evaluation_reaching_it_and_a_r
     workdir = tmp_path / "timed"
     config.stop_at_test_accuracy = target
     capsys.readouterr()
-    metrics = train_and_evaluate(config, workdir)
+    metrics = train_and_evaluate(config, workdir).metrics
     out = capsys.readouterr().out
     assert metrics["accuracy"] == accuracies[stop] >= target
     assert f"reached test accuracy {accuracies[stop]:.4f} >= {target} at step {stop} " in out
@@ -312,7 +334,7 @@ def test_stop_at_test_accuracy_stops_at_the_first_evaluation_reaching_it_and_a_r
     train_and_evaluate(config, workdir)
     resumed = read_metrics(workdir)
     assert min(r["elapsed_s"] for r in resumed if r["step"] > stop) > max(elapsed)  # the clock goes on
-    assert jax.tree.all(jax.tree.map(np.array_equal, params_of(tmp_path / "straight"), params_of(workdir)))
+    chex.assert_trees_all_equal(params_of(tmp_path / "straight"), params_of(workdir))
 
 
 @pytest.mark.parametrize("target", [-0.1, 94.0])
@@ -358,6 +380,104 @@ def test_a_workdir_of_another_model_is_refused(idx_dir, tmp_path):
         train_and_evaluate(small_config(idx_dir, model="resnet14", num_train_steps=6), tmp_path)
 
 
+class Watcher(Callback):
+    """Records what the hooks see; stops the run at the evaluation of ``stop_at``, if given."""
+
+    def __init__(self, stop_at: int | None = None) -> None:
+        self.losses: dict[int, float] = {}
+        self.evaluations: list[tuple[int, int, float]] = []  # (step, the state's step, test accuracy)
+        self.stop_at = stop_at
+
+    def on_train_step(self, step: int, metrics: dict) -> None:
+        assert step not in self.losses
+        self.losses[step] = float(metrics["loss"])
+
+    def on_evaluation(self, step: int, state: TrainState, metrics: dict[str, float]) -> bool:
+        self.evaluations.append((step, int(state.step), metrics["accuracy"]))
+        return step == self.stop_at
+
+
+def test_a_callback_sees_every_step_and_evaluation_and_the_run_returns_its_final_state(idx_dir, tmp_path):
+    watcher = Watcher()
+    result = train_and_evaluate(small_config(idx_dir), tmp_path, callbacks=[watcher])
+    records = read_metrics(tmp_path)
+    assert sorted(watcher.losses) == [1, 2, 3, 4, 5, 6]
+    logged = {r["step"]: r["loss"] for r in records if r["split"] == "train"}
+    assert logged[2] == pytest.approx((watcher.losses[1] + watcher.losses[2]) / 2, rel=1e-6)
+    tested = [(r["step"], r["step"], r["accuracy"]) for r in records if r["split"] == "test"]
+    assert watcher.evaluations == tested and [step for step, _, _ in tested] == [3, 6]
+    assert int(result.state.step) == 6 and result.metrics["accuracy"] == tested[-1][2]
+    chex.assert_trees_all_equal(jax.device_get(result.state.params), params_of(tmp_path))
+
+
+def test_a_callback_stops_the_run_at_a_checkpoint_that_the_next_run_resumes_from(idx_dir, tmp_path, capsys):
+    config = small_config(idx_dir)
+    result = train_and_evaluate(config, tmp_path, callbacks=[Watcher(stop_at=3)])
+    assert "a callback stopped the run after step 3" in capsys.readouterr().out
+    assert int(result.state.step) == 3 and max(r["step"] for r in read_metrics(tmp_path)) == 3
+    assert Checkpoints(tmp_path, every_steps=1, keep_latest=1, async_save=False).latest_step() == 3
+    watcher = Watcher()
+    assert int(train_and_evaluate(config, tmp_path, callbacks=[watcher]).state.step) == 6
+    assert "resumed from step 3" in capsys.readouterr().out and sorted(watcher.losses) == [4, 5, 6]
+
+
+def test_the_loops_verbs_called_one_by_one_train_as_train_and_evaluate_does(idx_dir, tmp_path):
+    from resnet_jax.train.feed import create_feed
+    from resnet_jax.train.loop import evaluate_state, initial_state, prepare_run, save_checkpoint
+    from resnet_jax.train.runs import run_meta
+
+    config = small_config(idx_dir, num_train_steps=2)
+    whole = train_and_evaluate(config, tmp_path / "whole")
+    run = prepare_run(config, tmp_path / "verbs")
+    state, start = initial_state(run)
+    feed = create_feed(config, run.train_source, run.steps, run.mesh, start.step)
+    for _ in range(2):
+        state, _ = feed(state, 1)
+    test_metrics = evaluate_state(run.steps, state, run.test_source, run.batches)
+    save_checkpoint(run, 2, state, run_meta(config, 2), test_metrics["accuracy"])
+    run.checkpoints.close()
+    assert start.step == 0 and test_metrics == whole.metrics
+    chex.assert_trees_all_equal(params_of(tmp_path / "verbs"), params_of(tmp_path / "whole"))
+
+
+def import_graph(package: Path) -> dict[str, set[str]]:
+    """Which modules of ``package`` each of its modules imports, counting imports inside functions and under
+    TYPE_CHECKING: anything that could close a cycle."""
+    modules = {}
+    for path in package.rglob("*.py"):
+        parts = path.relative_to(package.parent).with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {}
+    for name, path in modules.items():
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                imported |= {
+                    f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
+                    for a in node.names
+                }
+        graph[name] = {module for module in imported if module in modules and module != name}
+    return graph
+
+
+def test_data_and_train_import_no_cycle_even_inside_functions():
+    graph = import_graph(REPO / "resnet_jax")
+
+    def reachable(start: str) -> set[str]:
+        seen, todo = set(), [start]
+        while todo:
+            for module in graph[todo.pop()] - seen:
+                seen.add(module)
+                todo.append(module)
+        return seen
+
+    ours = [m for m in graph if m.startswith(("resnet_jax.data", "resnet_jax.train", "resnet_jax.inference"))]
+    assert len(ours) > 10
+    assert [m for m in ours if m in reachable(m)] == []
+
+
 def test_checkpoints_keep_the_latest_and_the_best(tmp_path):
     checkpoints = Checkpoints(tmp_path, every_steps=1, keep_latest=2, async_save=False)
 
@@ -386,12 +506,12 @@ MULTI_DEVICE = textwrap.dedent(
     """
     import json, sys
     import jax, numpy as np
-    from resnet_jax.data import load_source, train_batches
+    from resnet_jax.data import BatchSettings, load_source
     from resnet_jax.models import create_model
     from resnet_jax.train.optim import create_optimizer, learning_rate_schedule
     from resnet_jax.train.config import load_config
     from resnet_jax.train.steps import compile_steps, create_train_state, make_mesh
-    from resnet_jax.train.loop import check_batch_sizes
+    from resnet_jax.train.runs import check_batch_sizes
     from resnet_jax.train.feed import DeviceFeed
 
     config = load_config("configs/default.py")
@@ -401,12 +521,12 @@ MULTI_DEVICE = textwrap.dedent(
         steps = compile_steps(make_mesh(devices))
         tx = create_optimizer(config, learning_rate_schedule(config, 4))
         state = steps.put_state(create_train_state(create_model("resnet8"), tx, (16, 16, 3), seed=0))
-        batches = train_batches(source, global_batch_size=16, seed=0)
+        batches = source.train_batches(BatchSettings(16))
         for _ in range(3):
             state, metrics = steps.train(state, steps.put_batch(next(batches)))
         results[len(devices)] = jax.device_get(state.params)
     # The same steps on batches made on the eight devices, three steps in one call.
-    feed = DeviceFeed(make_mesh(), source, global_batch_size=16, seed=0, steps_per_call=3)
+    feed = DeviceFeed(make_mesh(), source, BatchSettings(16), steps_per_call=3)
     state = steps.put_state(create_train_state(create_model("resnet8"), tx, (16, 16, 3), seed=0))
     feed.compile(state)
     state, metrics = feed(state, 3)
@@ -445,7 +565,7 @@ def test_bfloat16_training_keeps_float32_parameters_and_statistics():
     steps = compile_steps(make_mesh())
     tx = create_optimizer(config, learning_rate_schedule(config, 4))
     state = steps.put_state(create_train_state(build_model(config, 10), tx, (16, 16, 3), seed=0))
-    batch = next(train_batches(source, global_batch_size=16, seed=0))
+    batch = next(source.train_batches(BatchSettings(16)))
     before = jax.device_get(state.batch_stats)  # the step donates (deletes) the old state
     new_state, metrics = steps.train(state, steps.put_batch(batch))
     assert {x.dtype for x in jax.tree.leaves((new_state.params, new_state.batch_stats))} == {jnp.dtype("float32")}

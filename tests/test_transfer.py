@@ -3,6 +3,7 @@ the image resize of the input pipeline, and the fine-tuning config on a converte
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from pathlib import Path
@@ -18,14 +19,15 @@ from idx_files import idx_folder_fixture
 from torchvision_models import random_torchvision
 
 from resnet_jax.cli import main
-from resnet_jax.data import eval_batches, load_source, train_batches
+from resnet_jax.data import BatchSettings, load_source
 from resnet_jax.data.augment import resize
 from resnet_jax.models import create_model
 from resnet_jax.models.torch_weights import load_torch_weights, save_torch_weights
 from resnet_jax.train.checkpoint import Checkpoints
 from resnet_jax.train.config import load_config
-from resnet_jax.train.loop import build_model, load_run, train_and_evaluate
+from resnet_jax.train.loop import train_and_evaluate
 from resnet_jax.train.optim import create_optimizer, learning_rate_schedule
+from resnet_jax.train.runs import build_model, load_run
 from resnet_jax.train.steps import TrainState, create_train_state, cross_entropy, train_step
 from resnet_jax.train.transfer import STEM_KERNEL, convert_torch_checkpoint, frozen_bn, init_from_checkpoint
 
@@ -82,7 +84,7 @@ def saved_state(workdir: Path) -> dict:
 def test_a_frozen_backbone_keeps_the_pretrained_weights_and_trains_a_new_head(pretrained, idx_dir, tmp_path, capsys):
     run, source = pretrained
     config = small_config(idx_dir, init_from=str(run), freeze_backbone=True, bn_update=False, image_size=16)
-    metrics = train_and_evaluate(config, tmp_path / "tuned")
+    metrics = train_and_evaluate(config, tmp_path / "tuned").metrics
     out = capsys.readouterr().out
     assert f"initialised from {run} (step 0 of resnet8" in out
     assert "new head for 10 classes (was 100)" in out and "stem kernel summed over its 3 input channels" in out
@@ -191,16 +193,17 @@ def test_image_size_resizes_training_and_evaluation_batches(idx_dir):
         load_source("fashion_mnist", "train", str(idx_dir)),
         load_source("fashion_mnist", "test", str(idx_dir)),
     )
-    settings = dict(global_batch_size=4, seed=0, start_step=3, augment=True, pad=2)
-    resized, plain = next(train_batches(train, image_size=40, **settings)), next(train_batches(train, **settings))
+    settings = BatchSettings(4, eval_batch_size=5, crop_padding=2)
+    resized = next(train.train_batches(dataclasses.replace(settings, image_size=40), start_step=3))
+    plain = next(train.train_batches(settings, start_step=3))
     assert resized["image"].shape == (4, 40, 40, 1)
     np.testing.assert_allclose(resized["image"], resize(plain["image"], 40), atol=1e-6)
     np.testing.assert_array_equal(resized["label"], plain["label"])
-    batches = list(eval_batches(test, batch_size=5, image_size=40))
+    batches = list(test.eval_batches(dataclasses.replace(settings, image_size=40)))
     assert [b["image"].shape for b in batches] == [(5, 40, 40, 1)] * 2
     assert not batches[-1]["image"][3:].any()  # 8 images: the padding rows stay zero
     with pytest.raises(ValueError, match="positive number of pixels"):
-        train_batches(train, image_size=0, **settings)
+        dataclasses.replace(settings, image_size=0)
 
 
 @pytest.mark.slow  # resnet18 train and eval steps compile for about 25 s; the mechanics are tested on resnet8 above

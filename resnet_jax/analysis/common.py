@@ -23,7 +23,7 @@ import optax
 from resnet_jax import data
 from resnet_jax.models import ResNet, create_model
 from resnet_jax.train.checkpoint import Checkpoints
-from resnet_jax.train.loop import load_run
+from resnet_jax.train.runs import load_run
 from resnet_jax.train.steps import create_train_state
 
 

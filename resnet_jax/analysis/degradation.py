@@ -25,8 +25,9 @@ import ml_collections
 
 from resnet_jax.analysis.common import pyplot, save_figure, write_json
 from resnet_jax.train.checkpoint import Checkpoints
-from resnet_jax.train.loop import check_batch_sizes, train_and_evaluate
+from resnet_jax.train.loop import train_and_evaluate
 from resnet_jax.train.reporting import read_metrics
+from resnet_jax.train.runs import check_config
 
 FAMILIES = ("plain", "resnet")  # left and right panel
 
@@ -105,7 +106,7 @@ def analyze_degradation(config: ml_collections.ConfigDict, out: str | Path) -> d
     """Train (or resume) plain and residual nets at every depth of ``config.depths`` with ``config``'s recipe;
     writes degradation.json and degradation.png to ``out`` and returns the JSON's content with the files written."""
     depths = check_depths(config)
-    check_batch_sizes(config)
+    check_config(config)
     out = Path(out)
     configs = run_configs(config, depths)
     finished = [finished_run(run, out / "runs" / run.model) for _, _, run in configs]  # all checked before training

@@ -85,7 +85,7 @@ class JaxEpoch:
         tx = create_optimizer(optimizer_config(), optax.constant_schedule(LEARNING_RATE))
         mesh = make_mesh(jax.devices()[:1])
         self._state = compile_steps(mesh).put_state(create_train_state(model, tx, source.image_shape, seed))
-        self._feed = DeviceFeed(mesh, source, global_batch_size=case.batch, seed=seed, steps_per_call=scan_steps)
+        self._feed = DeviceFeed(mesh, source, data.BatchSettings(case.batch, seed=seed), steps_per_call=scan_steps)
         self._steps_per_epoch = data.steps_per_epoch(source.num_examples, case.batch)
         self.variant = "jit" if scan_steps == 1 else f"jit, {scan_steps} steps per call"
 

@@ -1,4 +1,4 @@
-"""Input-pipeline throughput: the host pipeline of training (`train_batches`) on Fashion-MNIST and on
+"""Input-pipeline throughput: the host pipeline of training (`ArraySource.train_batches`) on Fashion-MNIST and on
 CIFAR-shaped data, and the device-resident pipeline of `--config.data_on_device=True`, which keeps the whole
 uint8 data set on the accelerator and gathers, crops, flips and normalises each batch there (`DeviceImages`;
 no host-to-device copy of images per step)."""
@@ -13,6 +13,7 @@ import ml_collections
 
 from resnet_jax import data
 from resnet_jax.data.device import DeviceImages
+from resnet_jax.train.runs import batch_settings
 
 CIFAR_SHAPE = (32, 32, 3)
 
@@ -30,7 +31,7 @@ def device_batches(source: data.ArraySource, batch: int, seed: int = 0) -> Itera
     each waited for so that timing counts the work and not only its dispatch."""
     images = DeviceImages(source, pad=4)
     make = jax.jit(images.batch)
-    for draws in data.train_draws(source.num_examples, global_batch_size=batch, seed=seed):
+    for draws in data.train_draws(source.num_examples, data.BatchSettings(batch, seed=seed)):
         yield jax.block_until_ready(make(images.images, images.labels, draws))
 
 
@@ -44,18 +45,14 @@ def input_rows(batch: int, num_batches: int, seed: int = 0) -> tuple[list[InputR
     except (FileNotFoundError, ValueError) as error:
         skipped.append(f"input Fashion-MNIST: no data here ({error})")
     for name, source in sources.items():
-        batches = data.train_batches(source, global_batch_size=batch, seed=seed)
+        batches = source.train_batches(data.BatchSettings(batch, seed=seed))
         rows.append(InputRow(name, data.measure_input_throughput(batches, num_batches), batch, "host"))
     rate = data.measure_input_throughput(device_batches(cifar, batch, seed), num_batches)
     rows.append(InputRow("CIFAR-shaped 32x32x3 (synthetic), device-resident", rate, batch, "device"))
     return rows, skipped
 
 
-def config_input_row(
-    config: ml_collections.ConfigDict, source: data.ArraySource | data.StreamSource, num_batches: int
-) -> InputRow:
+def config_input_row(config: ml_collections.ConfigDict, source: data.Source, num_batches: int) -> InputRow:
     """Images/s of an experiment's own training pipeline: its data, batch, image size and augmentation."""
-    from resnet_jax.train.loop import training_batches
-
-    rate = data.measure_input_throughput(training_batches(config, source), num_batches)
+    rate = data.measure_input_throughput(source.train_batches(batch_settings(config)), num_batches)
     return InputRow(f"{config.dataset} {config.train_split} (the config's pipeline)", rate, config.batch_size, "host")

@@ -15,8 +15,9 @@ import optax
 from resnet_jax import data
 from resnet_jax.bench.cases import LEARNING_RATE, MOMENTUM, WEIGHT_DECAY, Case
 from resnet_jax.models import create_model
-from resnet_jax.train.feed import DeviceFeed
+from resnet_jax.train.feed import DeviceFeed, create_feed
 from resnet_jax.train.optim import create_optimizer, learning_rate_schedule
+from resnet_jax.train.runs import batch_settings, build_model, check_config, check_feed
 from resnet_jax.train.steps import (
     Steps,
     ThreadedTrainStep,
@@ -133,20 +134,18 @@ class JaxStep:
     def of_config(
         cls,
         config: ml_collections.ConfigDict,
-        source: data.ArraySource | data.StreamSource,
+        source: data.Source,
         xla_options: XlaOptions | None = None,
     ) -> JaxStep | DeviceFeedStep:
         """An experiment's own step, as `resnet-jax train --config` builds it (model overrides, optimizer and
         schedule, label smoothing, parallelism, every device), on the first batch of its input pipeline; with
         ``data_on_device``, its calls of ``steps_per_call`` steps on batches made on the devices; compiled with
         ``xla_options``, if given."""
-        from resnet_jax.train.loop import build_model, check_batch_sizes, check_feed, create_feed, training_batches
-
-        check_batch_sizes(config)
+        check_config(config)
         check_feed(config, source)
         if config.dtype not in PRECISIONS_OF_DTYPES:
             raise ValueError(f"dtype={config.dtype!r}: bench times {' and '.join(PRECISIONS_OF_DTYPES)} steps.")
-        batch = None if config.data_on_device else next(training_batches(config, source))
+        batch = None if config.data_on_device else next(source.train_batches(batch_settings(config)))
         height, width, channels = source.image_shape if batch is None else batch["image"].shape[1:]
         if height != width:
             raise ValueError(f"{config.dataset} images are {height}x{width}; set --config.image_size=N to time a size.")

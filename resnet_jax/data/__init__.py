@@ -1,38 +1,36 @@
 """Input pipelines: deterministic, resumable at any step, and sharded by process for multi-host training.
 
-``load_source(dataset, split)`` gives the data; ``train_batches`` and ``eval_batches`` turn it into
-numpy batches for this process; `device.DeviceImages` makes the same training batches on the accelerator,
-from `train_draws`. The in-memory data sets (IDX files, synthetic) never import TensorFlow.
+``load_source(dataset, split)`` gives a `Source`: an `ArraySource` held in memory or a `StreamSource` read by
+tf.data. Either makes this process's training and evaluation batches for a `BatchSettings`
+(``source.train_batches(settings, start_step)``, ``source.eval_batches(settings)``); `device.DeviceImages` makes
+the same training batches on the accelerator, from `train_draws`. The in-memory data sets (IDX files, synthetic)
+never import TensorFlow.
 """
 
+from resnet_jax.data.arrays import ArraySource
 from resnet_jax.data.augment import CHANNEL_STATS, mixup, normalize, one_hot, random_crop_flip, random_erasing
+from resnet_jax.data.imagenet import StreamSource
 from resnet_jax.data.pipeline import (
+    Batch,
     BatchDraws,
-    eval_batches,
+    BatchSettings,
+    Source,
     local_batch_size,
     measure_input_throughput,
     steps_per_epoch,
-    train_batches,
     train_draws,
 )
-from resnet_jax.data.sources import (
-    DATASETS,
-    ArraySource,
-    StreamSource,
-    load_idx_folder,
-    load_source,
-    load_tfds_arrays,
-    read_idx,
-    synthetic,
-)
+from resnet_jax.data.sources import DATASETS, load_idx_folder, load_source, load_tfds_arrays, read_idx, synthetic
 
 __all__ = [
     "CHANNEL_STATS",
     "DATASETS",
     "ArraySource",
+    "Batch",
     "BatchDraws",
+    "BatchSettings",
+    "Source",
     "StreamSource",
-    "eval_batches",
     "load_idx_folder",
     "load_source",
     "load_tfds_arrays",
@@ -46,6 +44,5 @@ __all__ = [
     "read_idx",
     "steps_per_epoch",
     "synthetic",
-    "train_batches",
     "train_draws",
 ]

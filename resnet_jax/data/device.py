@@ -3,7 +3,7 @@
 A CIFAR-sized step on a GPU is shorter than the host takes to crop, flip, normalise and copy its batch, so
 the host pipeline sets the pace. `DeviceImages` keeps the uint8 images on every device instead. The host
 still draws each batch (`train_draws`: which examples, which crops and flips, a few KB per step), so the
-batches are those of `train_batches`, bit for bit, and a run resumes at any step as before.
+batches are those of `ArraySource.train_batches`, bit for bit, and a run resumes at any step as before.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from resnet_jax.data.arrays import ArraySource
 from resnet_jax.data.pipeline import BatchDraws
-from resnet_jax.data.sources import ArraySource
 
 
 class DeviceImages:

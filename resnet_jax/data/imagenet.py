@@ -1,4 +1,5 @@
-"""ImageNet (tfds ``imagenet2012``) streamed through tf.data: JPEG bytes are decoded and augmented on the fly.
+"""ImageNet (tfds ``imagenet2012``) streamed through tf.data (`StreamSource`): JPEG bytes are decoded and augmented
+on the fly.
 
 Deterministic and resumable like the in-memory pipeline: the shuffle of epoch e is seeded by
 (seed, e), each example's crop and flip by (seed, its position in this process's stream), and
@@ -9,20 +10,64 @@ TensorFlow is imported inside the functions: the in-memory data sets never load 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from resnet_jax.data.augment import CHANNEL_STATS
-from resnet_jax.data.pipeline import local_batch_size
-from resnet_jax.data.sources import StreamSource
+from resnet_jax.data.pipeline import Batch, BatchSettings, local_batch_size
 
 if TYPE_CHECKING:
-    import numpy as np
     import tensorflow as tf
 
 NAME = "imagenet2012"
 IMAGE_SIZE = 224
 RESIZE_SIZE = 256  # evaluation: shorter side resized to this, then the central IMAGE_SIZE square
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamSource:
+    """A tfds split too large for memory (ImageNet), read and decoded by tf.data as it is consumed.
+
+    Its training batches resume exactly only with the same process count.
+    """
+
+    name: str
+    split: str
+    data_dir: str | None
+    num_examples: int
+    num_classes: int
+    image_shape: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    in_memory = False
+
+    def check_settings(self, settings: BatchSettings) -> None:
+        """The streamed pipeline crops its images to their size itself, and has no erasing or mixup."""
+        self._check_image_size(settings)
+        if settings.mixup_alpha or settings.random_erasing:
+            raise ValueError(
+                f"mixup and random erasing are not implemented for {self.name}; set mixup_alpha=0 and random_erasing=0."
+            )
+
+    def _check_image_size(self, settings: BatchSettings) -> None:
+        if settings.image_size is not None:
+            raise ValueError(
+                f"image_size applies to in-memory data sets; {self.name} crops its images to their size itself. "
+                "Leave image_size unset."
+            )
+
+    def train_batches(self, settings: BatchSettings, start_step: int = 0) -> Iterator[Batch]:
+        """Endless training batches from ``start_step`` on: Inception-style crops (with ``augment``), see
+        `train_dataset`."""
+        self.check_settings(settings)
+        return as_numpy(train_dataset(self, settings, start_step))
+
+    def eval_batches(self, settings: BatchSettings) -> Iterator[Batch]:
+        """Every example once: each process a contiguous share of the split, padded at its end (`eval_dataset`)."""
+        self._check_image_size(settings)
+        return as_numpy(eval_dataset(self, settings))
 
 
 def load_imagenet(split: str = "train", data_dir: str | None = None) -> StreamSource:
@@ -98,22 +143,14 @@ def resize_center_crop(
 
 
 def train_dataset(
-    source: StreamSource,
-    *,
-    global_batch_size: int,
-    seed: int,
-    start_step: int = 0,
-    augment: bool = True,
-    flip: bool = True,
-    process_index: int = 0,
-    process_count: int = 1,
-    shuffle_buffer: int = 16_384,
+    source: StreamSource, settings: BatchSettings, start_step: int = 0, shuffle_buffer: int = 16_384
 ) -> tf.data.Dataset:
     """Endless batches of this process's equal share of the split; epochs never mix within a batch."""
     import tensorflow as tf
     import tensorflow_datasets as tfds
 
-    local = local_batch_size(global_batch_size, process_count)
+    seed, process_index, process_count = settings.seed, settings.process_index, settings.process_count
+    local = settings.local_batch_size
     shard = tfds.even_splits(source.split, n=process_count, drop_remainder=True)[process_index]
     records = _records(source, shard)
     num_records = int(records.cardinality())
@@ -133,8 +170,9 @@ def train_dataset(
     mean, std = _scale(source)
 
     def preprocess(position: tf.Tensor, example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        if augment:
-            image = random_resized_crop(example["image"], tf.stack([tf.constant(seed, tf.int64), position]), flip=flip)
+        if settings.augment:
+            position_seed = tf.stack([tf.constant(seed, tf.int64), position])
+            image = random_resized_crop(example["image"], position_seed, flip=settings.random_flip)
         else:
             image = resize_center_crop(example["image"])
         return {"image": (image - mean) / std, "label": tf.cast(example["label"], tf.int32)}
@@ -144,9 +182,7 @@ def train_dataset(
     return _finish(dataset.batch(local, drop_remainder=True))
 
 
-def eval_dataset(
-    source: StreamSource, *, batch_size: int, process_index: int = 0, process_count: int = 1
-) -> tf.data.Dataset:
+def eval_dataset(source: StreamSource, settings: BatchSettings) -> tf.data.Dataset:
     """Every example of the split once over all processes, in batches of one shape, padding masked out.
 
     Every process yields the same number of batches (the multi-host eval step runs in lockstep).
@@ -154,7 +190,8 @@ def eval_dataset(
     import tensorflow as tf
     import tensorflow_datasets as tfds
 
-    local = local_batch_size(batch_size, process_count)
+    process_index, process_count = settings.process_index, settings.process_count
+    local = local_batch_size(settings.eval_batch_size, process_count)
     shard = tfds.split_for_jax_process(source.split, process_index=process_index, process_count=process_count)
     per_process = -(-source.num_examples // process_count)
     num_batches = -(-per_process // local)
@@ -170,7 +207,7 @@ def eval_dataset(
     return _finish(dataset.batch(local))
 
 
-def as_numpy(dataset: tf.data.Dataset) -> Iterator[dict[str, np.ndarray]]:
+def as_numpy(dataset: tf.data.Dataset) -> Iterator[Batch]:
     """The batches of a tf.data pipeline as numpy dicts, like the in-memory pipeline's."""
     import tensorflow_datasets as tfds
 

@@ -1,4 +1,5 @@
-"""Index-based batching: every training batch is a pure function of (seed, step).
+"""What every input pipeline shares: the settings of a run's batches, the protocol of a data source, and the
+index-based draws that make every training batch a pure function of (seed, step).
 
 The examples of global batch ``step`` are rows ``[i * B, (i + 1) * B)`` of the permutation of its
 epoch, ``default_rng([seed, epoch])``, with i = step mod steps_per_epoch (each epoch drops its last
@@ -10,29 +11,114 @@ the global batch is the same for any number of processes.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import NamedTuple, TypeVar
+from typing import NamedTuple, Protocol, TypeVar
 
 import numpy as np
 
-from resnet_jax.data.augment import (
-    apply_crop_flip,
-    apply_erasing,
-    normalize,
-    one_hot,
-    resize,
-    sample_crop_flip,
-    sample_erasing,
-    sample_mixup,
-)
-from resnet_jax.data.sources import ArraySource, StreamSource
+from resnet_jax.data.augment import sample_crop_flip
 
 Batch = dict[str, np.ndarray]
 T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchSettings:
+    """Everything but the data and the step that decides a run's batches, checked when made.
+
+    The training batches: ``batch_size`` examples over all processes, drawn with ``seed``; with ``augment``, a
+    random crop from a zero padding of ``crop_padding`` pixels (0: none), a horizontal flip of half the images
+    (``random_flip``; leave it off for digits), random erasing of a box in that fraction of the images
+    (``random_erasing``) and mixup of pairs of images with weights ~ Beta(``mixup_alpha``, ``mixup_alpha``) (0:
+    none). The evaluation batches hold ``eval_batch_size`` examples (None: ``batch_size``). ``image_size`` resizes
+    images of an in-memory data set to N x N (None: as stored). This process, ``process_index`` of
+    ``process_count``, keeps its equal share of the rows of every global batch.
+    """
+
+    batch_size: int
+    eval_batch_size: int | None = None
+    seed: int = 0
+    augment: bool = True
+    crop_padding: int = 4
+    random_flip: bool = True
+    random_erasing: float = 0.0
+    mixup_alpha: float = 0.0
+    image_size: int | None = None
+    process_index: int = 0
+    process_count: int = 1
+
+    def __post_init__(self) -> None:
+        if self.eval_batch_size is None:
+            object.__setattr__(self, "eval_batch_size", self.batch_size)
+        for name in ("batch_size", "eval_batch_size"):
+            local_batch_size(getattr(self, name), self.process_count)
+        if not 0 <= self.process_index < self.process_count:
+            raise ValueError(f"process_index={self.process_index} is not one of the {self.process_count} processes.")
+        if self.crop_padding < 0:
+            raise ValueError(f"crop_padding={self.crop_padding}: give the pixels of padding to crop from (0: none).")
+        if not 0 <= self.random_erasing <= 1:
+            raise ValueError(f"random_erasing={self.random_erasing}: give the fraction of images to erase, 0 to 1.")
+        if self.mixup_alpha < 0:
+            raise ValueError(f"mixup_alpha={self.mixup_alpha}: give the Beta distribution's alpha (0: no mixup).")
+        if self.image_size is not None and self.image_size < 1:
+            raise ValueError(f"image_size={self.image_size}: give a positive number of pixels, e.g. 64.")
+
+    @property
+    def applied_padding(self) -> int:
+        """The zero padding crops are taken from: ``crop_padding`` when augmenting, else none."""
+        return self.crop_padding if self.augment else 0
+
+    @property
+    def applied_flip(self) -> bool:
+        """Whether half the images are mirrored: ``random_flip`` when augmenting."""
+        return self.random_flip and self.augment
+
+    @property
+    def local_batch_size(self) -> int:
+        """The rows of a global training batch that this process makes."""
+        return local_batch_size(self.batch_size, self.process_count)
+
+
+class Source(Protocol):
+    """A split of a data set as the training loop, evaluation, bench and analysis use it, whether it is held in
+    memory (`ArraySource`) or streamed (`StreamSource`): each kind makes its own batches."""
+
+    name: str
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @property
+    def num_examples(self) -> int: ...
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]: ...
+
+    @property
+    def in_memory(self) -> bool:
+        """Whether the images are arrays in memory, which can be copied to the devices whole."""
+        ...
+
+    def check_settings(self, settings: BatchSettings) -> None:
+        """Raise ValueError, saying what to change, where this source cannot make the training batches of
+        ``settings``."""
+        ...
+
+    def train_batches(self, settings: BatchSettings, start_step: int = 0) -> Iterator[Batch]:
+        """Endless training batches from ``start_step`` on: this process's rows of each global batch, as
+        {"image": float32 NHWC normalised, "label": int32 (B,)}, or with mixup a float32 (B, num_classes) "label"."""
+        ...
+
+    def eval_batches(self, settings: BatchSettings) -> Iterator[Batch]:
+        """Every example once, in batches of one shape {"image", "label", "mask"}: "mask" is 1.0 for real examples
+        and 0.0 for the padding of the last batches, so metrics are mask-weighted sums and every process runs
+        the same number of steps."""
+        ...
 
 
 def local_batch_size(global_batch_size: int, process_count: int) -> int:
@@ -53,85 +139,9 @@ def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
     return steps
 
 
-def train_batches(
-    source: ArraySource | StreamSource,
-    *,
-    global_batch_size: int,
-    seed: int,
-    start_step: int = 0,
-    augment: bool = True,
-    pad: int = 4,
-    flip: bool = True,
-    random_erasing: float = 0.0,
-    mixup_alpha: float = 0.0,
-    image_size: int | None = None,
-    process_index: int = 0,
-    process_count: int = 1,
-    prefetch: int = 2,
-) -> Iterator[Batch]:
-    """Endless training batches from ``start_step`` on: this process's rows of each global batch.
-
-    Yields {"image": float32 NHWC normalised, "label": int32 (B,)}, or with ``mixup_alpha`` > 0 a
-    float32 (B, num_classes) mixed "label". ``augment`` turns on the random crop (zero padding of
-    ``pad`` pixels), the horizontal flip (if ``flip``; leave it off for digits) and, with
-    ``random_erasing`` > 0, the random erasing of a box of that fraction of images; ``image_size``
-    then resizes the images to image_size x image_size (see `resize`). Batches are made
-    ``prefetch`` ahead in a background thread, so that augmentation overlaps the train step.
-    A streamed source (ImageNet) resumes exactly only with the same process count.
-    """
-    _check_image_size(source, image_size)
-    if isinstance(source, StreamSource):
-        from resnet_jax.data import imagenet
-
-        if mixup_alpha or random_erasing:
-            raise ValueError(
-                f"mixup and random erasing are not implemented for {source.name}; "
-                "set mixup_alpha=0 and random_erasing=0."
-            )
-        dataset = imagenet.train_dataset(
-            source,
-            global_batch_size=global_batch_size,
-            seed=seed,
-            start_step=start_step,
-            augment=augment,
-            flip=flip,
-            process_index=process_index,
-            process_count=process_count,
-        )
-        return imagenet.as_numpy(dataset)
-    local = local_batch_size(global_batch_size, process_count)
-    rows = slice(process_index * local, (process_index + 1) * local)
-    crop_pad = pad if augment else 0
-    draw = _Drawer(source.num_examples, global_batch_size, seed, crop_pad, flip and augment)
-    erase = augment and random_erasing > 0
-
-    def make(step: int) -> Batch:
-        (index, offsets, flips), rng = draw(step)
-        if erase:
-            boxes, noise = sample_erasing(rng, global_batch_size, source.image_shape, random_erasing)
-
-        def view(r: slice | np.ndarray) -> np.ndarray:
-            images = apply_crop_flip(source.images[index[r]], offsets[r], flips[r], crop_pad)
-            if erase:
-                images = apply_erasing(images, boxes[r], noise[r])
-            return _resized(normalize(images, source.mean, source.std), image_size)
-
-        if not mixup_alpha:
-            return {"image": view(rows), "label": source.labels[index[rows]]}
-        lam, partner = sample_mixup(rng, global_batch_size, mixup_alpha)
-        targets = one_hot(source.labels[index], source.num_classes)
-        mine, theirs = np.arange(global_batch_size)[rows], partner[rows]
-        return {
-            "image": lam * view(mine) + (1 - lam) * view(theirs),
-            "label": lam * targets[mine] + (1 - lam) * targets[theirs],
-        }
-
-    return _prefetch(make, itertools.count(start_step), prefetch)
-
-
 class BatchDraws(NamedTuple):
     """Which examples a global training batch holds, and where each is cropped and whether it is mirrored: all
-    that is random about a batch but erasing and mixup. The host (`train_batches`) and the accelerator
+    that is random about a batch but erasing and mixup. The host (`ArraySource.train_batches`) and the accelerator
     (`DeviceImages`) make the same batches from the same draws."""
 
     index: np.ndarray  # (B,) example ids
@@ -139,28 +149,21 @@ class BatchDraws(NamedTuple):
     flips: np.ndarray  # (B,) bool
 
 
-def train_draws(
-    num_examples: int,
-    *,
-    global_batch_size: int,
-    seed: int,
-    start_step: int = 0,
-    augment: bool = True,
-    pad: int = 4,
-    flip: bool = True,
-) -> Iterator[BatchDraws]:
-    """The `BatchDraws` of the global training batches from ``start_step`` on, as `train_batches` draws them."""
-    draw = _Drawer(num_examples, global_batch_size, seed, pad if augment else 0, flip and augment)
+def train_draws(num_examples: int, settings: BatchSettings, start_step: int = 0) -> Iterator[BatchDraws]:
+    """The `BatchDraws` of the global training batches from ``start_step`` on, as the in-memory pipeline draws
+    them."""
+    draw = BatchDrawer(num_examples, settings)
     return (draw(step)[0] for step in itertools.count(start_step))
 
 
-class _Drawer:
+class BatchDrawer:
     """Global batch ``step``'s draws, and the generator that its erasing and mixup draw from next."""
 
-    def __init__(self, num_examples: int, global_batch_size: int, seed: int, pad: int, flip: bool) -> None:
-        self.steps = steps_per_epoch(num_examples, global_batch_size)
-        self.permutation = _EpochPermutation(num_examples, seed)
-        self.batch, self.seed, self.pad, self.flip = global_batch_size, seed, pad, flip
+    def __init__(self, num_examples: int, settings: BatchSettings) -> None:
+        self.steps = steps_per_epoch(num_examples, settings.batch_size)
+        self.permutation = EpochPermutation(num_examples, settings.seed)
+        self.batch, self.seed = settings.batch_size, settings.seed
+        self.pad, self.flip = settings.applied_padding, settings.applied_flip
 
     def __call__(self, step: int) -> tuple[BatchDraws, np.random.Generator]:
         epoch, i = divmod(step, self.steps)
@@ -169,72 +172,7 @@ class _Drawer:
         return BatchDraws(index, *sample_crop_flip(rng, self.batch, self.pad, self.flip)), rng
 
 
-def eval_batches(
-    source: ArraySource | StreamSource,
-    *,
-    batch_size: int,
-    image_size: int | None = None,
-    process_index: int = 0,
-    process_count: int = 1,
-) -> Iterator[Batch]:
-    """Every example exactly once, in order, in global batches of ``batch_size`` split over the processes.
-
-    Yields {"image", "label", "mask"}; the last global batch is padded with zeros and "mask" is 1.0
-    for real examples, 0.0 for padding, so every batch has one shape (one compiled eval step) and
-    every process runs the same number of steps. Metrics must be mask-weighted sums. (A streamed
-    source gives each process a contiguous share of the split instead, padded at its end.) ``image_size``
-    resizes as in `train_batches`.
-    """
-    _check_image_size(source, image_size)
-    if isinstance(source, StreamSource):
-        from resnet_jax.data import imagenet
-
-        dataset = imagenet.eval_dataset(
-            source, batch_size=batch_size, process_index=process_index, process_count=process_count
-        )
-        return imagenet.as_numpy(dataset)
-    local = local_batch_size(batch_size, process_count)
-    num_batches = -(-source.num_examples // batch_size)
-
-    def make(b: int) -> Batch:
-        start = b * batch_size + process_index * local
-        index = np.arange(start, start + local)
-        real = index[index < source.num_examples]
-        height, width, channels = source.image_shape
-        image = np.zeros((local, image_size or height, image_size or width, channels), np.float32)
-        image[: len(real)] = _resized(normalize(source.images[real], source.mean, source.std), image_size)
-        label = np.zeros(local, np.int32)
-        label[: len(real)] = source.labels[real]
-        return {"image": image, "label": label, "mask": (index < source.num_examples).astype(np.float32)}
-
-    return _prefetch(make, range(num_batches), prefetch=2)
-
-
-def measure_input_throughput(batches: Iterator[Batch], num_batches: int) -> float:
-    """Images per second that ``batches`` delivers with nothing else running (the first batch is not timed)."""
-    next(batches)
-    images = 0
-    start = time.perf_counter()
-    for batch in itertools.islice(batches, num_batches):
-        images += len(batch["image"])
-    return images / (time.perf_counter() - start)
-
-
-def _check_image_size(source: ArraySource | StreamSource, image_size: int | None) -> None:
-    if image_size is not None and isinstance(source, StreamSource):
-        raise ValueError(
-            f"image_size applies to in-memory data sets; {source.name} crops its images to their size itself. "
-            "Leave image_size unset."
-        )
-    if image_size is not None and image_size < 1:
-        raise ValueError(f"image_size={image_size}: give a positive number of pixels, e.g. 64.")
-
-
-def _resized(images: np.ndarray, image_size: int | None) -> np.ndarray:
-    return images if image_size is None else resize(images, image_size)
-
-
-class _EpochPermutation:
+class EpochPermutation:
     """The example order of an epoch, kept for the epoch in progress."""
 
     def __init__(self, num_examples: int, seed: int) -> None:
@@ -247,6 +185,16 @@ class _EpochPermutation:
         return self.order
 
 
+def measure_input_throughput(batches: Iterator[Batch], num_batches: int) -> float:
+    """Images per second that ``batches`` delivers with nothing else running (the first batch is not timed)."""
+    next(batches)
+    images = 0
+    start = time.perf_counter()
+    for batch in itertools.islice(batches, num_batches):
+        images += len(batch["image"])
+    return images / (time.perf_counter() - start)
+
+
 _END = object()
 
 
@@ -255,16 +203,17 @@ class _Failure:
         self.error = error
 
 
-def _prefetch(make: Callable[[int], T], steps: Iterable[int], prefetch: int) -> Iterator[T]:
-    """``make(step)`` for each step, computed up to ``prefetch`` ahead in a daemon thread.
+def prefetch(make: Callable[[int], T], steps: Iterable[int], ahead: int) -> Iterator[T]:
+    """``make(step)`` for each step, computed up to ``ahead`` steps in advance in a daemon thread, so that making
+    a batch overlaps the train step.
 
     The thread starts with the first ``next`` and stops when the generator is closed or collected,
     so an abandoned pipeline neither leaks work nor holds up interpreter exit.
     """
-    if prefetch < 1:
+    if ahead < 1:
         yield from map(make, steps)
         return
-    ready: queue.Queue = queue.Queue(maxsize=prefetch)
+    ready: queue.Queue = queue.Queue(maxsize=ahead)
     stop = threading.Event()
 
     def put(item: object) -> bool:

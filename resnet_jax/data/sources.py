@@ -1,4 +1,4 @@
-"""Data sets as sources of examples: small ones fully in memory (``ArraySource``), ImageNet streamed.
+"""Loading data sets: small ones whole into memory (`ArraySource`), ImageNet as a stream (`StreamSource`).
 
 The in-memory path (IDX files, synthetic data) imports no TensorFlow; tfds data sets import it
 only when loaded.
@@ -16,7 +16,9 @@ from typing import Any
 
 import numpy as np
 
+from resnet_jax.data.arrays import ArraySource
 from resnet_jax.data.augment import CHANNEL_STATS
+from resnet_jax.data.imagenet import StreamSource, load_imagenet
 
 # Where the Debian package `dataset-fashion-mnist` puts the four IDX files.
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -41,47 +43,6 @@ TFDS_DATASETS = ("cifar10", "cifar100", "mnist", "fashion_mnist")
 DATASETS = ("fashion_mnist", "mnist", "cifar10", "cifar100", "imagenet2012", "synthetic")
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class ArraySource:
-    """A whole split in memory: uint8 NHWC images and int32 labels, with what the pipeline needs to normalise."""
-
-    images: np.ndarray
-    labels: np.ndarray
-    num_classes: int
-    name: str
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    class_names: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        if self.images.dtype != np.uint8 or self.images.ndim != 4:
-            raise ValueError(f"images must be uint8 NHWC; got {self.images.dtype} of shape {self.images.shape}.")
-        if self.labels.shape != (len(self.images),):
-            raise ValueError(f"labels must have shape ({len(self.images)},); got {self.labels.shape}.")
-
-    @property
-    def num_examples(self) -> int:
-        return len(self.images)
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return tuple(self.images.shape[1:])
-
-
-@dataclasses.dataclass(frozen=True)
-class StreamSource:
-    """A tfds split too large for memory (ImageNet), read and decoded by tf.data as it is consumed."""
-
-    name: str
-    split: str
-    data_dir: str | None
-    num_examples: int
-    num_classes: int
-    image_shape: tuple[int, int, int]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-
 def load_source(
     dataset: str, split: str = "train", data_dir: str | None = None, **synthetic_args: Any
 ) -> ArraySource | StreamSource:
@@ -100,8 +61,6 @@ def load_source(
         seed = synthetic_args.pop("seed", 0)
         return _take(synthetic(**synthetic_args, seed=(seed, zlib.crc32(base.encode()))), rows)
     if dataset == "imagenet2012":
-        from resnet_jax.data.imagenet import load_imagenet
-
         return load_imagenet(split, data_dir)
     if dataset in IDX_DATASETS:
         folder = Path(data_dir) if data_dir else FASHION_MNIST_DIR if dataset == "fashion_mnist" else None

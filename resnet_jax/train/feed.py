@@ -1,6 +1,6 @@
 """Where the train step's batches come from, and how many steps one call runs.
 
-- `HostFeed`: the host pipeline's batches (`train_batches`), one compiled step per call: every data set
+- `HostFeed`: the host pipeline's batches (`Source.train_batches`), one compiled step per call: every data set
   and every parallelism.
 - `DeviceFeed`: an in-memory data set copied to the accelerators once (`DeviceImages`), each batch made
   inside the compiled step from the host's `BatchDraws`, and ``steps_per_call`` steps per call (`lax.scan`
@@ -18,13 +18,33 @@ from functools import partial
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from resnet_jax import data
 from resnet_jax.data.device import DeviceImages
+from resnet_jax.train.runs import batch_settings
 from resnet_jax.train.steps import DATA_AXIS, Metrics, Steps, TrainState, train_step
+
+
+def create_feed(
+    config: ml_collections.ConfigDict, source: data.Source, steps: Steps, mesh: Mesh, start_step: int = 0
+) -> HostFeed | DeviceFeed:
+    """The batches of ``config`` from ``start_step`` on: from the host pipeline, or made on the devices of ``mesh``
+    (``data_on_device``; `runs.check_feed` says whether it can)."""
+    settings = batch_settings(config)
+    if not config.data_on_device:
+        return HostFeed(steps, source.train_batches(settings, start_step))
+    return DeviceFeed(
+        mesh,
+        source,
+        settings,
+        start_step,
+        steps_per_call=config.steps_per_call,
+        label_smoothing=config.label_smoothing,
+    )
 
 
 class HostFeed:
@@ -56,35 +76,24 @@ class HostFeed:
 
 class DeviceFeed:
     """Training on batches made on the devices of ``mesh`` (jit: the state replicated, each batch sharded on the
-    "data" axis) from ``source`` copied there once; the other arguments are those of `data.train_draws`."""
+    "data" axis) from ``source`` copied there once: the batches of ``settings`` (crop and flip alone) from
+    ``start_step`` on, ``steps_per_call`` steps a call."""
 
     def __init__(
         self,
         mesh: Mesh,
         source: data.ArraySource,
-        *,
-        global_batch_size: int,
-        seed: int,
+        settings: data.BatchSettings,
         start_step: int = 0,
-        augment: bool = True,
-        pad: int = 4,
-        flip: bool = True,
+        *,
         steps_per_call: int = 1,
         label_smoothing: float = 0.0,
     ) -> None:
         self._replicated = NamedSharding(mesh, PartitionSpec())
-        self.images = DeviceImages(source, pad if augment else 0, self._replicated)
-        self._draws = data.train_draws(
-            source.num_examples,
-            global_batch_size=global_batch_size,
-            seed=seed,
-            start_step=start_step,
-            augment=augment,
-            pad=pad,
-            flip=flip,
-        )
+        self.images = DeviceImages(source, settings.applied_padding, self._replicated)
+        self._draws = data.train_draws(source.num_examples, settings, start_step)
         self.steps_per_call = steps_per_call
-        self._batch_size = global_batch_size
+        self._batch_size = settings.batch_size
         body = partial(
             self._train_steps,
             batch_sharding=NamedSharding(mesh, PartitionSpec(DATA_AXIS)),
@@ -119,7 +128,7 @@ class DeviceFeed:
     def compile(self, state: TrainState, options: dict[str, Any] | None = None) -> float:
         """Compile the call of ``steps_per_call`` steps (with the XLA compiler ``options``, if given); returns the
         seconds. (A call of one step, which only a stop that ``steps_per_call`` does not divide needs, compiles
-        as it is, when first made: a GPU compile takes half a minute.)"""
+        when first made, if ever: most runs never make one.)"""
         began = time.perf_counter()
         count = self.steps_per_call
 

@@ -1,4 +1,12 @@
-"""``train_and_evaluate`` and ``evaluate``: the whole job, importable from a notebook.
+"""``train_and_evaluate``: the whole job, made of verbs that a notebook can also call one by one::
+
+    run = prepare_run(config, workdir)  # data, model, optimizer, steps: every input checked, nothing compiled
+    state, start = initial_state(run)  # the workdir's latest checkpoint, or a new state
+    feed = create_feed(config, run.train_source, run.steps, run.mesh, start.step)
+    state, metrics = feed(state, 1)  # one call of the train step
+    test_metrics = evaluate_state(run.steps, state, run.test_source, run.batches)
+    save_checkpoint(run, start.step + 1, state, run_meta(config, start.step + 1))
+    run.checkpoints.close()  # waits for the save
 
 A run lives in its workdir: checkpoints/, metrics.jsonl, tensorboard/ and curves.png. Starting
 again on the same workdir resumes from the latest readable checkpoint, with the data stream at the
@@ -6,30 +14,45 @@ same example, so that a run killed at any moment and restarted ends with the sam
 SIGTERM or SIGINT (preemption, Ctrl-C) finishes the current step, saves a checkpoint and stops.
 With ``stop_at_test_accuracy`` set, the run stops at the first evaluation that reaches it: a time-to-accuracy
 measurement, read from the ``elapsed_s`` of metrics.jsonl (wall time of the run, across resumptions).
+`Callback` hooks observe the training steps and evaluations, and may stop the run.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
+import optax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from resnet_jax import data
-from resnet_jax.models import ResNet, create_model
-from resnet_jax.train import distributed
+from resnet_jax.models import ResNet
+from resnet_jax.train import distributed, transfer
 from resnet_jax.train.checkpoint import ACCURACY, Checkpoints
-from resnet_jax.train.feed import DeviceFeed, HostFeed
+from resnet_jax.train.feed import DeviceFeed, HostFeed, create_feed
 from resnet_jax.train.optim import create_optimizer, learning_rate_schedule
 from resnet_jax.train.reporting import MetricsLog, Progress, format_duration, plot_curves
-from resnet_jax.train.steps import Steps, TrainState, compile_steps, create_train_state, make_mesh
+from resnet_jax.train.runs import (
+    batch_settings,
+    build_model,
+    check_batch_sizes,
+    check_config,
+    check_feed,
+    load_run,
+    run_meta,
+)
+from resnet_jax.train.steps import Metrics, Steps, TrainState, compile_steps, create_train_state, make_mesh
+
+Feed = HostFeed | DeviceFeed
 
 
 class TrainingInterruptedError(Exception):
@@ -67,97 +90,69 @@ class StopSignals:
         return int(np.max(received)) or None
 
 
-def build_model(config: ml_collections.ConfigDict, num_classes: int) -> ResNet:
-    return create_model(config.model, num_classes=num_classes, dtype=config.dtype, **config.model_overrides)
+class Callback:
+    """Watches a run of `train_and_evaluate`: subclass it and override either hook. A hook that returns True
+    stops the run after the current call of the train step, with a checkpoint that a rerun resumes from.
+
+    The training metrics come from the devices in windows (every ``log_every_steps`` and before each
+    checkpoint), so `on_train_step` sees each step once, a little after it ran, and watching adds no wait for
+    the devices. In a job of several processes every process calls the hooks with the same values: a hook that
+    stops one process must stop them all.
+    """
+
+    def on_train_step(self, step: int, metrics: dict[str, Any]) -> bool | None:
+        """Step number ``step`` (counting from 1) trained with ``metrics`` (loss, accuracy, finite, ...)."""
+        return None
+
+    def on_evaluation(self, step: int, state: TrainState, metrics: dict[str, float]) -> bool | None:
+        """The ``state`` after ``step`` steps has the test ``metrics`` (loss, accuracy). ``state`` is as the compiled
+        steps hold it (under pmap, one copy per device), and the next step donates its buffers: copy what you
+        keep, e.g. ``jax.device_get(state.params)``."""
+        return None
 
 
-def check_batch_sizes(config: ml_collections.ConfigDict) -> None:
-    """Both batch sizes must split evenly over the devices (and processes, or threads) before anything compiles."""
-    devices, processes = jax.device_count(), jax.process_count()
-    parts = config.threads if config.parallelism == "threads" else 1
-    multiple = np.lcm.reduce([devices, processes, max(parts, 1)])
-    for key in ("batch_size", "eval_batch_size"):
-        size = config[key]
-        if size < 1 or size % multiple:
-            over = f"{devices} devices ({processes} processes)" + (f" and {parts} threads" if parts > 1 else "")
-            raise ValueError(
-                f"{key}={size} does not divide over {over}; use a multiple of {multiple}, e.g. "
-                f"--config.{key}={max(1, size // multiple) * multiple}."
-            )
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """What a run trains with (`prepare_run`); its state is kept apart, as the verbs take and return it."""
+
+    config: ml_collections.ConfigDict
+    workdir: Path
+    train_source: data.Source
+    test_source: data.Source
+    batches: data.BatchSettings
+    model: ResNet
+    schedule: optax.Schedule
+    optimizer: optax.GradientTransformation
+    mesh: Mesh
+    steps: Steps
+    steps_per_epoch: int
+    target_accuracy: float  # 0: train every step
+    checkpoints: Checkpoints
+    progress: Progress
+    began: float  # time.perf_counter() when this process began the run
 
 
-def batch_draws(config: ml_collections.ConfigDict, start_step: int = 0) -> dict[str, Any]:
-    """The config's choice of training examples, crops and flips from ``start_step`` on: the keywords of
-    `data.train_draws`, which `train_batches` and `DeviceFeed` take too."""
-    return {
-        "global_batch_size": config.batch_size,
-        "seed": config.seed,
-        "start_step": start_step,
-        "augment": config.augment,
-        "pad": config.crop_padding,
-        "flip": config.random_flip,
-    }
+@dataclasses.dataclass(frozen=True)
+class Start:
+    """Where a run starts: its first step, the wall time it ran before (a resumed run's clock goes on), and the
+    test accuracy it reached before, as its checkpoint records them."""
+
+    step: int = 0
+    elapsed_s: float = 0.0
+    reached: dict[str, float] | None = None
 
 
-def training_batches(config: ml_collections.ConfigDict, source: Any, start_step: int = 0) -> Any:
-    """This process's training batches from ``start_step`` on, augmented as the config says."""
-    return data.train_batches(
-        source,
-        **batch_draws(config, start_step),
-        random_erasing=config.random_erasing,
-        mixup_alpha=config.mixup_alpha,
-        image_size=config.get("image_size"),
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    """The final train state (one copy, as checkpoints hold it) and its test metrics (loss, accuracy)."""
+
+    state: TrainState
+    metrics: dict[str, float]
 
 
-def check_feed(config: ml_collections.ConfigDict, source: data.ArraySource | data.StreamSource) -> None:
-    """``data_on_device`` and ``steps_per_call`` can train this run: checked before anything compiles."""
-    per_call, on_device = config.steps_per_call, config.data_on_device
-    if per_call < 1:
-        raise ValueError(f"steps_per_call={per_call}: give the train steps per compiled call, e.g. 10 (1: one each).")
-    if not on_device:
-        if per_call > 1:
-            raise ValueError(
-                f"steps_per_call={per_call} runs steps on batches made on the device: add --config.data_on_device=True."
-            )
-        return
-    problems = [
-        f"parallelism={config.parallelism!r} (use jit)" if config.parallelism != "jit" else "",
-        f"{source.name} is streamed, not held in memory" if isinstance(source, data.StreamSource) else "",
-        "random_erasing" if config.random_erasing else "",
-        "mixup_alpha" if config.mixup_alpha else "",
-        "image_size" if config.get("image_size") is not None else "",
-    ]
-    if any(problems):
-        raise ValueError(
-            "data_on_device=True makes batches on the device by random crop and flip alone, for an in-memory data set "
-            f"under jit; this run has: {', '.join(p for p in problems if p)}. Change those, or set "
-            "--config.data_on_device=False (the host pipeline does all of it)."
-        )
-
-
-def create_feed(
-    config: ml_collections.ConfigDict, source: Any, steps: Steps, mesh: Mesh, start_step: int
-) -> HostFeed | DeviceFeed:
-    """The run's batches from ``start_step`` on: from the host pipeline, or made on the devices."""
-    if not config.data_on_device:
-        return HostFeed(steps, training_batches(config, source, start_step))
-    return DeviceFeed(
-        mesh,
-        source,
-        **batch_draws(config, start_step),
-        steps_per_call=config.steps_per_call,
-        label_smoothing=config.label_smoothing,
-    )
-
-
-def next_stop(step: int, end: int, config: ml_collections.ConfigDict) -> int:
-    """The first step after ``step`` at which the loop logs, evaluates, checkpoints or ends: a call of several
-    steps must not run past it."""
-    every = (config.log_every_steps, config.eval_every_steps, config.checkpoint_every_steps)
-    return min([end] + [(step // n + 1) * n for n in every if n > 0])
+def writes_files() -> bool:
+    """Whether this process writes the run's files and prints its progress: the first of a job's processes."""
+    return jax.process_index() == 0
 
 
 def use_compilation_cache(directory: str) -> None:
@@ -171,53 +166,106 @@ def use_compilation_cache(directory: str) -> None:
         compilation_cache.reset_cache()  # JAX decides once whether to use it: at the first compile of the process
 
 
-def check_target_accuracy(config: ml_collections.ConfigDict) -> float:
-    """``stop_at_test_accuracy``: 0 (train every step) or the test accuracy at which to stop, checked up front."""
-    target = config.get("stop_at_test_accuracy", 0.0)
-    if not 0.0 <= target <= 1.0:
-        raise ValueError(
-            f"stop_at_test_accuracy={target} is not an accuracy: give a fraction such as 0.94, or 0 to train "
-            "every step."
-        )
-    return target
+def prepare_run(config: ml_collections.ConfigDict, workdir: str | Path) -> Run:
+    """Join the job, check ``config``, load its data and build its model, optimizer and steps (compiled when first
+    called). Every check of the inputs happens here, before anything compiles."""
+    began = time.perf_counter()
+    distributed.initialize(config)
+    use_compilation_cache(config.get("compilation_cache_dir", ""))
+    check_config(config)
+    train_source = data.load_source(config.dataset, config.train_split, config.data_dir)
+    test_source = data.load_source(config.dataset, config.eval_split, config.data_dir)
+    check_feed(config, train_source)
+    steps_per_epoch = data.steps_per_epoch(train_source.num_examples, config.batch_size)
+    schedule = learning_rate_schedule(config, steps_per_epoch)
+    mesh = make_mesh()
+    return Run(
+        config=config,
+        workdir=Path(workdir),
+        train_source=train_source,
+        test_source=test_source,
+        batches=batch_settings(config),
+        model=build_model(config, train_source.num_classes),
+        schedule=schedule,
+        optimizer=create_optimizer(config, schedule),
+        mesh=mesh,
+        steps=compile_steps(mesh, config.label_smoothing, config.parallelism, config.threads),
+        steps_per_epoch=steps_per_epoch,
+        target_accuracy=config.get("stop_at_test_accuracy", 0.0),
+        checkpoints=Checkpoints(
+            workdir, every_steps=config.checkpoint_every_steps, keep_latest=config.keep_checkpoints
+        ),
+        progress=Progress(config.num_train_steps, 0, config.batch_size, enabled=writes_files()),
+        began=began,
+    )
 
 
-def run_meta(config: ml_collections.ConfigDict, step: int, elapsed_s: float = 0.0, **extra: Any) -> dict[str, Any]:
-    """What a checkpoint says about its run.
-
-    The input pipeline and every random draw are functions of (seed, step), so the step is the data
-    iterator's position and the seed is every random key: nothing else is needed to resume exactly.
-    ``elapsed_s`` (wall time of the run so far) lets a resumed run go on counting.
-    """
-    return {
-        "model": config.model,
-        "dataset": config.dataset,
-        "step": step,
-        "data_position": step,
-        "seed": config.seed,
-        "elapsed_s": elapsed_s,
-        "config": config.to_dict(),
-        **extra,
-    }
+def create_state(run: Run) -> TrainState:
+    """A new train state: the model initialised from the config's seed, with the run's optimizer."""
+    began = time.perf_counter()
+    image_shape = run.train_source.image_shape
+    state = jax.block_until_ready(create_train_state(run.model, run.optimizer, image_shape, run.config.seed))
+    run.progress.message(f"created the train state in {time.perf_counter() - began:.1f}s")
+    return state
 
 
-def evaluate_state(steps: Steps, state: TrainState, source: Any, config: ml_collections.ConfigDict) -> dict:
+def restore_checkpoint(run: Run, state: TrainState) -> tuple[TrainState, dict[str, Any]] | None:
+    """The state (shaped like ``state``) and meta of the workdir's latest readable checkpoint; None if it has none.
+    A workdir that holds a run of another model or data set is refused."""
+    config = run.config
+
+    def same_run(meta: dict) -> None:
+        if (meta["model"], meta["dataset"]) != (config.model, config.dataset):
+            raise ValueError(
+                f"{run.workdir} holds a run of {meta['model']} on {meta['dataset']}, not {config.model} on "
+                f"{config.dataset}; choose another --workdir."
+            )
+
+    return run.checkpoints.restore_latest_valid(state, same_run)
+
+
+def initial_state(run: Run) -> tuple[TrainState, Start]:
+    """The run's state, placed on its devices, and where it starts: the workdir's latest readable checkpoint, or
+    else a new state (holding the weights of ``init_from``, if the config names a run to start from)."""
+    state = create_state(run)
+    restored = restore_checkpoint(run, state)
+    meta: dict[str, Any] = {}
+    if restored is not None:
+        state, meta = restored
+        run.progress.message(f"resumed from step {int(state.step)} in {run.checkpoints.directory}")
+    elif run.config.get("init_from"):
+        state, note = transfer.init_from_checkpoint(state, run.config)
+        run.progress.message(note)
+    if not run.config.get("bn_update", True):
+        state = state.replace(apply_fn=transfer.frozen_bn(run.model))
+    start = Start(int(state.step), meta.get("elapsed_s", 0.0), meta.get("reached"))
+    return run.steps.put_state(state), start
+
+
+def single_copy(run: Run, state: TrainState) -> TrainState:
+    """``state`` as a checkpoint holds it: pmap keeps one copy per device, of which one is saved."""
+    return run.steps.to_host(state) if run.config.parallelism == "pmap" else state
+
+
+def save_checkpoint(
+    run: Run, step: int, state: TrainState, meta: dict[str, Any], test_accuracy: float | None = None
+) -> None:
+    """Start saving ``state`` as the checkpoint of ``step``, with ``meta`` (`run_meta`) and, where the step was
+    evaluated, its ``test_accuracy``, which ranks it for keeping the best."""
+    metrics = None if test_accuracy is None else {ACCURACY: test_accuracy}
+    run.checkpoints.save(step, single_copy(run, state), meta, metrics, force=True)
+
+
+def evaluate_state(steps: Steps, state: TrainState, source: data.Source, settings: data.BatchSettings) -> dict:
     """Loss and accuracy over every example of ``source`` (padded batches, masked)."""
     totals = None
-    batches = data.eval_batches(
-        source,
-        batch_size=config.eval_batch_size,
-        image_size=config.get("image_size"),
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
-    for batch in batches:
-        sums = steps.fetch(steps.evaluate(state, steps.put_batch(batch)))
+    for batch in source.eval_batches(settings):
+        sums = steps.to_host(steps.evaluate(state, steps.put_batch(batch)))
         totals = sums if totals is None else {k: totals[k] + v for k, v in sums.items()}
     return {"loss": float(totals["loss_sum"] / totals["count"]), "accuracy": float(totals["correct"] / totals["count"])}
 
 
-def check_finite(records: list[dict[str, float]], first_step: int, checkpoints: Checkpoints) -> None:
+def check_finite(records: list[dict[str, Any]], first_step: int, checkpoints: Checkpoints) -> None:
     """Stop on a non-finite loss or parameters (fp16 steps skipped by loss scaling excepted).
 
     Runs before every checkpoint, so the checkpoint it names as the last good one is finite.
@@ -234,146 +282,53 @@ def check_finite(records: list[dict[str, float]], first_step: int, checkpoints: 
             )
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, float]:
-    """Train ``config`` in ``workdir`` (resuming if it holds a checkpoint); return the final test metrics.
+class MetricsWindow:
+    """The metrics of the train-step calls that the host has not fetched yet. They are fetched together, when
+    the loop logs or checkpoints, so that the host does not wait for the devices at every step."""
 
-    Raises `TrainingInterruptedError` after checkpointing when SIGTERM/SIGINT arrives, and FloatingPointError on a
-    non-finite loss. Every check of the inputs happens before anything compiles.
-    """
-    from resnet_jax.train import transfer  # imported here: it builds on this module
+    def __init__(self, run: Run, callbacks: Sequence[Callback]) -> None:
+        self.run, self.callbacks = run, callbacks
+        self.calls: list[Metrics] = []
+        self.stop_requested = False  # by a callback
 
-    began = time.perf_counter()
-    workdir = Path(workdir)
-    distributed.initialize(config)
-    use_compilation_cache(config.get("compilation_cache_dir", ""))
-    lead = jax.process_index() == 0
-    check_batch_sizes(config)
-    target = check_target_accuracy(config)
-    train_source = data.load_source(config.dataset, config.train_split, config.data_dir)
-    test_source = data.load_source(config.dataset, config.eval_split, config.data_dir)
-    check_feed(config, train_source)
-    model = build_model(config, train_source.num_classes)
-    steps_per_epoch = data.steps_per_epoch(train_source.num_examples, config.batch_size)
-    schedule = learning_rate_schedule(config, steps_per_epoch)
-    tx = create_optimizer(config, schedule)
-    mesh = make_mesh()
-    steps = compile_steps(mesh, config.label_smoothing, config.parallelism, config.threads)
+    def add(self, metrics: Metrics) -> None:
+        self.calls.append(metrics)
 
-    checkpoints = Checkpoints(workdir, every_steps=config.checkpoint_every_steps, keep_latest=config.keep_checkpoints)
-    progress = Progress(config.num_train_steps, 0, config.batch_size, enabled=lead)
-    init_began = time.perf_counter()
-    state = jax.block_until_ready(create_train_state(model, tx, train_source.image_shape, config.seed))
-    progress.message(f"created the train state in {time.perf_counter() - init_began:.1f}s")
-
-    def same_run(meta: dict) -> None:
-        if (meta["model"], meta["dataset"]) != (config.model, config.dataset):
-            raise ValueError(
-                f"{workdir} holds a run of {meta['model']} on {meta['dataset']}, not {config.model} on "
-                f"{config.dataset}; choose another --workdir."
-            )
-
-    restored = checkpoints.restore_latest_valid(state, same_run)
-    meta = restored[1] if restored is not None else {}
-    if restored is not None:
-        state = restored[0]
-        progress.message(f"resumed from step {int(state.step)} in {checkpoints.directory}")
-    elif config.get("init_from"):
-        state, note = transfer.init_from_checkpoint(state, config)
-        progress.message(note)
-    if not config.get("bn_update", True):
-        state = state.replace(apply_fn=transfer.frozen_bn(model))
-    state = steps.put_state(state)
-    start = int(restored[0].step) if restored else 0
-    end, reached = config.num_train_steps, meta.get("reached")  # a run stopped at its target says where
-    if target and reached and reached["test_accuracy"] >= target:
-        end = start  # stopped there before: nothing to train
-        progress.message(reached_message(reached, target, steps_per_epoch))
-    else:
-        reached = None
-    elapsed_before = meta.get("elapsed_s", 0.0)
-
-    def elapsed() -> float:  # wall time of the run, going on from the checkpoint's
-        return elapsed_before + time.perf_counter() - began
-
-    feed = create_feed(config, train_source, steps, mesh, start)
-    log = MetricsLog(workdir, enabled=lead, start_step=start)
-    progress.message(
-        f"{config.model} on {config.dataset}: {train_source.num_examples:,} training images, batch "
-        f"{config.batch_size}, {config.num_train_steps:,} steps ({config.num_train_steps / steps_per_epoch:.1f} "
-        f"epochs), {jax.device_count()} {jax.devices()[0].platform} device(s) in {jax.process_count()} "
-        f"process(es), {config.parallelism}"
-        + (f" ({config.threads})" if config.parallelism == "threads" else "")
-        + (f", data on the device, {feed.steps_per_call} step(s) per call" if isinstance(feed, DeviceFeed) else "")
-    )
-
-    def saveable(state: TrainState) -> TrainState:  # pmap keeps one copy per device: save one
-        return steps.fetch(state) if config.parallelism == "pmap" else state
-
-    def checked(window: list[dict[str, jax.Array]], done: int) -> list[dict[str, float]]:
-        """The metrics of the steps up to ``done``, one record per step, fetched and checked to be finite."""
+    def fetch(self, done: int) -> list[dict[str, Any]]:
+        """The metrics of the steps up to ``done``, one record per step, checked to be finite and shown to the
+        callbacks; the window is then empty."""
         records = []
-        for metrics in map(steps.fetch, window):  # a call's metrics: one value per step it ran
+        for metrics in map(self.run.steps.to_host, self.calls):  # a call's metrics: one value per step it ran
             values = {k: np.atleast_1d(v) for k, v in metrics.items()}
             records += [{k: v[i] for k, v in values.items()} for i in range(len(values["loss"]))]
-        check_finite(records, done - len(records), checkpoints)
+        self.calls = []
+        first = done - len(records)
+        check_finite(records, first, self.run.checkpoints)
+        for offset, record in enumerate(records):
+            for callback in self.callbacks:
+                self.stop_requested |= bool(callback.on_train_step(first + offset + 1, record))
         return records
 
-    test_metrics: dict[str, float] = {}
-    window: list[dict[str, jax.Array]] = []
-    step = start
-    try:
-        with StopSignals() as stop:
-            if start < end:
-                progress.compiled(feed.compile(state))
-                progress.start_timing(start)
-            while step < end:
-                count = feed.steps_in_call(step, next_stop(step, end, config))
-                state, metrics = feed(state, count)
-                window.append(metrics)
-                done = step = step + count
-                if done % config.log_every_steps == 0 or done == end:
-                    records, window = checked(window, done), []
-                    means = {k: float(np.mean([r[k] for r in records])) for k in records[0] if k != "finite"}
-                    log.write(done, "train", means | {"learning_rate": float(schedule(done - 1))}, elapsed())
-                    progress.update(done, {k: means[k] for k in ("loss", "accuracy")})
-                evaluated = done % config.eval_every_steps == 0 or done == end
-                if evaluated:
-                    test_metrics = evaluate_state(steps, state, test_source, config)
-                    log.write(done, "test", test_metrics, elapsed())
-                    progress.message(
-                        f"step {done}: test loss {test_metrics['loss']:.4f}, accuracy {test_metrics['accuracy']:.4f}"
-                    )
-                    progress.start_timing(done)  # img/s counts training only
-                    if target and test_metrics["accuracy"] >= target:
-                        reached = {"test_accuracy": test_metrics["accuracy"], "step": done, "elapsed_s": elapsed()}
-                signum = stop.agreed()
-                if done == end or reached or signum is not None or checkpoints.manager.should_save(done):
-                    checked(window, done)  # every step before a checkpoint is checked
-                    window = []
-                    meta = run_meta(config, done, elapsed(), **({"reached": reached} if reached else {}))
-                    metrics = {ACCURACY: test_metrics["accuracy"]} if evaluated else None
-                    checkpoints.save(done, saveable(state), meta, metrics, force=True)
-                if reached:
-                    progress.message(reached_message(reached, target, steps_per_epoch))
-                    break
-                if signum is not None:  # `finally` waits for the checkpoint before this propagates
-                    name = signal.Signals(signum).name
-                    raise TrainingInterruptedError(
-                        f"{name} received: stopped after step {done} and saved a checkpoint in "
-                        f"{checkpoints.directory}. Run the same command to resume.",
-                        signum,
-                    )
-    finally:
-        checkpoints.close()
-        log.close()
 
-    if not test_metrics:  # resumed a finished run: evaluate it again
-        test_metrics = evaluate_state(steps, state, test_source, config)
-    if lead:
-        curves = plot_curves(workdir)
-        progress.message(f"done in {format_duration(time.perf_counter() - began)}; curves in {curves}")
-        print(f"final test_accuracy={test_metrics['accuracy']:.4f} test_loss={test_metrics['loss']:.4f}")
-    return test_metrics
+def next_stop(step: int, end: int, config: ml_collections.ConfigDict) -> int:
+    """The first step after ``step`` at which the loop logs, evaluates, checkpoints or ends: a call of several
+    steps must not run past it."""
+    every = (config.log_every_steps, config.eval_every_steps, config.checkpoint_every_steps)
+    return min([end] + [(step // n + 1) * n for n in every if n > 0])
+
+
+def elapsed_s(run: Run, start: Start) -> float:
+    """Wall time of the run: this process's, going on from its checkpoint's."""
+    return start.elapsed_s + time.perf_counter() - run.began
+
+
+def end_step(run: Run, start: Start) -> int:
+    """Where training ends: ``num_train_steps``, or where it starts if its checkpoint reached the target already."""
+    reached, target = start.reached, run.target_accuracy
+    if target and reached and reached["test_accuracy"] >= target:
+        run.progress.message(reached_message(reached, target, run.steps_per_epoch))
+        return start.step
+    return run.config.num_train_steps
 
 
 def reached_message(reached: dict[str, float], target: float, steps_per_epoch: int) -> str:
@@ -384,23 +339,123 @@ def reached_message(reached: dict[str, float], target: float, steps_per_epoch: i
     )
 
 
-def load_run(workdir: str | Path, step: int | None = None) -> tuple[ResNet, TrainState, ml_collections.ConfigDict]:
-    """The model, train state and config of the checkpoint at ``step`` (default: the latest) of a run."""
-    checkpoints = Checkpoints(workdir, every_steps=1, keep_latest=1, async_save=False)
-    if checkpoints.latest_step() is None:
-        raise FileNotFoundError(f"No checkpoint in {checkpoints.directory}; train first with `resnet-jax train`.")
-    meta = checkpoints.read_meta(step)
-    config = ml_collections.ConfigDict(meta["config"])
-    num_classes, image_shape = meta.get("num_classes"), meta.get("image_shape")
-    if num_classes is None or image_shape is None:  # a training run: its data set says (converted ones record them)
-        source = data.load_source(config.dataset, config.eval_split, config.data_dir)
-        num_classes, image_shape = source.num_classes, source.image_shape
-    model = build_model(config, num_classes)
-    tx = create_optimizer(config, learning_rate_schedule(config, steps_per_epoch=1))  # fixes the state's structure
-    abstract = jax.eval_shape(lambda: create_train_state(model, tx, tuple(image_shape), config.seed))
-    state, _ = checkpoints.restore(abstract, step)
-    checkpoints.close()
-    return model, state, config
+def announce(run: Run, feed: Feed) -> None:
+    """One line saying what the run trains, on what, and how."""
+    config, source = run.config, run.train_source
+    run.progress.message(
+        f"{config.model} on {config.dataset}: {source.num_examples:,} training images, batch "
+        f"{config.batch_size}, {config.num_train_steps:,} steps ({config.num_train_steps / run.steps_per_epoch:.1f} "
+        f"epochs), {jax.device_count()} {jax.devices()[0].platform} device(s) in {jax.process_count()} "
+        f"process(es), {config.parallelism}"
+        + (f" ({config.threads})" if config.parallelism == "threads" else "")
+        + (f", data on the device, {feed.steps_per_call} step(s) per call" if config.data_on_device else "")
+    )
+
+
+def log_training(run: Run, log: MetricsLog, records: list[dict[str, Any]], step: int, elapsed: float) -> None:
+    """The means of the steps' ``records`` since the last line, to metrics.jsonl and the progress line."""
+    means = {k: float(np.mean([r[k] for r in records])) for k in records[0] if k != "finite"}
+    log.write(step, "train", means | {"learning_rate": float(run.schedule(step - 1))}, elapsed)
+    run.progress.update(step, {k: means[k] for k in ("loss", "accuracy")})
+
+
+def evaluate_and_log(run: Run, log: MetricsLog, state: TrainState, step: int, elapsed: float) -> dict[str, float]:
+    """The test metrics of ``state``, written to metrics.jsonl and shown; the img/s clock restarts after them."""
+    metrics = evaluate_state(run.steps, state, run.test_source, run.batches)
+    log.write(step, "test", metrics, elapsed)
+    run.progress.message(f"step {step}: test loss {metrics['loss']:.4f}, accuracy {metrics['accuracy']:.4f}")
+    run.progress.start_timing(step)  # img/s counts training only
+    return metrics
+
+
+def reached_target(run: Run, test_metrics: dict[str, float], step: int, start: Start) -> dict[str, float] | None:
+    """What the checkpoint of ``step`` records when its test accuracy reaches ``stop_at_test_accuracy``."""
+    if not run.target_accuracy or test_metrics["accuracy"] < run.target_accuracy:
+        return None
+    return {"test_accuracy": test_metrics["accuracy"], "step": step, "elapsed_s": elapsed_s(run, start)}
+
+
+def train_steps(
+    run: Run,
+    state: TrainState,
+    start: Start,
+    end: int,
+    feed: Feed,
+    log: MetricsLog,
+    stop: StopSignals,
+    callbacks: Sequence[Callback] = (),
+) -> tuple[TrainState, dict[str, float]]:
+    """Train from ``start.step`` to ``end``, logging, evaluating and checkpointing as the config says, until the
+    end, the target accuracy, a callback or a signal stops it; the state and its last test metrics ({} if none)."""
+    config = run.config
+    window = MetricsWindow(run, callbacks)
+    test_metrics: dict[str, float] = {}
+    step = start.step
+    if step < end:
+        run.progress.compiled(feed.compile(state))
+        run.progress.start_timing(step)
+    while step < end:
+        count = feed.steps_in_call(step, next_stop(step, end, config))
+        state, metrics = feed(state, count)
+        window.add(metrics)
+        step += count
+        if step % config.log_every_steps == 0 or step == end:
+            log_training(run, log, window.fetch(step), step, elapsed_s(run, start))
+        evaluated, reached, halt = step % config.eval_every_steps == 0 or step == end, None, False
+        if evaluated:
+            test_metrics = evaluate_and_log(run, log, state, step, elapsed_s(run, start))
+            reached = reached_target(run, test_metrics, step, start)
+            halt = any([bool(callback.on_evaluation(step, state, test_metrics)) for callback in callbacks])
+        signum = stop.agreed()
+        halt |= window.stop_requested
+        if step == end or reached or halt or signum is not None or run.checkpoints.manager.should_save(step):
+            window.fetch(step)  # every step before a checkpoint is checked
+            meta = run_meta(config, step, elapsed_s(run, start), **({"reached": reached} if reached else {}))
+            save_checkpoint(run, step, state, meta, test_metrics["accuracy"] if evaluated else None)
+        if reached:
+            run.progress.message(reached_message(reached, run.target_accuracy, run.steps_per_epoch))
+            break
+        if halt or window.stop_requested:
+            run.progress.message(f"a callback stopped the run after step {step}; saved a checkpoint")
+            break
+        if signum is not None:  # the caller's `finally` waits for the checkpoint before this propagates
+            raise TrainingInterruptedError(
+                f"{signal.Signals(signum).name} received: stopped after step {step} and saved a checkpoint in "
+                f"{run.checkpoints.directory}. Run the same command to resume.",
+                signum,
+            )
+    return state, test_metrics
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str | Path, callbacks: Sequence[Callback] = ()
+) -> TrainResult:
+    """Train ``config`` in ``workdir`` (resuming if it holds a checkpoint); return the final state and its test
+    metrics.
+
+    Raises `TrainingInterruptedError` after checkpointing when SIGTERM/SIGINT arrives, and FloatingPointError on a
+    non-finite loss. Every check of the inputs happens before anything compiles. ``callbacks`` watch the steps
+    and evaluations, and may stop the run early (`Callback`).
+    """
+    run = prepare_run(config, workdir)
+    state, start = initial_state(run)
+    end = end_step(run, start)
+    feed = create_feed(config, run.train_source, run.steps, run.mesh, start.step)
+    log = MetricsLog(run.workdir, enabled=writes_files(), start_step=start.step)
+    announce(run, feed)
+    try:
+        with StopSignals() as stop:
+            state, test_metrics = train_steps(run, state, start, end, feed, log, stop, callbacks)
+    finally:
+        run.checkpoints.close()
+        log.close()
+    if not test_metrics:  # resumed a finished run: evaluate it again
+        test_metrics = evaluate_state(run.steps, state, run.test_source, run.batches)
+    if writes_files():
+        curves = plot_curves(run.workdir)
+        run.progress.message(f"done in {format_duration(time.perf_counter() - run.began)}; curves in {curves}")
+        print(f"final test_accuracy={test_metrics['accuracy']:.4f} test_loss={test_metrics['loss']:.4f}")
+    return TrainResult(single_copy(run, state), test_metrics)
 
 
 def evaluate(workdir: str | Path, step: int | None = None) -> dict[str, float]:
@@ -409,6 +464,6 @@ def evaluate(workdir: str | Path, step: int | None = None) -> dict[str, float]:
     check_batch_sizes(config)
     test_source = data.load_source(config.dataset, config.eval_split, config.data_dir)
     steps = compile_steps(make_mesh(), parallelism=config.parallelism, threads=config.get("threads", 1))
-    metrics = evaluate_state(steps, steps.put_state(state), test_source, config)
+    metrics = evaluate_state(steps, steps.put_state(state), test_source, batch_settings(config))
     print(f"step {int(state.step)} test_accuracy={metrics['accuracy']:.4f} test_loss={metrics['loss']:.4f}")
     return metrics

@@ -33,9 +33,9 @@ from flax import traverse_util
 from resnet_jax.models import ResNet
 from resnet_jax.models.torch_weights import load_torch_weights, save_torch_weights
 from resnet_jax.train.checkpoint import Checkpoints
-from resnet_jax.train.loop import build_model, run_meta
 from resnet_jax.train.optim import create_optimizer, learning_rate_schedule
 from resnet_jax.train.precision import DynamicLossScale
+from resnet_jax.train.runs import build_model, run_meta
 from resnet_jax.train.steps import TrainState, create_train_state
 
 STEM_KERNEL = ("stem", "conv", "kernel")
@@ -95,7 +95,7 @@ def convert_torch_checkpoint(
 
     ``config`` is recorded as the run's config (with ``model`` set to ``name``): its dataset, eval_split and
     data_dir are what ``resnet-jax eval`` measures on, and its optimizer fixes the structure of the saved train
-    state, as `resnet_jax.train.loop.load_run` rebuilds it. The meta also records the class count and image
+    state, as `resnet_jax.train.runs.load_run` rebuilds it. The meta also records the class count and image
     shape, so that reading the checkpoint needs no data set.
     """
     out = Path(out)
@@ -109,7 +109,7 @@ def convert_torch_checkpoint(
     image_shape = (224, 224, channels) if model.stem == "imagenet" else (32, 32, channels)  # as the data would be
     tx = create_optimizer(config, learning_rate_schedule(config, steps_per_epoch=1))
     # The train state that load_run rebuilds, holding the converted weights. Nothing is initialised: an eager init
-    # compiles every layer on its own (15 s for resnet18 on a CPU).
+    # would compile every layer on its own.
     shapes = jax.eval_shape(lambda: create_train_state(model, tx, image_shape, config.seed))
     state = TrainState.create(
         apply_fn=model.apply,

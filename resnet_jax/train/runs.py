@@ -1,0 +1,148 @@
+"""A run as its config and checkpoints describe it: the model a config builds, the batches it draws, the checks
+of a config made before anything loads or compiles, what a checkpoint records about its run, and reading a run
+back from its workdir.
+
+The training loop builds on this module; transfer learning, inference, analysis and bench read runs through it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from resnet_jax import data
+from resnet_jax.models import ResNet, create_model
+from resnet_jax.train.checkpoint import Checkpoints
+from resnet_jax.train.optim import create_optimizer, learning_rate_schedule
+from resnet_jax.train.steps import TrainState, create_train_state
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int) -> ResNet:
+    """The model of ``config`` (its name, dtype and attribute overrides) for ``num_classes`` classes."""
+    return create_model(config.model, num_classes=num_classes, dtype=config.dtype, **config.model_overrides)
+
+
+def batch_settings(config: ml_collections.ConfigDict) -> data.BatchSettings:
+    """The batches of ``config`` as this process draws them: the one place a config's data keys become settings."""
+    return data.BatchSettings(
+        batch_size=config.batch_size,
+        eval_batch_size=config.eval_batch_size,
+        seed=config.seed,
+        augment=config.augment,
+        crop_padding=config.crop_padding,
+        random_flip=config.random_flip,
+        random_erasing=config.random_erasing,
+        mixup_alpha=config.mixup_alpha,
+        image_size=config.get("image_size"),
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Everything about ``config`` that can be checked without its data, so that a mistake fails before anything
+    loads, compiles or writes a file. `check_feed` checks the rest once the data is loaded."""
+    check_batch_sizes(config)
+    check_target_accuracy(config)
+    check_steps_per_call(config)
+    batch_settings(config)  # checks its values
+
+
+def check_batch_sizes(config: ml_collections.ConfigDict) -> None:
+    """Both batch sizes must split evenly over the devices (and processes, or threads) before anything compiles."""
+    devices, processes = jax.device_count(), jax.process_count()
+    parts = config.threads if config.parallelism == "threads" else 1
+    multiple = np.lcm.reduce([devices, processes, max(parts, 1)])
+    for key in ("batch_size", "eval_batch_size"):
+        size = config[key]
+        if size < 1 or size % multiple:
+            over = f"{devices} devices ({processes} processes)" + (f" and {parts} threads" if parts > 1 else "")
+            raise ValueError(
+                f"{key}={size} does not divide over {over}; use a multiple of {multiple}, e.g. "
+                f"--config.{key}={max(1, size // multiple) * multiple}."
+            )
+
+
+def check_target_accuracy(config: ml_collections.ConfigDict) -> float:
+    """``stop_at_test_accuracy``: 0 (train every step) or the test accuracy at which to stop, checked up front."""
+    target = config.get("stop_at_test_accuracy", 0.0)
+    if not 0.0 <= target <= 1.0:
+        raise ValueError(
+            f"stop_at_test_accuracy={target} is not an accuracy: give a fraction such as 0.94, or 0 to train "
+            "every step."
+        )
+    return target
+
+
+def check_steps_per_call(config: ml_collections.ConfigDict) -> None:
+    """``steps_per_call`` > 1 runs several steps on batches made on the device."""
+    per_call = config.steps_per_call
+    if per_call < 1:
+        raise ValueError(f"steps_per_call={per_call}: give the train steps per compiled call, e.g. 10 (1: one each).")
+    if per_call > 1 and not config.data_on_device:
+        raise ValueError(
+            f"steps_per_call={per_call} runs steps on batches made on the device: add --config.data_on_device=True."
+        )
+
+
+def check_feed(config: ml_collections.ConfigDict, source: data.Source) -> None:
+    """The training ``source`` can make the config's batches, on the device where ``data_on_device`` asks for it:
+    checked before anything compiles."""
+    source.check_settings(batch_settings(config))
+    if not config.data_on_device:
+        return
+    problems = [
+        f"parallelism={config.parallelism!r} (use jit)" if config.parallelism != "jit" else "",
+        f"{source.name} is streamed, not held in memory" if not source.in_memory else "",
+        "random_erasing" if config.random_erasing else "",
+        "mixup_alpha" if config.mixup_alpha else "",
+        "image_size" if config.get("image_size") is not None else "",
+    ]
+    if any(problems):
+        raise ValueError(
+            "data_on_device=True makes batches on the device by random crop and flip alone, for an in-memory data set "
+            f"under jit; this run has: {', '.join(p for p in problems if p)}. Change those, or set "
+            "--config.data_on_device=False (the host pipeline does all of it)."
+        )
+
+
+def run_meta(config: ml_collections.ConfigDict, step: int, elapsed_s: float = 0.0, **extra: Any) -> dict[str, Any]:
+    """What a checkpoint says about its run.
+
+    The input pipeline and every random draw are functions of (seed, step), so the step is the data
+    iterator's position and the seed is every random key: nothing else is needed to resume exactly.
+    ``elapsed_s`` (wall time of the run so far) lets a resumed run go on counting.
+    """
+    return {
+        "model": config.model,
+        "dataset": config.dataset,
+        "step": step,
+        "data_position": step,
+        "seed": config.seed,
+        "elapsed_s": elapsed_s,
+        "config": config.to_dict(),
+        **extra,
+    }
+
+
+def load_run(workdir: str | Path, step: int | None = None) -> tuple[ResNet, TrainState, ml_collections.ConfigDict]:
+    """The model, train state and config of the checkpoint at ``step`` (default: the latest) of a run."""
+    checkpoints = Checkpoints(workdir, every_steps=1, keep_latest=1, async_save=False)
+    if checkpoints.latest_step() is None:
+        raise FileNotFoundError(f"No checkpoint in {checkpoints.directory}; train first with `resnet-jax train`.")
+    meta = checkpoints.read_meta(step)
+    config = ml_collections.ConfigDict(meta["config"])
+    num_classes, image_shape = meta.get("num_classes"), meta.get("image_shape")
+    if num_classes is None or image_shape is None:  # a training run: its data set says (converted ones record them)
+        source = data.load_source(config.dataset, config.eval_split, config.data_dir)
+        num_classes, image_shape = source.num_classes, source.image_shape
+    model = build_model(config, num_classes)
+    tx = create_optimizer(config, learning_rate_schedule(config, steps_per_epoch=1))  # fixes the state's structure
+    abstract = jax.eval_shape(lambda: create_train_state(model, tx, tuple(image_shape), config.seed))
+    state, _ = checkpoints.restore(abstract, step)
+    checkpoints.close()
+    return model, state, config
