@@ -23,9 +23,12 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from resnet_jax import data
+from resnet_jax.cpu.conv import model_conv
+from resnet_jax.cpu.processes import available_cores
 from resnet_jax.models import ResNet, create_model
 from resnet_jax.train import distributed
 from resnet_jax.train.checkpoint import ACCURACY, Checkpoints
+from resnet_jax.train.config import read_saved_config
 from resnet_jax.train.feed import DeviceFeed, HostFeed
 from resnet_jax.train.optim import create_optimizer, learning_rate_schedule
 from resnet_jax.train.reporting import MetricsLog, Progress, format_duration, plot_curves
@@ -68,18 +71,20 @@ class StopSignals:
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int) -> ResNet:
-    return create_model(config.model, num_classes=num_classes, dtype=config.dtype, **config.model_overrides)
+    conv = model_conv(jax.default_backend(), config.parallelism, config.get("batch_parts", 1), len(available_cores()))
+    return create_model(config.model, num_classes=num_classes, dtype=config.dtype, conv=conv, **config.model_overrides)
 
 
 def check_batch_sizes(config: ml_collections.ConfigDict) -> None:
-    """Both batch sizes must split evenly over the devices (and processes, or threads) before anything compiles."""
+    """Both batch sizes must split evenly over the devices (and processes, or batch parts) before anything
+    compiles."""
     devices, processes = jax.device_count(), jax.process_count()
-    parts = config.threads if config.parallelism == "threads" else 1
+    parts = config.batch_parts if config.parallelism == "batch_parts" else 1
     multiple = np.lcm.reduce([devices, processes, max(parts, 1)])
     for key in ("batch_size", "eval_batch_size"):
         size = config[key]
         if size < 1 or size % multiple:
-            over = f"{devices} devices ({processes} processes)" + (f" and {parts} threads" if parts > 1 else "")
+            over = f"{devices} devices ({processes} processes)" + (f" and {parts} batch parts" if parts > 1 else "")
             raise ValueError(
                 f"{key}={size} does not divide over {over}; use a multiple of {multiple}, e.g. "
                 f"--config.{key}={max(1, size // multiple) * multiple}."
@@ -257,7 +262,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     schedule = learning_rate_schedule(config, steps_per_epoch)
     tx = create_optimizer(config, schedule)
     mesh = make_mesh()
-    steps = compile_steps(mesh, config.label_smoothing, config.parallelism, config.threads)
+    steps = compile_steps(mesh, config.label_smoothing, config.parallelism, config.batch_parts)
 
     checkpoints = Checkpoints(workdir, every_steps=config.checkpoint_every_steps, keep_latest=config.keep_checkpoints)
     progress = Progress(config.num_train_steps, 0, config.batch_size, enabled=lead)
@@ -302,7 +307,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         f"{config.batch_size}, {config.num_train_steps:,} steps ({config.num_train_steps / steps_per_epoch:.1f} "
         f"epochs), {jax.device_count()} {jax.devices()[0].platform} device(s) in {jax.process_count()} "
         f"process(es), {config.parallelism}"
-        + (f" ({config.threads})" if config.parallelism == "threads" else "")
+        + (f" ({config.batch_parts})" if config.parallelism == "batch_parts" else "")
         + (f", data on the device, {feed.steps_per_call} step(s) per call" if isinstance(feed, DeviceFeed) else "")
     )
 
@@ -390,7 +395,7 @@ def load_run(workdir: str | Path, step: int | None = None) -> tuple[ResNet, Trai
     if checkpoints.latest_step() is None:
         raise FileNotFoundError(f"No checkpoint in {checkpoints.directory}; train first with `resnet-jax train`.")
     meta = checkpoints.read_meta(step)
-    config = ml_collections.ConfigDict(meta["config"])
+    config = read_saved_config(meta["config"])
     num_classes, image_shape = meta.get("num_classes"), meta.get("image_shape")
     if num_classes is None or image_shape is None:  # a training run: its data set says (converted ones record them)
         source = data.load_source(config.dataset, config.eval_split, config.data_dir)
@@ -408,7 +413,7 @@ def evaluate(workdir: str | Path, step: int | None = None) -> dict[str, float]:
     _, state, config = load_run(workdir, step)
     check_batch_sizes(config)
     test_source = data.load_source(config.dataset, config.eval_split, config.data_dir)
-    steps = compile_steps(make_mesh(), parallelism=config.parallelism, threads=config.get("threads", 1))
+    steps = compile_steps(make_mesh(), parallelism=config.parallelism, batch_parts=config.get("batch_parts", 1))
     metrics = evaluate_state(steps, steps.put_state(state), test_source, config)
     print(f"step {int(state.step)} test_accuracy={metrics['accuracy']:.4f} test_loss={metrics['loss']:.4f}")
     return metrics
