@@ -17,7 +17,7 @@ $(BIN)/.installed: pyproject.toml
 # The main job: ResNet-20 on Fashion-MNIST (configs/fashion_mnist_resnet20.py).
 demo: $(BIN)/.installed fashion-mnist
 	$(BIN)/resnet-jax train --config configs/fashion_mnist_resnet20.py --workdir runs/fashion_mnist_resnet20 \
-	  --config.parallelism=threads
+	  --config.parallelism=batch_parts
 
 # Fashion-MNIST from Debian's package (apt), else from tfds (network), else say what to do.
 fashion-mnist: $(BIN)/.installed

@@ -64,11 +64,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.bn_update = True  # False: BN layers normalise with their running statistics and keep them as they are
 
     # Scale: "jit" (one program over a mesh of every device), "pmap" (one program per device,
-    # per-device BN statistics) or, on one CPU, "threads" (the batch in `threads` parts whose programs run
-    # side by side, BN statistics per part; the fastest one-process CPU step); joining a multi-process job
-    # (README: "Many hosts").
+    # per-device BN statistics) or, on one CPU, "batch_parts" (the batch in `batch_parts` parts whose programs
+    # run side by side on host threads, BN statistics per part; the fastest one-process CPU step); joining a
+    # multi-process job (README: "Many hosts").
     config.parallelism = "jit"
-    config.threads = 2
+    config.batch_parts = 2
     config.distributed = ml_collections.ConfigDict(
         {
             "coordinator_address": ml_collections.config_dict.placeholder(str),  # "host:port" of process 0

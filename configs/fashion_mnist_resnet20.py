@@ -7,7 +7,7 @@ the random crop and strong weight decay of the long recipes for faster fitting; 
 Expected: final test_accuracy 0.9170 (seed 0; test accuracy 0.8929 at step 750).
 Time: 5m38s and 6m54s wall for the command above on 2 idle CPU cores, start to final line (compile 7.5 s,
 about 400-670 img/s for the train step). On a CPU, one process is faster as two batch parts on host threads
-(`make demo` runs it so): adding `--config.parallelism=threads` gave final test_accuracy 0.9162 in 4m00s
+(`make demo` runs it so): adding `--config.parallelism=batch_parts` gave final test_accuracy 0.9162 in 4m00s
 and 4m18s (compile 5.5 s, 630-970 img/s; batch statistics over each part's 64 images). One process per
 core, `--cpu-processes 2 --config.parallelism=pmap`, gave 0.9119 in 5m20s (580-800 img/s). All within one
 hour; the host's speed drifts from hour to hour (6m29s to 8m24s for jit in earlier hours).

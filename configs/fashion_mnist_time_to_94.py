@@ -20,7 +20,7 @@ the host pipeline and a call per step (138.1 s: step 7020, test_accuracy 0.9405;
 42m02s on 2 CPU cores (2,522 s, loading, compiling and 15 evaluations included; 293-428 img/s, short
 niced test runs beside it at times). With `--cpu-processes 2 --config.parallelism=pmap` (batch norm over each
 process's 64 images): 94.22% at step 7488 (epoch 16.0; 0.9399 after epoch 15) after 32m42s, 425-566 img/s.
-With `--config.parallelism=threads` (one process, two batch parts of 64 side by side): 94.26% at step 7488
+With `--config.parallelism=batch_parts` (one process, two batch parts of 64 side by side): 94.26% at step 7488
 (epoch 16.0; 0.9388 after epoch 15) after 31m25s, 458-566 img/s (median 536).
 """
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from resnet_jax.analysis.cli import add_analyze_command
 from resnet_jax.bench.cli import add_bench_command
-from resnet_jax.train.host_memory import keep_freed_host_memory
+from resnet_jax.cpu.host_memory import keep_freed_host_memory
 
 if TYPE_CHECKING:
     from resnet_jax.models import ResNet
@@ -28,7 +28,7 @@ def summary(args: argparse.Namespace) -> None:
 
 def train(args: argparse.Namespace) -> int:
     """Train (or resume) the experiment of ``--config`` in ``--workdir``; returns the exit status."""
-    from resnet_jax.train import distributed
+    from resnet_jax.cpu import processes
     from resnet_jax.train.config import load_config
     from resnet_jax.train.loop import train_and_evaluate
 
@@ -36,9 +36,9 @@ def train(args: argparse.Namespace) -> int:
     if args.cpu_processes is None:
         train_and_evaluate(config, args.workdir)
         return 0
-    distributed.check_cpu_processes(config, args.cpu_processes)
+    processes.check_cpu_processes(config, args.cpu_processes)
     command = ["train", "--config", args.config, "--workdir", args.workdir, *args.overrides]
-    return distributed.launch_cpu_processes(command, args.cpu_processes)
+    return processes.launch_cpu_processes(command, args.cpu_processes)
 
 
 def evaluate(args: argparse.Namespace) -> None:
@@ -154,7 +154,7 @@ def add_train_and_eval_commands(commands: Any) -> None:
         metavar="N",
         help="run N processes of one job on this machine's CPU, each pinned to its own cores (gloo collectives; "
         "needs --config.parallelism=pmap); faster than one jit process on a multi-core CPU, as is one process "
-        "with --config.parallelism=threads",
+        "with --config.parallelism=batch_parts",
     )
     p.set_defaults(run=train)
 
@@ -221,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    keep_freed_host_memory()  # before JAX starts its threads; a quarter of a CPU step (train/host_memory.py)
+    keep_freed_host_memory()  # before JAX starts its threads (resnet_jax/cpu/host_memory.py says why)
     args, extra = build_parser().parse_known_args(argv)
     args.overrides = [a for a in extra if a.startswith("--config.")]
     unknown = [a for a in extra if not a.startswith("--config.")]

@@ -38,7 +38,7 @@ def test_gradient_norms_are_those_of_the_training_loss(name):
     assert [b["name"] for b in norms["blocks"]] == ["stage1/block0", "stage2/block0", "stage3/block0"]
     layers = {layer["name"]: layer for layer in norms["layers"]}
     assert list(layers)[::7] == ["stem/conv", "head"]
-    assert len(layers) == 8  # the stem, two convs per block (option A shortcuts have no layers), the head
+    assert len(layers) == 8  # the stem, two convs per block (shortcut "A" has no layers), the head
     for path, layer in layers.items():
         tree = grads
         for key in path.split("/"):

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from convs import CONVS, with_either_conv
 from idx_files import idx_folder_fixture
 
 from resnet_jax.analysis.blocks import block_parts, capture_blocks
@@ -23,7 +24,7 @@ from resnet_jax.analysis.jacobians import (
     hutchinson_frobenius,
     lanczos,
     lanczos_singular_values,
-    option_a_indices,
+    pad_indices,
 )
 from resnet_jax.cli import main
 from resnet_jax.models import create_model
@@ -32,9 +33,9 @@ JACOBIANS = BlockJacobians()  # the defaults (30 Lanczos steps, 64 probes, top 3
 
 # Small models and 8x8 inputs: every block Jacobian is at most 1,024 x 1,024.
 MODELS = {
-    "post-activation, option A": ("resnet8", {}),
+    "post-activation, pad": ("resnet8", {}),
     "post-activation, projection": ("resnet8", {"shortcut": "B"}),
-    "pre-activation, option A": ("preact_resnet8", {}),
+    "pre-activation, pad": ("preact_resnet8", {}),
     "pre-activation, projection": ("preact_resnet8", {"shortcut": "B"}),
     "plain": ("plain8", {}),
 }
@@ -46,10 +47,12 @@ def images(count: int = 2, size: int = 8) -> jax.Array:
     return sum(noise[:, i : i + size, j : j + size] for i in range(3) for j in range(3)) / 3
 
 
-@pytest.fixture(scope="module", params=list(MODELS))
+@pytest.fixture(scope="module", params=[f"{kind} / {conv}" for kind in MODELS for conv in CONVS])
 def captured(request):
-    name, overrides = MODELS[request.param]
-    model = create_model(name, **overrides)
+    """A model of `MODELS` with a conv of `CONVS` ("post-activation, pad / cpu conv"), and its captured blocks."""
+    kind, conv = request.param.split(" / ")
+    name, overrides = MODELS[kind]
+    model = create_model(name, conv=CONVS[conv], **overrides)
     x = images()
     variables = model.init(jax.random.key(0), x, train=False)
     variables = _trained_statistics(model, variables, x)
@@ -65,7 +68,7 @@ def _trained_statistics(model, variables, x):
     return variables
 
 
-def explicit_option_a(input_shape, output_shape, stride):
+def explicit_pad(input_shape, output_shape, stride):
     """P as a dense matrix, entry by entry: output (i, j, c) copies input (stride*i, stride*j, c) for c < C_in."""
     (h, w, c_in), (ho, wo, c_out) = input_shape, output_shape
     p = np.zeros((ho * wo * c_out, h * w * c_in))
@@ -97,8 +100,8 @@ def expected_shortcut(block, matrices):
     size_in, size_out = matrices["output"].shape[1], matrices["output"].shape[0]
     if block.info.kind == "identity":
         return np.eye(size_in)
-    if block.info.kind == "option_a":
-        return explicit_option_a(block.info.input_shape, block.info.output_shape, block.module.strides)
+    if block.info.kind == "pad":
+        return explicit_pad(block.info.input_shape, block.info.output_shape, block.module.strides)
     if block.info.kind == "projection":
         return matrices["shortcut"] if block.info.preact else explicit_projection(block)
     return np.zeros((size_out, size_in))
@@ -108,7 +111,7 @@ def test_every_block_obeys_its_identity_exactly(captured):
     _, _, blocks = captured
     for block in blocks:
         matrices, deviations = JACOBIANS.exact(block)
-        j, j_f = matrices["output"], matrices["residual"]
+        j, j_f = matrices["output"], matrices["branch"]
         scale = np.abs(j).max()
         values = block_parts(block, block.variables, block.inputs[:1])
         preact, kind = block.info.preact, block.info.kind
@@ -117,7 +120,7 @@ def test_every_block_obeys_its_identity_exactly(captured):
             np.testing.assert_allclose(matrices["shortcut"], shortcut, atol=1e-5 * scale)
         mask = np.ones(j.shape[0])
         if not preact:
-            mask = (np.asarray(values["residual"] + values.get("shortcut", 0.0)) > 0).reshape(-1)
+            mask = (np.asarray(values["branch"] + values.get("shortcut", 0.0)) > 0).reshape(-1)
         np.testing.assert_allclose(j, mask[:, None] * (shortcut + j_f), atol=1e-5 * scale, err_msg=block.info.name)
         assert deviations["identity"] < 1e-5, block.info.name
         assert np.isnan(deviations["shortcut"]) == (kind == "plain" or (kind == "projection" and preact))
@@ -133,14 +136,14 @@ def test_pre_activation_identity_block_is_exactly_i_plus_j_f():
     block = capture_blocks(model, variables, x)[0]
     assert (block.info.kind, block.info.form) == ("identity", "J = I + J_F")
     matrices, _ = JACOBIANS.exact(block, example=1)
-    np.testing.assert_allclose(matrices["output"] - matrices["residual"], np.eye(1024), atol=1e-6)
+    np.testing.assert_allclose(matrices["output"] - matrices["branch"], np.eye(1024), atol=1e-6)
 
 
-def test_option_a_indices_are_the_subsample_and_pad_map():
-    source = option_a_indices((4, 6, 3), (2, 3, 5), 2)
+def test_pad_indices_are_the_subsample_and_pad_map():
+    source = pad_indices((4, 6, 3), (2, 3, 5), 2)
     dense = np.zeros((2 * 3 * 5, 4 * 6 * 3))
     dense[np.flatnonzero(source >= 0), source[source >= 0]] = 1
-    np.testing.assert_array_equal(dense, explicit_option_a((4, 6, 3), (2, 3, 5), 2))
+    np.testing.assert_array_equal(dense, explicit_pad((4, 6, 3), (2, 3, 5), 2))
 
 
 def known_matrices(singular: np.ndarray) -> jax.Array:
@@ -194,7 +197,9 @@ def test_lanczos_stays_exact_when_the_krylov_space_runs_out():
     np.testing.assert_allclose(top, singular[:, :3], rtol=1e-4)
 
 
-@pytest.mark.parametrize("captured", ["post-activation, option A", "pre-activation, projection"], indirect=True)
+@pytest.mark.parametrize(
+    "captured", ["post-activation, pad / plain conv", "pre-activation, projection / plain conv"], indirect=True
+)
 def test_estimators_agree_with_exact_values_within_five_percent(captured):
     _, _, blocks = captured
     for block in blocks:
@@ -219,9 +224,10 @@ def test_estimates_are_per_example_and_compiled_once_per_structure():
     np.testing.assert_allclose(estimates[1]["sv_J"][:, 0], exact, rtol=0.01)  # ... and each gets its own
 
 
+@with_either_conv
 @pytest.mark.parametrize("name", ["resnet8", "preact_resnet8", "plain8"])
-def test_chain_rule_of_block_jacobians_equals_the_end_to_end_jacobian(name):
-    model = create_model(name)
+def test_chain_rule_of_block_jacobians_equals_the_end_to_end_jacobian(name, conv):
+    model = create_model(name, conv=conv)
     x = images()
     variables = model.init(jax.random.key(0), x, train=False)
     blocks = capture_blocks(model, variables, x)
@@ -236,8 +242,9 @@ def test_chain_rule_of_block_jacobians_equals_the_end_to_end_jacobian(name):
     np.testing.assert_allclose(np.asarray(probes[:, 0]).reshape(3, -1) @ product.T, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_end_to_end_singular_values_match_a_forward_mode_jacobian():
-    model = create_model("resnet8")
+@with_either_conv
+def test_end_to_end_singular_values_match_a_forward_mode_jacobian(conv):
+    model = create_model("resnet8", conv=conv)
     x = images(count=1)
     variables = model.init(jax.random.key(0), x, train=False)
     singular = end_to_end_singular_values(model, variables, x[0])

@@ -31,7 +31,7 @@ from resnet_jax.analysis.lesion import (
 from resnet_jax.cli import main
 from resnet_jax.models import create_model
 
-# two blocks per stage: identity blocks that can swap (stage 1), downsampling blocks (option A or projection)
+# two blocks per stage: identity blocks that can swap (stage 1), downsampling blocks (shortcut "A" or projection)
 MODELS = {"resnet14": ("resnet14", {}), "resnet14 B": ("resnet14", {"shortcut": "B"}), "plain14": ("plain14", {})}
 
 
@@ -69,7 +69,7 @@ def test_deleting_nothing_reproduces_the_model(key):
 def test_deleting_a_block_puts_its_shortcut_in_its_place(key):
     model, variables, images = _setup(key)
     infos = block_infos(model, variables, images)
-    assert [info.kind for info in infos][2] == ("option_a" if key == "resnet14" else "projection")
+    assert [info.kind for info in infos][2] == ("pad" if key == "resnet14" else "projection")
     baseline, _ = model.apply(variables, images, train=False)
     for deleted in range(len(infos)):
         mask = jnp.arange(len(infos)) == deleted

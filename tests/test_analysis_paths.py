@@ -35,7 +35,7 @@ from resnet_jax.models import create_model
 from resnet_jax.models.blocks import Branch, ResidualBlock
 from resnet_jax.train.steps import cross_entropy
 
-# post-activation with option A (identity and pad skips), pre-activation with projections
+# post-activation with shortcut "A" (identity and pad skips), pre-activation with projections
 MODELS = {"resnet8": ("resnet8", {}), "preact_resnet8 B": ("preact_resnet8", {"shortcut": "B"})}
 
 

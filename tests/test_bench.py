@@ -39,9 +39,9 @@ def test_bench_vs_torch_prints_ratios_and_writes_results(tmp_path, capsys):
     ratio_lines = [line for line in out.splitlines() if "ratio=" in line]
     assert len(ratio_lines) == 2  # jit, and (on a CPU, by default) the batch in 2 parts on host threads
     stages = [line.removeprefix("resnet8 16x16 batch 4 fp32: ") for line in out.splitlines() if ": compiling " in line]
-    assert stages == ["compiling jax jit", "compiling jax threads (2)", "compiling torch eager"]
+    assert stages == ["compiling jax jit", "compiling jax batch_parts (2)", "compiling torch eager"]
     assert out.index("timing 2 round(s) of 2 steps of each") < out.index(ratio_lines[0])  # said before the results
-    for line, variant in zip(ratio_lines, ("jit", r"threads \(2\)"), strict=True):
+    for line, variant in zip(ratio_lines, ("jit", r"batch_parts \(2\)"), strict=True):
         pattern = rf"resnet8 16x16 batch 4 fp32: jax {variant} .* img/s, torch eager .* img/s \(.*\), ratio=\d+\.\d\d"
         assert re.fullmatch(pattern, line)
     (path,) = tmp_path.glob("*.json")
@@ -53,22 +53,22 @@ def test_bench_vs_torch_prints_ratios_and_writes_results(tmp_path, capsys):
     assert record["versions"]["torch"]
     assert record["settings"] == {"steps": 2, "warmup": 1, "repeats": 2}
     assert set(record["environment"]) >= {"XLA_FLAGS", "OMP_NUM_THREADS"}
-    jax_row, threads_row, torch_row = record["train"]
+    jax_row, parts_row, torch_row = record["train"]
     assert (jax_row["framework"], torch_row["framework"], torch_row["variant"]) == ("jax", "torch", "eager")
-    assert (threads_row["framework"], threads_row["variant"]) == ("jax", "threads (2)")
+    assert (parts_row["framework"], parts_row["variant"]) == ("jax", "batch_parts (2)")
     for row in record["train"]:
         assert (row["model"], row["image_size"], row["batch"], row["precision"]) == ("resnet8", 16, 4, "fp32")
         assert len(row["step_seconds"]) == 2 and all(len(repeat) == 2 for repeat in row["step_seconds"])
         assert row["img_per_s"] == pytest.approx(4 / np.median(row["step_seconds"]))
         assert row["compile_seconds"] > 0 and row["peak_memory_bytes"] > 0 and row["memory_source"]
-    for row, line in zip((jax_row, threads_row), ratio_lines, strict=True):
+    for row, line in zip((jax_row, parts_row), ratio_lines, strict=True):
         expected = np.median(np.divide(row["img_per_s_per_repeat"], torch_row["img_per_s_per_repeat"]))
         assert torch_row["jax_over_torch"][row["variant"]] == pytest.approx(expected)
         assert f"ratio={expected:.2f}" in line
     (relative_line,) = [line for line in out.splitlines() if "relative=" in line]
-    relative = np.median(np.divide(threads_row["img_per_s_per_repeat"], jax_row["img_per_s_per_repeat"]))
-    assert "relative_to_jax" not in jax_row and threads_row["relative_to_jax"] == {"jit": pytest.approx(relative)}
-    pattern = r"resnet8 16x16 batch 4 fp32: jax threads \(2\) [\d,]+ img/s against jax jit [\d,]+ img/s, relative="
+    relative = np.median(np.divide(parts_row["img_per_s_per_repeat"], jax_row["img_per_s_per_repeat"]))
+    assert "relative_to_jax" not in jax_row and parts_row["relative_to_jax"] == {"jit": pytest.approx(relative)}
+    pattern = r"resnet8 16x16 batch 4 fp32: jax batch_parts \(2\) [\d,]+ img/s against jax jit [\d,]+ img/s, relative="
     assert re.fullmatch(pattern + f"{relative:.2f}", relative_line)
     inputs = {row["name"]: row for row in record["input"]}
     no_fashion_mnist = any(line.startswith("input Fashion-MNIST: no data") for line in record["skipped"])
@@ -82,16 +82,16 @@ def test_bench_vs_torch_prints_ratios_and_writes_results(tmp_path, capsys):
 
 
 def test_bench_without_torch_prints_jax_rows_only(tmp_path, capsys):
-    assert main(["bench", *TINY, "--threads", "4", "--no-input", "--out", str(tmp_path)]) == 0
+    assert main(["bench", *TINY, "--batch-parts", "4", "--no-input", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "ratio=" not in out
-    for variant in ("jit", r"threads \(4\)"):
+    for variant in ("jit", r"batch_parts \(4\)"):
         line = rf"^resnet8 16x16 batch 4 fp32: jax {variant} [\d,]+ img/s \(compile [\d.]+s, peak [\d,]+ MiB\)$"
         assert re.search(line, out, re.M)
     record = json.loads(next(tmp_path.glob("*.json")).read_text())
-    assert [row["variant"] for row in record["train"]] == ["jit", "threads (4)"] and record["input"] == []
+    assert [row["variant"] for row in record["train"]] == ["jit", "batch_parts (4)"] and record["input"] == []
     assert record["train"][1]["memory_source"] == "XLA buffers of the parts' programs and the update"
-    assert main(["bench", *TINY, "--threads", "0", "--no-input", "--out", str(tmp_path / "none")]) == 0
+    assert main(["bench", *TINY, "--batch-parts", "0", "--no-input", "--out", str(tmp_path / "none")]) == 0
     record = json.loads(next((tmp_path / "none").glob("*.json")).read_text())
     assert [row["variant"] for row in record["train"]] == ["jit"]
 
@@ -99,7 +99,7 @@ def test_bench_without_torch_prints_jax_rows_only(tmp_path, capsys):
 def test_bench_xla_options_rows_compile_the_same_step_with_those_options(tmp_path, capsys):
     dump = tmp_path / "dump"
     options = f"xla_dump_to={dump},xla_cpu_multi_thread_eigen=false"
-    arguments = [*TINY, "--threads", "0", "--no-input", "--out", str(tmp_path)]
+    arguments = [*TINY, "--batch-parts", "0", "--no-input", "--out", str(tmp_path)]
     assert main(["bench", *arguments, "--xla-options", options, "--xla-options", "xla_gpu_autotune_level=0"]) == 0
     out = capsys.readouterr().out
     variants = ["jit", f"jit, {options}", "jit, xla_gpu_autotune_level=0"]
@@ -117,12 +117,12 @@ def test_bench_xla_options_rows_compile_the_same_step_with_those_options(tmp_pat
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
-        (["--threads", "3"], "batch 4 does not split into 3 parts"),
-        (["--threads", "-1"], "--threads -1: give the number of batch parts"),
-        (["--config", "configs/default.py", "--threads", "2"], "--threads describe a suite row"),
+        (["--batch-parts", "3"], "batch 4 does not split into 3 parts"),
+        (["--batch-parts", "-1"], "--batch-parts -1: give the number of batch parts"),
+        (["--config", "configs/default.py", "--batch-parts", "2"], "--batch-parts describe a suite row"),
     ],
 )
-def test_bench_threads_refuse_what_they_cannot_run_before_timing(tmp_path, capsys, arguments, message):
+def test_bench_batch_parts_refuse_what_they_cannot_run_before_timing(tmp_path, capsys, arguments, message):
     assert main(["bench", *TINY, *arguments, "--no-input", "--out", str(tmp_path)]) == 2
     assert message in capsys.readouterr().err
     assert not list(tmp_path.glob("*.json"))
@@ -131,7 +131,7 @@ def test_bench_threads_refuse_what_they_cannot_run_before_timing(tmp_path, capsy
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPU cores, one per process")
 @pytest.mark.slow  # run with the slow tests to keep the default run under 15 minutes
 def test_bench_cpu_processes_row_runs_the_pinned_pmap_job_beside_the_others(tmp_path, capsys):
-    arguments = [*TINY, "--repeats", "2", "--vs-torch", "--cpu-processes", "2", "--threads", "0", "--no-input"]
+    arguments = [*TINY, "--repeats", "2", "--vs-torch", "--cpu-processes", "2", "--batch-parts", "0", "--no-input"]
     arguments += ["--out", str(tmp_path)]
     assert main(["bench", *arguments]) == 0
     out = capsys.readouterr().out
@@ -382,7 +382,7 @@ def test_runners_train_the_same_model_with_the_real_step():
 @pytest.mark.slow
 def test_torch_compile_and_bf16_rows_run_on_cpu(tmp_path, capsys):
     """The GPU rows exercised on the CPU: torch.compile (inductor needs a C compiler) and bf16 autocast."""
-    arguments = [*TINY, "--precision", "bf16", "--vs-torch", "--threads", "0"]
+    arguments = [*TINY, "--precision", "bf16", "--vs-torch", "--batch-parts", "0"]
     arguments += ["--torch-variants", "eager", "channels_last", "compile"]
     assert main(["bench", *arguments, "--no-input", "--out", str(tmp_path)]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if "ratio=" in line]

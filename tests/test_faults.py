@@ -145,8 +145,10 @@ def test_a_corrupt_latest_checkpoint_is_set_aside_and_the_previous_one_restored(
         ({"batch_size": 0}, "batch"),
         ({"dataset": "mnist"}, "tfds build mnist"),
         ({"parallelism": "pjit"}, "parallelism='pjit'"),
-        ({"parallelism": "threads", "threads": 0}, "threads=0"),
-        ({"parallelism": "threads", "batch_size": 127}, "(1 processes) and 2 threads; use a multiple of 2"),
+        ({"parallelism": "batch_parts", "batch_parts": 0}, "batch_parts=0"),
+        ({"parallelism": "threads"}, "parallelism 'threads' is now called 'batch_parts'"),
+        ({"threads": 2}, "Unknown config key 'threads'. It is now called 'batch_parts'."),
+        ({"parallelism": "batch_parts", "batch_size": 127}, "(1 processes) and 2 batch parts; use a multiple of 2"),
         ({"steps_per_call": 4}, "steps on batches made on the device: add --config.data_on_device=True"),
         ({"data_on_device": True, "parallelism": "pmap"}, "this run has: parallelism='pmap' (use jit)"),
         (

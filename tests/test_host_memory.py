@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from resnet_jax.train.distributed import available_cores, start_cpu_processes
+from resnet_jax.cpu.processes import available_cores, start_cpu_processes
 
 # A jitted function whose temporaries (two 96 MiB cumulative sums) are one block larger than a glibc thread
 # arena holds; prints that block's size and the page faults of each of 24 calls after the first.
 FAULTS_PER_CALL = """
 import resource, sys
 if sys.argv[1] == "keep":
-    from resnet_jax.train.host_memory import keep_freed_host_memory
+    from resnet_jax.cpu.host_memory import keep_freed_host_memory
     assert keep_freed_host_memory()
 if sys.argv[1] == "cli":  # any resnet-jax command sets it first thing
     import contextlib, io

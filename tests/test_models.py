@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import math
-import os
 from functools import partial
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl.testing import parameterized
+from convs import CONVS, with_either_conv
 
 from resnet_jax import create_model, list_models
-from resnet_jax.models import blocks
 from resnet_jax.models.complexity import count_params, model_cost
 
 IMAGENET = (224, 224, 3)
@@ -52,16 +53,28 @@ def init_shapes(model: nn.Module, input_shape: tuple[int, ...], batch: int = 1):
     return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((batch, *input_shape)), train=False))
 
 
+DEEPEST = ("preact_resnet1001", "resnet1202")  # 30 s of tracing each: `make test-slow`
+
+
+@with_either_conv
 @pytest.mark.parametrize(("name", "params", "gmacs"), IMAGENET_REFERENCE)
-def test_imagenet_params_exact_and_macs_within_half_percent(name, params, gmacs):
-    cost = model_cost(create_model(name), IMAGENET)
+def test_imagenet_params_exact_and_macs_within_half_percent(name, params, gmacs, conv):
+    cost = model_cost(create_model(name, conv=conv), IMAGENET)
     assert cost.params == params
     assert cost.macs / 1e9 == pytest.approx(gmacs, rel=5e-3)
 
 
-@pytest.mark.parametrize(("name", "params", "mmacs"), CIFAR_REFERENCE)
-def test_cifar_params_exact_and_macs_within_half_percent(name, params, mmacs):
-    model = create_model(name)
+@pytest.mark.parametrize(
+    ("name", "params", "mmacs", "conv"),
+    [  # the deepest two with the CPU conv in `make test-slow` only
+        pytest.param(*case, conv, id=f"{case[0]}-{label}", marks=[pytest.mark.slow] if slow else [])
+        for case in CIFAR_REFERENCE
+        for label, conv in CONVS.items()
+        for slow in [case[0] in DEEPEST and label == "cpu conv"]
+    ],
+)
+def test_cifar_params_exact_and_macs_within_half_percent(name, params, mmacs, conv):
+    model = create_model(name, conv=conv)
     if mmacs is None:
         assert count_params(init_shapes(model, CIFAR)) == params
         return
@@ -70,10 +83,11 @@ def test_cifar_params_exact_and_macs_within_half_percent(name, params, mmacs):
     assert cost.macs / 1e6 == pytest.approx(mmacs, rel=5e-3)
 
 
+@with_either_conv
 @pytest.mark.parametrize(("name", "millions"), [("resnext29_8x64d", 34.4), ("resnext29_16x64d", 68.1)])
-def test_cifar_resnext_params_match_paper_to_its_precision(name, millions):
+def test_cifar_resnext_params_match_paper_to_its_precision(name, millions, conv):
     # Xie et al. (2017) print counts truncated to 0.1M (68,155,210 is reported as 68.1M).
-    count = count_params(init_shapes(create_model(name), CIFAR))
+    count = count_params(init_shapes(create_model(name, conv=conv), CIFAR))
     assert math.floor(count / 1e5) / 10 == millions
 
 
@@ -85,7 +99,14 @@ def test_v1_moves_stride_to_first_conv_with_same_params_fewer_macs():
     assert variables["params"]["stage2"]["block0"]["branch"]["conv1"]["kernel"].shape == (1, 1, 256, 128)
 
 
-DEEPEST = ("preact_resnet1001", "resnet1202")  # 30 s of tracing each: `make test-slow`
+@pytest.mark.parametrize(
+    ("name", "input_shape"), [("resnet20", CIFAR), ("preact_resnet164", CIFAR), ("resnet50", IMAGENET)]
+)
+def test_either_conv_gives_the_same_variables_names_shapes_and_dtypes(name, input_shape):
+    """Checkpoints and torchvision weights load whichever conv the model computes with."""
+    plain, cpu = (init_shapes(create_model(name, conv=conv), input_shape) for conv in CONVS.values())
+    chex.assert_trees_all_equal_structs(plain, cpu)
+    chex.assert_trees_all_equal_shapes_and_dtypes(plain, cpu)
 
 
 @pytest.mark.parametrize(
@@ -105,8 +126,9 @@ def test_every_model_gives_logits_for_its_dataset_and_for_fashion_mnist(name):
         assert features["pre_logits"].shape[0] == 2
 
 
-def test_imagenet_features_are_c2_to_c5_at_strides_4_to_32():
-    model = create_model("resnet50")
+@with_either_conv
+def test_imagenet_features_are_c2_to_c5_at_strides_4_to_32(conv):
+    model = create_model("resnet50", conv=conv)
     variables = init_shapes(model, IMAGENET)
     _, features = jax.eval_shape(lambda v: model.apply(v, jnp.zeros((2, *IMAGENET)), train=False), variables)
     assert {k: v.shape for k, v in features.items()} == {
@@ -120,8 +142,9 @@ def test_imagenet_features_are_c2_to_c5_at_strides_4_to_32():
     assert model.stage_strides == (4, 8, 16, 32)
 
 
-def test_cifar_features_are_named_by_their_stride():
-    model = create_model("resnet20")
+@with_either_conv
+def test_cifar_features_are_named_by_their_stride(conv):
+    model = create_model("resnet20", conv=conv)
     variables = init_shapes(model, CIFAR)
     _, features = jax.eval_shape(lambda v: model.apply(v, jnp.zeros((2, *CIFAR)), train=False), variables)
     assert {k: v.shape for k, v in features.items()} == {
@@ -146,7 +169,7 @@ def test_batch_stats_change_only_in_train_mode(resnet20):
     changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), variables["batch_stats"], updates["batch_stats"])
     assert all(jax.tree.leaves(changed))
     _, state = model.apply(variables, images, train=False, mutable=["batch_stats"])
-    assert jax.tree.all(jax.tree.map(jnp.array_equal, variables["batch_stats"], state["batch_stats"]))
+    chex.assert_trees_all_equal(variables["batch_stats"], state["batch_stats"])
     with pytest.raises(Exception, match="batch_stats"):  # train mode must be told where the statistics go
         model.apply(variables, images, train=True)
 
@@ -175,15 +198,15 @@ def test_bfloat16_compute_keeps_float32_params_and_close_logits(resnet20):
     np.testing.assert_allclose(logits, reference, atol=0.05 * float(jnp.abs(reference).max()))
 
 
-def test_blocks_sow_input_residual_skip_and_output(resnet20):
+def test_blocks_sow_input_branch_output_skip_and_output(resnet20):
     model, variables, images = resnet20
     _, state = model.apply(variables, images, train=False, mutable=["intermediates"])
     block = state["intermediates"]["stage1"]["block1"]  # identity shortcut
-    (x,), (f,), (y,) = block["input"], block["residual"], block["output"]
+    (x,), (f,), (y,) = block["input"], block["branch_output"], block["output"]
     np.testing.assert_allclose(y, jax.nn.relu(x + f), rtol=1e-6)
     np.testing.assert_array_equal(block["skip"][0], x)
-    down = state["intermediates"]["stage2"]["block0"]  # option A: subsample and zero-pad
-    (x,), (f,), (s,), (y,) = down["input"], down["residual"], down["skip"], down["output"]
+    down = state["intermediates"]["stage2"]["block0"]  # shortcut "A": subsample and zero-pad
+    (x,), (f,), (s,), (y,) = down["input"], down["branch_output"], down["skip"], down["output"]
     padded = jnp.pad(x[:, ::2, ::2, :], ((0, 0), (0, 0), (0, 0), (0, 16)))
     np.testing.assert_array_equal(s, padded)
     np.testing.assert_allclose(y, jax.nn.relu(padded + f), rtol=1e-6)
@@ -195,9 +218,9 @@ def test_zero_init_residual_makes_every_branch_start_at_zero(name):
     images = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
     variables = model.init(jax.random.key(0), images, train=False)
     _, state = model.apply(variables, images, train=False, mutable=["intermediates"])
-    residuals = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(state) if "residual" in str(path[-2])]
-    assert len(residuals) == sum(model.stage_sizes)
-    assert all(float(jnp.abs(r).max()) == 0.0 for r in residuals)
+    branches = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(state) if "branch_output" in str(path[-2])]
+    assert len(branches) == sum(model.stage_sizes)
+    assert all(float(jnp.abs(f).max()) == 0.0 for f in branches)
 
 
 def test_plain_nets_have_no_shortcuts_and_residual_nets_do():
@@ -209,10 +232,10 @@ def test_plain_nets_have_no_shortcuts_and_residual_nets_do():
     variables = model.init(jax.random.key(0), images, train=False)
     _, state = model.apply(variables, images, train=False, mutable=["intermediates"])
     block = state["intermediates"]["stage1"]["block1"]
-    np.testing.assert_allclose(block["output"][0], jax.nn.relu(block["residual"][0]))
+    np.testing.assert_allclose(block["output"][0], jax.nn.relu(block["branch_output"][0]))
 
 
-def test_option_c_projects_every_block_and_option_a_none():
+def test_shortcut_c_projects_every_block_and_shortcut_a_none():
     count = {s: count_params(init_shapes(create_model("resnet20", shortcut=s), CIFAR)) for s in "ABC"}
     assert count["A"] == 269_722
     assert count["A"] < count["B"] < count["C"]
@@ -229,7 +252,7 @@ def test_he_fan_out_initialisation():
 
 def test_any_cifar_depth_by_name():
     assert create_model("resnet74").stage_sizes == (12, 12, 12)
-    assert create_model("plain8").residual is False
+    assert create_model("plain8").skip_connections is False
     assert create_model("wrn22_2").stage_widths == (32, 64, 128)
     assert create_model("preact_resnet56").block == "basic"
     assert create_model("preact_resnet218").block == "bottleneck"
@@ -283,74 +306,23 @@ def test_wrong_channel_count_fails_before_any_layer_is_traced(resnet20):
     assert "1-channel" in message and "got 3 channels" in message
 
 
-# --- the CPU convolution (resnet_jax/models/blocks.py) ---------------------------------------------
+class ModelUnderTransforms(chex.TestCase):
+    """The model is one function of (variables, images) with either conv, under jit, without it and under pmap
+    (the pmap variant runs on fake CPU devices: tests/test_scale.py)."""
+
+    @chex.variants(with_jit=True, without_jit=True, with_pmap=True)
+    @parameterized.named_parameters(*((label.replace(" ", "_"), conv) for label, conv in CONVS.items()))
+    def test_logits_and_batch_statistics_are_those_of_the_plain_model_under_jit(self, conv):
+        images = jax.random.normal(jax.random.key(1), (4, 12, 12, 3))
+        plain = create_model("resnet8")
+        variables = plain.init(jax.random.key(0), images, train=False)
+        expected = jax.jit(partial(eval_and_train_outputs, plain))(variables, images)
+        outputs = self.variant(partial(eval_and_train_outputs, create_model("resnet8", conv=conv)))(variables, images)
+        chex.assert_trees_all_close(outputs, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize(
-    "batch, strides, groups", [(20, 1, 1), (13, 2, 2), (3, 1, 1)], ids=["3-chunks", "stride2-groups", "one-chunk"]
-)
-def test_cpu_conv_keeps_values_gradients_and_forward_mode(batch, strides, groups):
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.standard_normal((batch, 9, 9, 4)), jnp.float32)
-    w = jnp.asarray(rng.standard_normal((3, 3, 4 // groups, 6)), jnp.float32)
-    options = dict(
-        window_strides=(strides, strides),
-        padding=((1, 1), (1, 1)),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        feature_group_count=groups,
-    )
-
-    def loss(conv, x, w):
-        return jnp.sum(jnp.sin(conv(x, w, **options)))
-
-    ours, xla = partial(loss, blocks.conv_general_dilated), partial(loss, jax.lax.conv_general_dilated)
-    np.testing.assert_array_equal(ours(x, w), xla(x, w))
-    (dx, dw), (dx_ref, dw_ref) = jax.jit(jax.grad(ours, (0, 1)))(x, w), jax.jit(jax.grad(xla, (0, 1)))(x, w)
-    np.testing.assert_array_equal(dx, dx_ref)
-    np.testing.assert_allclose(dw, dw_ref, rtol=1e-5, atol=1e-5 * float(jnp.abs(dw_ref).max()))
-    tangents = (jnp.cos(x), jnp.cos(w))
-    np.testing.assert_allclose(jax.jvp(ours, (x, w), tangents)[1], jax.jvp(xla, (x, w), tangents)[1], rtol=1e-5)
-    # On a CPU the kernel gradient is one convolution per chunk of KERNEL_GRAD_CHUNK images.
-    compiled = jax.jit(jax.grad(ours, 1)).lower(x, w).compile().as_text()
-    assert compiled.count(" convolution(") == -(-batch // blocks.KERNEL_GRAD_CHUNK) + 1
-
-
-def test_column_pairs_conv_matches_xla_in_values_gradients_and_forward_mode():
-    rng = np.random.default_rng(1)
-    options = dict(window_strides=(1, 1), padding=((1, 1), (1, 1)), dimension_numbers=blocks.NHWC)
-    for shape, kernel_shape in (((5, 8, 10, 5), (3, 3, 5, 7)), ((2, 28, 28, 3), (3, 3, 3, 16))):
-        x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
-        w = jnp.asarray(rng.standard_normal(kernel_shape), jnp.float32)
-
-        def loss(conv, x, w):
-            return jnp.sum(jnp.sin(conv(x, w)))
-
-        pairs = partial(loss, blocks.conv_over_column_pairs)
-        xla = partial(loss, partial(jax.lax.conv_general_dilated, **options))
-        np.testing.assert_allclose(pairs(x, w), xla(x, w), rtol=1e-5)
-        for ours, ref in zip(jax.grad(pairs, (0, 1))(x, w), jax.grad(xla, (0, 1))(x, w), strict=True):
-            np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-5 * float(jnp.abs(ref).max()))
-        tangents = (jnp.cos(x), jnp.cos(w))
-        np.testing.assert_allclose(jax.jvp(pairs, (x, w), tangents)[1], jax.jvp(xla, (x, w), tangents)[1], rtol=1e-4)
-
-
-@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="pins a thread to one core (Linux)")
-def test_narrow_convs_run_over_column_pairs_only_in_programs_with_one_core():
-    def pair_kernel_compiled(shape, features, strides=1):
-        x, w = jnp.zeros(shape), jnp.zeros((3, 3, shape[-1], features))
-        conv = partial(blocks.conv_general_dilated, padding=((1, 1), (1, 1)), dimension_numbers=blocks.NHWC)
-        text = jax.jit(lambda x, w: conv(x, w, (strides, strides))).lower(x, w).compile().as_text()
-        return f"f32[3,2,{2 * shape[-1]},{2 * features}]" in text
-
-    cores = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {min(cores)})  # this thread only, as `--cpu-processes` pins each process
-    try:
-        assert pair_kernel_compiled((4, 8, 10, 16), 16)
-        assert not pair_kernel_compiled((4, 8, 9, 16), 16)  # odd width
-        assert not pair_kernel_compiled((4, 8, 10, 16), 17)  # YNNPACK takes it anyway
-        assert not pair_kernel_compiled((4, 8, 10, 16), 16, strides=2)
-    finally:
-        os.sched_setaffinity(0, cores)
-    assert len(cores) == 1 or not pair_kernel_compiled((4, 8, 10, 16), 16)
-    with blocks.programs_at_once(len(cores)):  # a batch part of parallelism "threads": one core's share
-        assert pair_kernel_compiled((4, 8, 10, 16), 16)
+def eval_and_train_outputs(model: nn.Module, variables: dict, images: jax.Array) -> tuple:
+    """Logits in inference mode; logits and the updated running statistics in training mode."""
+    logits, _ = model.apply(variables, images, train=False)
+    (train_logits, _), updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
+    return logits, train_logits, updates["batch_stats"]

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from convs import CONVS
 from flax import traverse_util
 
 from resnet_jax import create_model
@@ -117,10 +118,11 @@ def calibrate_running_stats(model: Any, variables: dict[str, Any], x: np.ndarray
 
 
 @functools.cache
-def setup(name: str) -> tuple[Any, dict[str, Any], np.ndarray]:
-    """(flax model, its random variables, an NHWC fp32 input batch) for a model name."""
+def setup(name: str, conv: str) -> tuple[Any, dict[str, Any], np.ndarray]:
+    """(flax model computing with the ``conv`` of `CONVS`, its random variables, an NHWC fp32 input batch) for a
+    model name."""
     _, size = MODELS[name]
-    model = create_model(name)
+    model = create_model(name, conv=CONVS[conv])
     x = np.random.default_rng(1).normal(size=(BATCH, size, size, 3)).astype(np.float32)
     variables = calibrate_running_stats(model, random_variables(model, size), x)
     return model, variables, x
@@ -149,19 +151,21 @@ def check_logits(flax_logits: Any, torch_logits: torch.Tensor, label: str) -> No
 # --- tests --------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("conv", list(CONVS))
 @pytest.mark.parametrize("name", list(MODELS))
-def test_eval_mode_matches_torch(name: str) -> None:
-    model, variables, x = setup(name)
+def test_eval_mode_matches_torch(name: str, conv: str) -> None:
+    model, variables, x = setup(name, conv)
     module = torch_model(name, variables).eval()
     with torch.no_grad():
         expected = module(to_nchw(x))
     logits, _ = model.apply(variables, x, train=False)
-    check_logits(logits, expected, f"{name} eval")
+    check_logits(logits, expected, f"{name} eval, {conv}")
 
 
+@pytest.mark.parametrize("conv", list(CONVS))
 @pytest.mark.parametrize("name", list(MODELS))
-def test_train_mode_matches_torch(name: str) -> None:
-    model, variables, x = setup(name)
+def test_train_mode_matches_torch(name: str, conv: str) -> None:
+    model, variables, x = setup(name, conv)
     module = torch_model(name, variables).train()
 
     # Count the values each BN layer normalises over (batch * height * width) for the variance check.
@@ -174,7 +178,7 @@ def test_train_mode_matches_torch(name: str) -> None:
     with torch.no_grad():
         expected = module(to_nchw(x))
     (logits, _), updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
-    check_logits(logits, expected, f"{name} train")
+    check_logits(logits, expected, f"{name} train, {conv}")
 
     # Running statistics after one step. Both use new = 0.9 * old + 0.1 * batch_statistic, but torch
     # updates running_var with the unbiased batch variance (n / (n - 1) times the biased one) while
@@ -192,4 +196,4 @@ def test_train_mode_matches_torch(name: str) -> None:
         assert mean_error <= RTOL, f"{name} {bn}.running_mean: relative error {mean_error:.2e}"
         assert var_error <= RTOL, f"{name} {bn}.running_var: relative error {var_error:.2e}"
         worst_mean, worst_var = max(worst_mean, mean_error), max(worst_var, var_error)
-    print(f"{name} train: max relative error running_mean {worst_mean:.2e}, running_var {worst_var:.2e}")
+    print(f"{name} train, {conv}: max relative error running_mean {worst_mean:.2e}, running_var {worst_var:.2e}")

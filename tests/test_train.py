@@ -22,7 +22,7 @@ from idx_files import idx_folder_fixture
 from resnet_jax.cli import main
 from resnet_jax.data import BatchSettings, load_source
 from resnet_jax.train.checkpoint import Checkpoints
-from resnet_jax.train.config import REQUIRED_KEYS, load_config
+from resnet_jax.train.config import REQUIRED_KEYS, load_config, read_saved_config
 from resnet_jax.train.loop import Callback, evaluate, next_stop, train_and_evaluate
 from resnet_jax.train.optim import create_optimizer, learning_rate_schedule
 from resnet_jax.train.reporting import MetricsLog, read_metrics
@@ -202,6 +202,14 @@ def test_overrides_parse_types_and_nested_keys():
 def test_bad_overrides_are_explained(override, message):
     with pytest.raises(ValueError, match=message):
         load_config(REPO / "configs" / "default.py", [override])
+
+
+def test_a_config_saved_with_old_names_reads_in_todays():
+    saved = load_config(REPO / "configs" / "default.py").to_dict()
+    saved |= {"parallelism": "threads", "threads": saved.pop("batch_parts"), "model_overrides": {"residual": False}}
+    config = read_saved_config(saved)
+    assert (config.parallelism, config.batch_parts, "threads" in config) == ("batch_parts", 2, False)
+    assert config.model_overrides.to_dict() == {"skip_connections": False}
 
 
 def test_cli_rejects_an_unknown_key_before_training(tmp_path, capsys):

@@ -3,7 +3,7 @@
 `capture_blocks` runs the model once (BN in inference mode) under ``nn.intercept_methods`` and
 records, for each `ResidualBlock`, an unbound copy of the module, its variables, the input it
 received and which shortcut submodule it called. `block_parts` then runs one block alone on any
-input and reads what the block sows: its branch output ``residual`` (F) and its shortcut's value
+input and reads what the block sows: its ``branch_output`` F and its shortcut's value
 ``skip``. Nothing of the model is re-implemented here, so the analysis measures exactly the
 network that trains.
 """
@@ -20,15 +20,15 @@ import numpy as np
 from resnet_jax.models.blocks import PadShortcut, ProjectionShortcut, ResidualBlock
 
 # The identity of the block Jacobian J = dy/dx, by (kind, preact). D is the ReLU mask 1[s + F > 0] of a
-# post-activation block, P the subsample-and-zero-pad map of option A, W_s the (affine) projection
+# post-activation block, P the subsample-and-zero-pad map of shortcut "A", W_s the (affine) projection
 # conv + BN. A pre-activation projection reads relu(bn(x)), so its Jacobian J_s is not a fixed matrix.
 FORMS = {
     ("identity", False): "J = D(I + J_F)",
-    ("option_a", False): "J = D(P + J_F)",
+    ("pad", False): "J = D(P + J_F)",
     ("projection", False): "J = D(W_s + J_F)",
     ("plain", False): "J = D J_F",
     ("identity", True): "J = I + J_F",
-    ("option_a", True): "J = P + J_F",
+    ("pad", True): "J = P + J_F",
     ("projection", True): "J = J_s + J_F",
     ("plain", True): "J = J_F",
 }
@@ -41,7 +41,7 @@ class BlockInfo:
     stage: int  # 1-based, as in the parameter names stage1, stage2, ...
     index: int  # 0-based within the stage (block0 is the one that downsamples)
     depth: int  # 0-based position among all blocks of the model
-    kind: str  # the shortcut: "identity", "option_a" (subsample and pad), "projection", or "plain" (none)
+    kind: str  # the shortcut: "identity", "pad" (shortcut "A": subsample and pad), "projection", or "plain" (none)
     preact: bool  # pre-activation: y = s + F; post-activation: y = relu(s + F)
     input_shape: tuple[int, ...]  # of one example (H, W, C)
     output_shape: tuple[int, ...]
@@ -87,7 +87,7 @@ def capture_blocks(model: nn.Module, variables: dict[str, Any], images: jax.Arra
             return next_fun(*args, **kwargs)
         x = args[0]
         y = next_fun(*args, **kwargs)
-        kind = _kind(module.residual, shortcuts.get(id(module)))
+        kind = _kind(module.skip_connection, shortcuts.get(id(module)))
         stage, index = _position(module.path)
         info = BlockInfo(stage, index, len(blocks), kind, module.preact, tuple(x.shape[1:]), tuple(y.shape[1:]))
         blocks.append(Block(info, module.clone(parent=None), module.variables, x))
@@ -101,22 +101,23 @@ def capture_blocks(model: nn.Module, variables: dict[str, Any], images: jax.Arra
 
 
 def block_parts(block: Block, variables: dict[str, Any], x: jax.Array) -> dict[str, jax.Array]:
-    """The block on input ``x``: its ``output`` y, its branch ``residual`` F and (residual blocks) its ``shortcut``.
+    """The block on input ``x``: its ``output`` y, its ``branch`` F and (blocks with a skip connection) its
+    ``shortcut``.
 
     For pre-activation blocks F includes the block's leading BN-ReLU, so y = shortcut + F exactly.
     """
     y, state = block.module.apply(variables, x, mutable=["intermediates"])
     sown = state["intermediates"]
-    parts = {"output": y, "residual": sown["residual"][0]}
+    parts = {"output": y, "branch": sown["branch_output"][0]}
     if "skip" in sown:
         parts["shortcut"] = sown["skip"][0]
     return parts
 
 
-def _kind(residual: bool, shortcut: type | None) -> str:
-    if not residual:
+def _kind(skip_connection: bool, shortcut: type | None) -> str:
+    if not skip_connection:
         return "plain"
-    return {None: "identity", PadShortcut: "option_a", ProjectionShortcut: "projection"}[shortcut]
+    return {None: "identity", PadShortcut: "pad", ProjectionShortcut: "projection"}[shortcut]
 
 
 def _position(path: tuple[str, ...]) -> tuple[int, int]:

@@ -21,6 +21,8 @@ import numpy as np
 import optax
 
 from resnet_jax import data
+from resnet_jax.cpu.conv import model_conv
+from resnet_jax.cpu.processes import available_cores
 from resnet_jax.models import ResNet, create_model
 from resnet_jax.train.checkpoint import Checkpoints
 from resnet_jax.train.runs import load_run
@@ -45,7 +47,8 @@ class Subject:
 
 def init_subject(name: str, image_shape: Sequence[int], num_classes: int = 10, seed: int = 0) -> Subject:
     """``name`` at initialisation, initialised exactly as training initialises it (same seed, same call)."""
-    model = create_model(name, num_classes=num_classes)
+    conv = model_conv(jax.default_backend(), "jit", 1, len(available_cores()))
+    model = create_model(name, num_classes=num_classes, conv=conv)
     return Subject(name, model, _variables(create_train_state(model, optax.identity(), tuple(image_shape), seed)))
 
 

@@ -45,7 +45,7 @@ Parts = dict[str, jax.Array]
 
 
 def linearize_block(block: Block, variables: dict[str, Any], x: jax.Array) -> tuple[Parts, Callable[..., Parts]]:
-    """The block's parts at ``x``, and the map v -> {output: J v, residual: J_F v, shortcut: J_s v} (one forward
+    """The block's parts at ``x``, and the map v -> {output: J v, branch: J_F v, shortcut: J_s v} (one forward
     pass serves any number of products)."""
     return jax.linearize(partial(block_parts, block, variables), x)
 
@@ -57,8 +57,8 @@ def analytic_shortcut(block: Block, variables: dict[str, Any]) -> Callable[[jax.
     kind = block.info.kind
     if kind == "identity":
         return lambda v: v
-    if kind == "option_a":
-        source = option_a_indices(block.info.input_shape, block.info.output_shape, block.module.strides)
+    if kind == "pad":
+        source = pad_indices(block.info.input_shape, block.info.output_shape, block.module.strides)
         return partial(apply_indices, source=source, output_shape=block.info.output_shape)
     if kind == "projection" and not block.info.preact:
         zero = block_parts(block, variables, jnp.zeros((1, *block.info.input_shape)))["shortcut"]
@@ -66,7 +66,7 @@ def analytic_shortcut(block: Block, variables: dict[str, Any]) -> Callable[[jax.
     return None
 
 
-def option_a_indices(input_shape: Sequence[int], output_shape: Sequence[int], stride: int) -> np.ndarray:
+def pad_indices(input_shape: Sequence[int], output_shape: Sequence[int], stride: int) -> np.ndarray:
     """For every output entry of P (flat, H'W'C'), the flat input entry it copies, or -1 for a padded channel."""
     (_, width, channels), (out_h, out_w, out_c) = input_shape, output_shape
     i, j, c = np.meshgrid(np.arange(out_h), np.arange(out_w), np.arange(out_c), indexing="ij")
@@ -75,7 +75,7 @@ def option_a_indices(input_shape: Sequence[int], output_shape: Sequence[int], st
 
 
 def apply_indices(v: jax.Array, source: np.ndarray, output_shape: Sequence[int]) -> jax.Array:
-    """P v for a batch ``v`` (B, H, W, C), with P given by `option_a_indices`."""
+    """P v for a batch ``v`` (B, H, W, C), with P given by `pad_indices`."""
     flat = v.reshape(v.shape[0], -1)
     out = jnp.where(source >= 0, flat[:, np.maximum(source, 0)], 0)
     return out.reshape(v.shape[0], *output_shape)
@@ -89,9 +89,9 @@ def identity_deviations(
     (NaN where there is no analytic S)."""
     shortcut = analytic_shortcut(block, variables)
     expected = jax.vmap(shortcut)(probes) if shortcut else tangents.get("shortcut", 0.0)
-    predicted = expected + tangents["residual"]
+    predicted = expected + tangents["branch"]
     if not block.info.preact:  # D: the ReLU mask of s + F
-        predicted = jnp.where(values["residual"] + values.get("shortcut", 0.0) > 0, predicted, 0.0)
+        predicted = jnp.where(values["branch"] + values.get("shortcut", 0.0) > 0, predicted, 0.0)
     deviations = {"identity": _relative(tangents["output"] - predicted, tangents["output"])}
     deviations["shortcut"] = (
         _relative(tangents["shortcut"] - expected, expected) if shortcut else jnp.asarray(jnp.nan, jnp.float32)
@@ -238,7 +238,7 @@ class BlockJacobians:
     ) -> dict[str, Any]:
         values, jvp = linearize_block(block, variables, x)
         out = {}
-        for part, name in (("output", "J"), ("residual", "F")):
+        for part, name in (("output", "J"), ("branch", "F")):
 
             def apply(v: jax.Array, part: str = part) -> jax.Array:
                 return jvp(v)[part]
@@ -270,7 +270,7 @@ def exact_block_report(block: Block, jacobians: BlockJacobians, rng: np.random.G
     matrices, deviations = jacobians.exact(single)
     estimates = jacobians.estimate(single, rng)
     report: dict[str, Any] = {f"{name}_deviation": value for name, value in deviations.items()}
-    for part, name in (("output", "J"), ("residual", "F")):
+    for part, name in (("output", "J"), ("branch", "F")):
         with single_threaded_blas():  # float64: OpenBLAS's float32 SVD is another 10x slower
             singular = np.linalg.svd(matrices[part].astype(np.float64), compute_uv=False)
         exact_top, estimated_top = singular[: jacobians.top_k], estimates[f"sv_{name}"][0]

@@ -2,7 +2,7 @@
 deleted or reordered at test time, with BN in inference mode (running statistics, as the net predicts).
 
 - Deleting block l replaces its output by its skip's value, y = shortcut(x): the input for an identity skip,
-  the pad (option A) or the projection for a downsampling block. A plain net has no skip: there, deleting a
+  the pad (shortcut "A") or the projection for a downsampling block. A plain net has no skip: there, deleting a
   layer (block) means y = x, which only its shape-preserving blocks allow.
 - Reordering swaps blocks of one stage whose input and output shapes are equal (the downsampling ones stay put)
   and is reported against Kendall's tau between the original and the new order.

@@ -115,10 +115,10 @@ class PathGradients:
     """
 
     def __init__(self, model: nn.Module, chunk: int = 32) -> None:
-        if not getattr(model, "residual", True):
+        if not getattr(model, "skip_connections", True):
             raise ValueError(
-                f"{type(model).__name__} with residual=False is a plain net: without skips it is a single path, "
-                "so it has no paths analysis. Analyse a residual model (e.g. resnet20 rather than plain20)."
+                f"{type(model).__name__} with skip_connections=False is a plain net: without skips it is a single "
+                "path, so it has no paths analysis. Analyse a residual model (e.g. resnet20 rather than plain20)."
             )
         self.model, self.chunk = model, chunk
         self.traces = 0
@@ -245,8 +245,8 @@ def analyze_paths(
     under ``skipped``): ``samples`` measurements per length, each on a random batch of ``batch_size`` of the
     ``images``. Writes paths.json, paths.csv and paths.png to ``out`` and returns the JSON's content."""
     check_path_settings(samples, batch_size, len(images), chunk, fraction)
-    residual = [s for s in subjects if getattr(s.model, "residual", True)]
-    skipped = [s for s in subjects if not getattr(s.model, "residual", True)]
+    residual = [s for s in subjects if getattr(s.model, "skip_connections", True)]
+    skipped = [s for s in subjects if not getattr(s.model, "skip_connections", True)]
     if not residual:
         raise ValueError("Only plain nets given: they have no skips, hence no paths. Add a residual model.")
     out = Path(out)

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from resnet_jax.bench.jax_side import XlaOptions
 
 RESULTS_DIR = "benchmarks/results"
-DEFAULT_THREADS = 2  # configs/default.py's `threads`
+DEFAULT_BATCH_PARTS = 2  # configs/default.py's `batch_parts`
 GPU_TORCH_ROWS = (
     "skipped the torch channels_last (AMP) and torch.compile rows: GPU rows by default; run them here with "
     "--torch-variants eager channels_last compile"
@@ -38,8 +38,6 @@ def say(line: str) -> None:
 
 def add_bench_command(commands: Any) -> None:
     """Add ``bench`` to the ``resnet-jax`` subparsers ``commands``."""
-    from resnet_jax.bench.torch_side import VARIANTS
-
     p = commands.add_parser(
         "bench",
         help="train-step img/s (optionally against PyTorch) and input-pipeline img/s",
@@ -62,6 +60,17 @@ def add_bench_command(commands: Any) -> None:
     p.add_argument("--steps", type=int, default=20, help="timed steps per repeat (default 20)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps after compilation (default 3)")
     p.add_argument("--repeats", type=int, default=3, help="rounds of JAX and torch in turn (default 3)")
+    p.add_argument("--no-input", action="store_true", help="skip the input-pipeline rows")
+    p.add_argument("--out", default=RESULTS_DIR, help=f"folder of the JSON results (default {RESULTS_DIR})")
+    add_row_arguments(p)
+    p.set_defaults(run=run_bench, takes_config_overrides=True)
+
+
+def add_row_arguments(p: argparse.ArgumentParser) -> None:
+    """The rows timed beside the JAX step: PyTorch's, the CPU's other ways to run the step, whole epochs, XLA
+    options."""
+    from resnet_jax.bench.torch_side import VARIANTS
+
     p.add_argument("--vs-torch", action="store_true", help="also run PyTorch and print the ratio JAX / PyTorch")
     p.add_argument(
         "--torch-variants",
@@ -77,11 +86,12 @@ def add_bench_command(commands: Any) -> None:
         "(CPU only; the batch is split over them)",
     )
     p.add_argument(
-        "--threads",
+        "--batch-parts",
         type=int,
         metavar="N",
-        help="also time the step as `resnet-jax train --config.parallelism=threads --config.threads=N` runs it: the "
-        f"batch in N parts whose programs run side by side (CPU only; default {DEFAULT_THREADS} on a CPU, 0: no row)",
+        help="also time the step as `resnet-jax train --config.parallelism=batch_parts --config.batch_parts=N` runs "
+        f"it: the batch in N parts whose programs run side by side (CPU only; default {DEFAULT_BATCH_PARTS} on a CPU, "
+        "0: no row)",
     )
     p.add_argument(
         "--epochs",
@@ -112,9 +122,6 @@ def add_bench_command(commands: Any) -> None:
         "them, without the dashes, e.g. xla_gpu_deterministic_ops=true or xla_gpu_autotune_level=0; once more for "
         "each row. Step rows and --config; not the epochs",
     )
-    p.add_argument("--no-input", action="store_true", help="skip the input-pipeline rows")
-    p.add_argument("--out", default=RESULTS_DIR, help=f"folder of the JSON results (default {RESULTS_DIR})")
-    p.set_defaults(run=run_bench, takes_config_overrides=True)
 
 
 def run_bench(args: argparse.Namespace) -> None:
@@ -137,34 +144,11 @@ def run_bench(args: argparse.Namespace) -> None:
     platform = jax.devices()[0].platform
     cases, skipped = chosen_cases(args, platform)
     epoch_models = [args.model] if args.model else list(EPOCH_MODELS)
-    epoch_batch = (args.batch or [EPOCH_BATCH])[0]
     run_epochs = args.epochs or (platform != "cpu" and args.model is None)
-    if run_epochs and args.epoch_images < epoch_batch:
-        raise ValueError(f"--epoch-images {args.epoch_images} is less than a batch; give at least {epoch_batch}.")
-    if args.scan_steps is not None and args.scan_steps < 0:
-        raise ValueError(f"--scan-steps {args.scan_steps}: give a number of steps per call, or 0 for none.")
-    if args.cpu_processes is not None:
-        check_cpu_processes(args.cpu_processes, cases, platform)
-    threads = args.threads if args.threads is not None else (DEFAULT_THREADS if platform == "cpu" else 0)
-    if threads:
-        check_threads(threads, cases, platform)
+    batch_parts = check_suite_rows(args, cases, platform, run_epochs)
     check_xla_options(xla_options)
-    variants: tuple[str, ...] = ()
-    if args.vs_torch:
-        from resnet_jax.bench import torch_models
-        from resnet_jax.bench.torch_side import torch_device
-
-        for model in {case.model for case in cases} | set(epoch_models if run_epochs else []):
-            torch_models.constructor(model)
-        device = torch_device()
-        if (device == "cpu") != (platform == "cpu"):
-            raise ValueError(
-                f"JAX runs on {platform} but PyTorch on {device}: the ratio would compare different hardware. "
-                "Install the matching build of one of them, or drop --vs-torch."
-            )
-        variants = tuple(args.torch_variants or harness.default_torch_variants(device))
-        if device == "cpu" and not args.torch_variants:
-            skipped.append(GPU_TORCH_ROWS)
+    torch_models = {case.model for case in cases} | (set(epoch_models) if run_epochs else set())
+    variants = torch_variants(args, platform, torch_models, skipped)
     if not run_epochs:
         skipped.append(
             f"skipped whole epochs of {' and '.join(epoch_models)} on CIFAR-shaped data resident on the device: GPU "
@@ -180,31 +164,76 @@ def run_bench(args: argparse.Namespace) -> None:
         variants,
         lambda case_rows: print(*report.case_lines(case_rows), sep="\n"),
         args.cpu_processes,
-        threads,
+        batch_parts,
         say,
         xla_options,
     )
-    epochs = []
-    if run_epochs:
-        from resnet_jax.bench.epochs import bench_epochs
-
-        epochs = bench_epochs(
-            epoch_models,
-            epoch_batch,
-            args.precision or "fp32",
-            args.epoch_images,
-            settings,
-            variants,
-            lambda model_rows: print(*report.epoch_lines(model_rows), sep="\n"),
-            args.scan_steps if args.scan_steps is not None else (0 if platform == "cpu" else GPU_SCAN_STEPS),
-            say,
-        )
+    epochs = epoch_rows(args, platform, epoch_models, settings, variants) if run_epochs else []
     inputs = []
     if not args.no_input:
         inputs, input_skipped = input_rows(batch=128, num_batches=settings.steps)
         skipped += input_skipped
         print(*map(report.input_line, inputs), sep="\n")
     finish(rows, inputs, skipped, settings, args.out, epochs=epochs)
+
+
+def check_suite_rows(args: argparse.Namespace, cases: list[Case], platform: str, run_epochs: bool) -> int:
+    """Refuse rows of the suite that cannot run, before anything is timed; the batch parts of the batch-parts row
+    (0: no such row)."""
+    epoch_batch = (args.batch or [EPOCH_BATCH])[0]
+    if run_epochs and args.epoch_images < epoch_batch:
+        raise ValueError(f"--epoch-images {args.epoch_images} is less than a batch; give at least {epoch_batch}.")
+    if args.scan_steps is not None and args.scan_steps < 0:
+        raise ValueError(f"--scan-steps {args.scan_steps}: give a number of steps per call, or 0 for none.")
+    if args.cpu_processes is not None:
+        check_cpu_processes(args.cpu_processes, cases, platform)
+    batch_parts = args.batch_parts
+    if batch_parts is None:
+        batch_parts = DEFAULT_BATCH_PARTS if platform == "cpu" else 0
+    if batch_parts:
+        check_batch_parts(batch_parts, cases, platform)
+    return batch_parts
+
+
+def torch_variants(args: argparse.Namespace, platform: str, models: set[str], skipped: list[str]) -> tuple[str, ...]:
+    """The torch rows of ``--vs-torch`` (none without it), checked to have a torch model each and to run on the
+    kind of device JAX runs on; says in ``skipped`` which default rows were left out."""
+    if not args.vs_torch:
+        return ()
+    from resnet_jax.bench import harness, torch_models
+    from resnet_jax.bench.torch_side import torch_device
+
+    for model in models:
+        torch_models.constructor(model)
+    device = torch_device()
+    if (device == "cpu") != (platform == "cpu"):
+        raise ValueError(
+            f"JAX runs on {platform} but PyTorch on {device}: the ratio would compare different hardware. "
+            "Install the matching build of one of them, or drop --vs-torch."
+        )
+    if device == "cpu" and not args.torch_variants:
+        skipped.append(GPU_TORCH_ROWS)
+    return tuple(args.torch_variants or harness.default_torch_variants(device))
+
+
+def epoch_rows(
+    args: argparse.Namespace, platform: str, models: list[str], settings: Settings, variants: tuple[str, ...]
+) -> list[EpochRow]:
+    """Whole epochs of ``models`` with JAX and each torch variant, printed as they are measured."""
+    from resnet_jax.bench import report
+    from resnet_jax.bench.epochs import bench_epochs
+
+    return bench_epochs(
+        models,
+        (args.batch or [EPOCH_BATCH])[0],
+        args.precision or "fp32",
+        args.epoch_images,
+        settings,
+        variants,
+        lambda model_rows: print(*report.epoch_lines(model_rows), sep="\n"),
+        args.scan_steps if args.scan_steps is not None else (0 if platform == "cpu" else GPU_SCAN_STEPS),
+        say,
+    )
 
 
 def bench_config(args: argparse.Namespace, settings: Settings, xla_options: list[XlaOptions]) -> None:
@@ -224,7 +253,7 @@ def bench_config(args: argparse.Namespace, settings: Settings, xla_options: list
         "--vs-torch": args.vs_torch or None,
         "--torch-variants": args.torch_variants,
         "--cpu-processes": args.cpu_processes,
-        "--threads": args.threads,
+        "--batch-parts": args.batch_parts,
         "--epochs": args.epochs or None,
         "--scan-steps": args.scan_steps,
     }
@@ -290,18 +319,18 @@ def check_cpu_processes(num_processes: int, cases: list[Case], platform: str) ->
     if platform != "cpu":
         raise ValueError(f"--cpu-processes is a CPU row; JAX runs on {platform} here. Drop the flag.")
     for case in cases:
-        JaxProcesses.cores_per_process(case, num_processes)
+        JaxProcesses.core_groups_for(case, num_processes)
 
 
-def check_threads(threads: int, cases: list[Case], platform: str) -> None:
-    """Refuse a --threads row that cannot run, before anything is timed."""
+def check_batch_parts(batch_parts: int, cases: list[Case], platform: str) -> None:
+    """Refuse a --batch-parts row that cannot run, before anything is timed."""
     if platform != "cpu":
-        raise ValueError(f"--threads is a CPU row; JAX runs on {platform} here. Drop the flag.")
-    if threads < 0:
-        raise ValueError(f"--threads {threads}: give the number of batch parts, or 0 for no such row.")
+        raise ValueError(f"--batch-parts is a CPU row; JAX runs on {platform} here. Drop the flag.")
+    if batch_parts < 0:
+        raise ValueError(f"--batch-parts {batch_parts}: give the number of batch parts, or 0 for no such row.")
     for case in cases:
-        if case.batch % threads:
-            raise ValueError(f"batch {case.batch} does not split into {threads} parts; make it a multiple.")
+        if case.batch % batch_parts:
+            raise ValueError(f"batch {case.batch} does not split into {batch_parts} parts; make it a multiple.")
 
 
 def invoked_command() -> str:

@@ -25,6 +25,8 @@ from resnet_jax.bench.harness import Runner, Settings, compile_runners
 from resnet_jax.bench.inputs import CIFAR_SHAPE
 from resnet_jax.bench.jax_side import DTYPES, optimizer_config
 from resnet_jax.bench.torch_side import TorchStep
+from resnet_jax.cpu.conv import model_conv
+from resnet_jax.cpu.processes import available_cores
 from resnet_jax.models import create_model
 from resnet_jax.train.feed import DeviceFeed
 from resnet_jax.train.optim import create_optimizer
@@ -81,7 +83,8 @@ class JaxEpoch:
     framework = "jax"
 
     def __init__(self, case: Case, source: data.ArraySource, seed: int = 0, scan_steps: int = 1) -> None:
-        model = create_model(case.model, num_classes=source.num_classes, dtype=DTYPES[case.precision])
+        conv = model_conv(jax.default_backend(), "jit", 1, len(available_cores()))
+        model = create_model(case.model, num_classes=source.num_classes, dtype=DTYPES[case.precision], conv=conv)
         tx = create_optimizer(optimizer_config(), optax.constant_schedule(LEARNING_RATE))
         mesh = make_mesh(jax.devices()[:1])
         self._state = compile_steps(mesh).put_state(create_train_state(model, tx, source.image_shape, seed))

@@ -1,8 +1,8 @@
 """Run the train-step rows with JAX and PyTorch interleaved, and reduce them to medians and ratios.
 
 Both frameworks share the machine with whatever else runs on it, so one timing says little: each
-repeat times ``steps`` steps of every runner in turn (JAX, its other rows: XLA options, threads, several
-processes; then each torch variant), a rate is the batch over a median step time, and a ratio is the
+repeat times ``steps`` steps of every runner in turn (JAX, its other rows: XLA options, batch parts,
+several processes; then each torch variant), a rate is the batch over a median step time, and a ratio is the
 median over repeats of one rate over another in the same repeat (JAX's over torch's, or a further JAX
 row's over the first's), so that load drifting between repeats cancels out.
 """
@@ -140,12 +140,12 @@ def bench_cases(
     torch_variants: Sequence[str] = (),
     report: Callable[[list[StepRow]], None] = lambda rows: None,
     cpu_processes: int | None = None,
-    threads: int = 0,
+    batch_parts: int = 0,
     say: Callable[[str], None] = lambda line: None,
     xla_options: Sequence[XlaOptions] = (),
 ) -> list[StepRow]:
     """Every case with JAX (also compiled with each of ``xla_options``, on ``cpu_processes`` pinned processes, and
-    as ``threads`` batch parts side by side, if given) and, if ``torch_variants`` is not empty, those torch
+    as ``batch_parts`` batch parts side by side, if given) and, if ``torch_variants`` is not empty, those torch
     variants; ``report`` sees each case's rows as soon as they are measured."""
     from resnet_jax.bench.jax_side import JaxStep
     from resnet_jax.bench.processes import JaxProcesses
@@ -154,8 +154,8 @@ def bench_cases(
     for case in cases:
         runners: list[StepRunner] = [JaxStep.of_case(case)]
         runners += [JaxStep.of_case(case, xla_options=options) for options in xla_options]
-        if threads:
-            runners.append(JaxStep.of_case(case, threads=threads))
+        if batch_parts:
+            runners.append(JaxStep.of_case(case, batch_parts=batch_parts))
         if cpu_processes:
             runners.append(JaxProcesses(case, cpu_processes))
         if torch_variants:

@@ -14,18 +14,14 @@ import optax
 
 from resnet_jax import data
 from resnet_jax.bench.cases import LEARNING_RATE, MOMENTUM, WEIGHT_DECAY, Case
+from resnet_jax.cpu.batch_parts import BatchPartsTrainStep
+from resnet_jax.cpu.conv import model_conv
+from resnet_jax.cpu.processes import available_cores
 from resnet_jax.models import create_model
 from resnet_jax.train.feed import DeviceFeed, create_feed
 from resnet_jax.train.optim import create_optimizer, learning_rate_schedule
 from resnet_jax.train.runs import batch_settings, build_model, check_config, check_feed
-from resnet_jax.train.steps import (
-    Steps,
-    ThreadedTrainStep,
-    TrainState,
-    compile_steps,
-    create_train_state,
-    make_mesh,
-)
+from resnet_jax.train.steps import Steps, TrainState, compile_steps, create_train_state, make_mesh
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 PRECISIONS_OF_DTYPES = {dtype: precision for precision, dtype in DTYPES.items()}
@@ -115,19 +111,21 @@ class JaxStep:
         self._train = None
 
     @classmethod
-    def of_case(cls, case: Case, seed: int = 0, threads: int = 0, xla_options: XlaOptions | None = None) -> JaxStep:
-        """A suite row: the bench's optimizer (`optimizer_config`) on a synthetic batch; ``threads`` > 0 times
-        parallelism "threads" (on one CPU device) instead of jit; ``xla_options`` compile it with those options."""
-        model = create_model(case.model, num_classes=case.num_classes, dtype=DTYPES[case.precision])
+    def of_case(cls, case: Case, seed: int = 0, batch_parts: int = 0, xla_options: XlaOptions | None = None) -> JaxStep:
+        """A suite row: the bench's optimizer (`optimizer_config`) on a synthetic batch; ``batch_parts`` > 0 times
+        parallelism "batch_parts" (on one CPU device) instead of jit; ``xla_options`` compile it with those
+        options."""
+        parallelism = "pmap" if jax.process_count() > 1 else "batch_parts" if batch_parts else "jit"
+        conv = model_conv(jax.default_backend(), parallelism, batch_parts, len(available_cores()))
+        model = create_model(case.model, num_classes=case.num_classes, dtype=DTYPES[case.precision], conv=conv)
         tx = create_optimizer(optimizer_config(), optax.constant_schedule(LEARNING_RATE))
-        parallelism = "pmap" if jax.process_count() > 1 else "threads" if threads else "jit"
         devices = jax.devices() if parallelism == "pmap" else jax.devices()[:1]
-        steps = compile_steps(make_mesh(devices), parallelism=parallelism, threads=threads)
+        steps = compile_steps(make_mesh(devices), parallelism=parallelism, batch_parts=batch_parts)
         images, labels = case.synthetic_batch(seed)
         share = case.batch // jax.process_count()
         rows = slice(jax.process_index() * share, (jax.process_index() + 1) * share)
         state = create_train_state(model, tx, case.input_shape, seed)
-        variant = f"threads ({threads})" if threads else parallelism
+        variant = f"batch_parts ({batch_parts})" if batch_parts else parallelism
         return cls(case, steps, state, {"image": images[rows], "label": labels[rows]}, variant, xla_options)
 
     @classmethod
@@ -156,7 +154,7 @@ class JaxStep:
         tx = create_optimizer(config, schedule)
         state = create_train_state(build_model(config, source.num_classes), tx, case.input_shape, config.seed)
         mesh = make_mesh()
-        steps = compile_steps(mesh, config.label_smoothing, config.parallelism, config.threads)
+        steps = compile_steps(mesh, config.label_smoothing, config.parallelism, config.batch_parts)
         if batch is None:
             variant = f"jit, data on the device, {config.steps_per_call} step(s) per call"
             feed = create_feed(config, source, steps, mesh, 0)
@@ -183,7 +181,7 @@ class JaxStep:
         """The device's peak bytes in use where it reports them (GPU, TPU), else the step's XLA buffers."""
         if peak := device_peak_memory():
             return peak
-        if isinstance(self._train, ThreadedTrainStep):
+        if isinstance(self._train, BatchPartsTrainStep):
             parts = len(self._batch) * xla_buffer_bytes(self._train.gradients)
             return parts + xla_buffer_bytes(self._train.update), "XLA buffers of the parts' programs and the update"
         return xla_buffer_bytes(self._train), "XLA buffers of the step (arguments + outputs + temporaries)"

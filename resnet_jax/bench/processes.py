@@ -18,8 +18,8 @@ import tempfile
 from typing import Any
 
 from resnet_jax.bench.cases import Case
-from resnet_jax.train.distributed import available_cores, core_groups, start_cpu_processes
-from resnet_jax.train.host_memory import keep_freed_host_memory
+from resnet_jax.cpu.host_memory import keep_freed_host_memory
+from resnet_jax.cpu.processes import cores_per_process, start_cpu_processes
 
 REPLY = "resnet-jax-bench-reply "  # marks the workers' answers among anything else they print
 
@@ -30,15 +30,15 @@ class JaxProcesses:
     framework = "jax"
 
     @staticmethod
-    def cores_per_process(case: Case, num_processes: int) -> list[list[int]]:
+    def core_groups_for(case: Case, num_processes: int) -> list[list[int]]:
         """Each process's cores; refuses a split that cannot run (the CLI asks before timing anything)."""
-        groups = core_groups(available_cores(), num_processes)
+        groups = cores_per_process(num_processes)
         if case.batch % num_processes:
             raise ValueError(f"batch {case.batch} does not split over {num_processes} processes; make it a multiple.")
         return groups
 
     def __init__(self, case: Case, num_processes: int) -> None:
-        groups = self.cores_per_process(case, num_processes)
+        groups = self.core_groups_for(case, num_processes)
         self.variant = f"pmap, {num_processes} processes"
         self._log = tempfile.TemporaryFile("w+")  # noqa: SIM115 (the workers' stderr, shown if one fails; closed by close())
         self._workers = start_cpu_processes(

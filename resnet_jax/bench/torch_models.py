@@ -11,9 +11,9 @@ side by side with the Flax models. Import this module only where torch is instal
   ``bn1``, ``layer1.0.conv1``, ``layer1.0.downsample.0``/``.1``, ``fc``). 7x7/2 conv stem (padding
   3), BN, ReLU, 3x3/2 max-pool (padding 1), four stages, global average pool, linear head.
   `BasicBlock` and `Bottleneck`; the bottleneck is v1.5 (stride on the 3x3 conv) unless
-  ``stride_in_1x1=True`` (v1, the original paper). Projection shortcuts (option B).
+  ``stride_in_1x1=True`` (v1, the original paper). Projection shortcuts (shortcut "B").
 * `CifarResNet`: He et al. (2015), Section 4.2: 3x3 conv with 16 channels, BN, ReLU, three stages
-  of n basic blocks with widths 16/32/64, global average pool, linear head. Option A shortcuts:
+  of n basic blocks with widths 16/32/64, global average pool, linear head. Shortcut "A":
   subsample ``x[:, :, ::2, ::2]`` and append zero channels after the existing ones.
 
 BatchNorm everywhere uses eps 1e-5 and momentum 0.1 (torch's defaults).
@@ -143,7 +143,7 @@ class ImageNetResNet(nn.Module):
 
 
 class PadShortcut(nn.Module):
-    """Option A: keep every ``stride``-th pixel, then append zero channels after the input's."""
+    """Shortcut "A": keep every ``stride``-th pixel, then append zero channels after the input's."""
 
     def __init__(self, planes: int, stride: int) -> None:
         super().__init__()
@@ -157,7 +157,7 @@ class PadShortcut(nn.Module):
 
 
 class CifarBasicBlock(nn.Module):
-    """Basic block of the CIFAR ResNets, with the parameter-free option A shortcut."""
+    """Basic block of the CIFAR ResNets, with the parameter-free shortcut "A"."""
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1) -> None:
         super().__init__()

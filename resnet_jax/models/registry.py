@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from resnet_jax.models.resnet import ResNet
 
-# ImageNet models: torchvision layout (v1.5), option B shortcuts, 1000 classes.
+# ImageNet models: torchvision layout (v1.5), shortcut "B", 1000 classes.
 ImageNetResNet = partial(ResNet, stem="imagenet", stage_widths=(64, 128, 256, 512), shortcut="B", num_classes=1000)
 ResNet18 = partial(ImageNetResNet, stage_sizes=(2, 2, 2, 2), block="basic")
 ResNet34 = partial(ImageNetResNet, stage_sizes=(3, 4, 6, 3), block="basic")
@@ -24,7 +24,7 @@ ResNet50 = partial(ImageNetResNet, stage_sizes=(3, 4, 6, 3), block="bottleneck")
 ResNet101 = partial(ImageNetResNet, stage_sizes=(3, 4, 23, 3), block="bottleneck")
 ResNet152 = partial(ImageNetResNet, stage_sizes=(3, 8, 36, 3), block="bottleneck")
 
-# CIFAR models of He et al. (2015): 16/32/64 widths, option A, 10 classes.
+# CIFAR models of He et al. (2015): 16/32/64 widths, shortcut "A", 10 classes.
 CifarResNet = partial(ResNet, stem="cifar", stem_width=16, stage_widths=(16, 32, 64), shortcut="A", num_classes=10)
 
 IMAGENET_DEPTHS = {18: ResNet18, 34: ResNet34, 50: ResNet50, 101: ResNet101, 152: ResNet152}
@@ -38,10 +38,10 @@ def imagenet_resnet(depth: int, **settings: Any) -> Callable[..., ResNet]:
     return partial(IMAGENET_DEPTHS[depth], **settings)
 
 
-def cifar_resnet(depth: int, *, residual: bool = True, preact: bool = False) -> Callable[..., ResNet]:
+def cifar_resnet(depth: int, *, skip_connections: bool = True, preact: bool = False) -> Callable[..., ResNet]:
     """He et al. (2015) CIFAR ResNet (or plain net) with 6n+2 layers of basic blocks."""
     n = _blocks_per_stage(depth, 6, 2, "CIFAR ResNet", "20, 32, 44, 56, 110, 1202")
-    return partial(CifarResNet, stage_sizes=(n,) * 3, block="basic", residual=residual, preact=preact)
+    return partial(CifarResNet, stage_sizes=(n,) * 3, block="basic", skip_connections=skip_connections, preact=preact)
 
 
 def cifar_preact_bottleneck(depth: int) -> Callable[..., ResNet]:
@@ -95,10 +95,10 @@ MODELS: dict[str, Callable[..., ResNet]] = {
     "resnext101_32x8d": imagenet_resnet(101, groups=32, width_per_group=8),
     "se_resnet50": imagenet_resnet(50, se_reduction=16),
     **{f"preact_resnet{d}": imagenet_resnet(d, preact=True) for d in IMAGENET_DEPTHS},
-    "plain18": imagenet_resnet(18, residual=False),
-    "plain34": imagenet_resnet(34, residual=False),
+    "plain18": imagenet_resnet(18, skip_connections=False),
+    "plain34": imagenet_resnet(34, skip_connections=False),
     **{f"resnet{d}": cifar_resnet(d) for d in (20, 32, 44, 56, 110, 1202)},
-    **{f"plain{d}": cifar_resnet(d, residual=False) for d in (20, 32, 44, 56, 110)},
+    **{f"plain{d}": cifar_resnet(d, skip_connections=False) for d in (20, 32, 44, 56, 110)},
     "preact_resnet110": cifar_resnet(110, preact=True),
     "preact_resnet164": cifar_preact_bottleneck(164),
     "preact_resnet1001": cifar_preact_bottleneck(1001),
@@ -112,7 +112,7 @@ MODELS: dict[str, Callable[..., ResNet]] = {
 # Names beyond the presets: any valid depth of the CIFAR families.
 FAMILIES: list[tuple[re.Pattern[str], Callable[..., Callable[..., ResNet]], str]] = [
     (re.compile(r"resnet(\d+)"), lambda d: cifar_resnet(int(d)), "resnet<6n+2>"),
-    (re.compile(r"plain(\d+)"), lambda d: cifar_resnet(int(d), residual=False), "plain<6n+2>"),
+    (re.compile(r"plain(\d+)"), lambda d: cifar_resnet(int(d), skip_connections=False), "plain<6n+2>"),
     (re.compile(r"preact_resnet(\d+)"), lambda d: _cifar_preact(int(d)), "preact_resnet<6n+2 or 9n+2 >= 164>"),
     (re.compile(r"wrn(\d+)_(\d+)"), lambda d, k: wide_resnet(int(d), int(k)), "wrn<6n+4>_<k>"),
     (re.compile(r"resnext29_(\d+)x(\d+)d"), lambda c, d: cifar_resnext(int(c), int(d)), "resnext29_<C>x<d>d"),

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from resnet_jax.models.blocks import (
     BasicBranch,
+    BatchNorm,
     BottleneckBranch,
     Conv,
     ModuleDef,
@@ -82,7 +83,7 @@ class ResNet(nn.Module):
       shortcut: "A" parameter-free subsample-and-pad, "B" projection where the shape changes,
         "C" projection everywhere.
       preact: pre-activation (v2) blocks, with a final BN-ReLU before pooling.
-      residual: False gives the plain network (same layers, no shortcuts).
+      skip_connections: False gives the plain network (same layers, no shortcuts).
       groups, width_per_group: ResNeXt cardinality and width per group; wide ResNets use
         width_per_group=128.
       stride_in_1x1: ResNet v1 (stride on the first 1x1 conv) instead of v1.5.
@@ -90,6 +91,9 @@ class ResNet(nn.Module):
       zero_init_residual: start every residual branch at zero (last BN scale, or last conv in
         pre-activation branches), so each block starts as its shortcut.
       dtype: computation dtype (bfloat16/float16 for mixed precision); parameters stay param_dtype.
+      conv: the conv module of every layer (given features, kernel_size, strides, padding, dtype, ...): `Conv`,
+        or one computing the same function another way, e.g. `resnet_jax.cpu.conv.cpu_conv` for XLA:CPU.
+      norm: the normalisation of every layer (given use_running_average, dtype, param_dtype, scale_init).
     """
 
     stage_sizes: Sequence[int]
@@ -100,7 +104,7 @@ class ResNet(nn.Module):
     num_classes: int = 1000
     shortcut: str = "B"
     preact: bool = False
-    residual: bool = True
+    skip_connections: bool = True
     groups: int = 1
     width_per_group: int = 64
     stride_in_1x1: bool = False
@@ -108,6 +112,8 @@ class ResNet(nn.Module):
     zero_init_residual: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    conv: ModuleDef = Conv
+    norm: ModuleDef = BatchNorm
 
     def __post_init__(self) -> None:
         validate_config(self)
@@ -125,15 +131,8 @@ class ResNet(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
         self._check_input(x)
-        conv = partial(Conv, dtype=self.dtype, param_dtype=self.param_dtype)
-        norm = partial(
-            nn.BatchNorm,
-            use_running_average=not train,
-            momentum=0.9,  # torch's 0.1
-            epsilon=1e-5,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-        )
+        conv = partial(self.conv, dtype=self.dtype, param_dtype=self.param_dtype)
+        norm = partial(self.norm, use_running_average=not train, dtype=self.dtype, param_dtype=self.param_dtype)
         branch = partial(
             BRANCHES[self.block],
             conv=conv,
@@ -155,7 +154,7 @@ class ResNet(nn.Module):
                 norm=norm,
                 shortcut=self.shortcut,
                 preact=self.preact,
-                residual=self.residual,
+                skip_connection=self.skip_connections,
                 name=name,
             )
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import ast
+import copy
 import difflib
+import functools
 import importlib.util
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import ml_collections
 
@@ -23,6 +26,9 @@ REQUIRED_KEYS = (
     "eval_every_steps",
     "checkpoint_every_steps",
 )
+# Keys renamed since runs were saved with them: old name -> new name (a dotted path for nested keys).
+RENAMED_KEYS = {"threads": "batch_parts", "model_overrides.residual": "model_overrides.skip_connections"}
+RENAMED_VALUES = {("parallelism", "threads"): "batch_parts"}
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
@@ -48,6 +54,21 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ml_collectio
     return config
 
 
+def read_saved_config(saved: dict[str, Any]) -> ml_collections.ConfigDict:
+    """The config a checkpoint recorded (`run_meta`) in today's names: runs saved before a key or a value was
+    renamed (`RENAMED_KEYS`, `RENAMED_VALUES`) load, evaluate and resume as they trained."""
+    saved = copy.deepcopy(saved)
+    for old, new in RENAMED_KEYS.items():  # a renamed key keeps its place: only the last name changes
+        *parents, leaf = old.split(".")
+        node = functools.reduce(lambda node, key: node.get(key) or {}, parents, saved)
+        if leaf in node:
+            node[new.rsplit(".", 1)[-1]] = node.pop(leaf)
+    for (key, old_value), new_value in RENAMED_VALUES.items():
+        if saved.get(key) == old_value:
+            saved[key] = new_value
+    return ml_collections.ConfigDict(saved)
+
+
 def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
     """Set ``KEY=VALUE`` (``a.b=VALUE`` for nested keys) with VALUE parsed as a Python literal."""
     key, sep, text = override.removeprefix("--config.").removeprefix("config.").partition("=")
@@ -58,8 +79,10 @@ def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
     for depth, name in enumerate([*parents, leaf]):
         if name not in node:
             prefix = ".".join([*parents[:depth], name])
+            renamed = RENAMED_KEYS.get(prefix)
             close = difflib.get_close_matches(name, list(node.keys()), n=1)
             hint = f" Did you mean {'.'.join([*parents[:depth], *close])!r}?" if close else ""
+            hint = f" It is now called {renamed!r}." if renamed else hint
             raise ValueError(f"Unknown config key {prefix!r}.{hint} Valid keys here: {sorted(node.keys())}.")
         if name != leaf:
             node = node[name]

@@ -189,7 +189,7 @@ def prepare_run(config: ml_collections.ConfigDict, workdir: str | Path) -> Run:
         schedule=schedule,
         optimizer=create_optimizer(config, schedule),
         mesh=mesh,
-        steps=compile_steps(mesh, config.label_smoothing, config.parallelism, config.threads),
+        steps=compile_steps(mesh, config.label_smoothing, config.parallelism, config.batch_parts),
         steps_per_epoch=steps_per_epoch,
         target_accuracy=config.get("stop_at_test_accuracy", 0.0),
         checkpoints=Checkpoints(
@@ -347,7 +347,7 @@ def announce(run: Run, feed: Feed) -> None:
         f"{config.batch_size}, {config.num_train_steps:,} steps ({config.num_train_steps / run.steps_per_epoch:.1f} "
         f"epochs), {jax.device_count()} {jax.devices()[0].platform} device(s) in {jax.process_count()} "
         f"process(es), {config.parallelism}"
-        + (f" ({config.threads})" if config.parallelism == "threads" else "")
+        + (f" ({config.batch_parts})" if config.parallelism == "batch_parts" else "")
         + (f", data on the device, {feed.steps_per_call} step(s) per call" if config.data_on_device else "")
     )
 
@@ -463,7 +463,7 @@ def evaluate(workdir: str | Path, step: int | None = None) -> dict[str, float]:
     _, state, config = load_run(workdir, step)
     check_batch_sizes(config)
     test_source = data.load_source(config.dataset, config.eval_split, config.data_dir)
-    steps = compile_steps(make_mesh(), parallelism=config.parallelism, threads=config.get("threads", 1))
+    steps = compile_steps(make_mesh(), parallelism=config.parallelism, batch_parts=config.get("batch_parts", 1))
     metrics = evaluate_state(steps, steps.put_state(state), test_source, batch_settings(config))
     print(f"step {int(state.step)} test_accuracy={metrics['accuracy']:.4f} test_loss={metrics['loss']:.4f}")
     return metrics

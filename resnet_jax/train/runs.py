@@ -15,15 +15,20 @@ import ml_collections
 import numpy as np
 
 from resnet_jax import data
+from resnet_jax.cpu.conv import model_conv
+from resnet_jax.cpu.processes import available_cores
 from resnet_jax.models import ResNet, create_model
 from resnet_jax.train.checkpoint import Checkpoints
+from resnet_jax.train.config import read_saved_config
 from resnet_jax.train.optim import create_optimizer, learning_rate_schedule
 from resnet_jax.train.steps import TrainState, create_train_state
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int) -> ResNet:
-    """The model of ``config`` (its name, dtype and attribute overrides) for ``num_classes`` classes."""
-    return create_model(config.model, num_classes=num_classes, dtype=config.dtype, **config.model_overrides)
+    """The model of ``config`` (its name, dtype and attribute overrides) for ``num_classes`` classes, with the
+    convolution this backend and parallelism run fastest (`resnet_jax.cpu.conv.model_conv`)."""
+    conv = model_conv(jax.default_backend(), config.parallelism, config.get("batch_parts", 1), len(available_cores()))
+    return create_model(config.model, num_classes=num_classes, dtype=config.dtype, conv=conv, **config.model_overrides)
 
 
 def batch_settings(config: ml_collections.ConfigDict) -> data.BatchSettings:
@@ -53,14 +58,15 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 
 def check_batch_sizes(config: ml_collections.ConfigDict) -> None:
-    """Both batch sizes must split evenly over the devices (and processes, or threads) before anything compiles."""
+    """Both batch sizes must split evenly over the devices (and processes, or batch parts) before anything
+    compiles."""
     devices, processes = jax.device_count(), jax.process_count()
-    parts = config.threads if config.parallelism == "threads" else 1
+    parts = config.batch_parts if config.parallelism == "batch_parts" else 1
     multiple = np.lcm.reduce([devices, processes, max(parts, 1)])
     for key in ("batch_size", "eval_batch_size"):
         size = config[key]
         if size < 1 or size % multiple:
-            over = f"{devices} devices ({processes} processes)" + (f" and {parts} threads" if parts > 1 else "")
+            over = f"{devices} devices ({processes} processes)" + (f" and {parts} batch parts" if parts > 1 else "")
             raise ValueError(
                 f"{key}={size} does not divide over {over}; use a multiple of {multiple}, e.g. "
                 f"--config.{key}={max(1, size // multiple) * multiple}."
@@ -135,7 +141,7 @@ def load_run(workdir: str | Path, step: int | None = None) -> tuple[ResNet, Trai
     if checkpoints.latest_step() is None:
         raise FileNotFoundError(f"No checkpoint in {checkpoints.directory}; train first with `resnet-jax train`.")
     meta = checkpoints.read_meta(step)
-    config = ml_collections.ConfigDict(meta["config"])
+    config = read_saved_config(meta["config"])
     num_classes, image_shape = meta.get("num_classes"), meta.get("image_shape")
     if num_classes is None or image_shape is None:  # a training run: its data set says (converted ones record them)
         source = data.load_source(config.dataset, config.eval_split, config.data_dir)

@@ -5,10 +5,9 @@ The step bodies are pure functions of (state, batch), written once. `compile_ste
   replicated, so batch-norm statistics and gradients are those of the global batch;
 - "pmap": one program per device, each normalising with its own batch statistics (the classic
   ImageNet recipe), with gradients and running statistics averaged over the "batch" axis;
-- "threads": one CPU device whose batch is cut into parts, one host thread each, whose forward and
-  backward passes run side by side, each part normalising over its own images as a pmap device
-  would; one update from the averaged gradients. XLA:CPU leaves cores idle within one program (its
-  YNNPACK convolutions run on one thread), so parts running at once train faster (benchmarks/README.md).
+- "batch_parts": one CPU device whose batch is cut into parts whose forward and backward passes run
+  side by side, one host thread each, each part normalising over its own images as a pmap device
+  would; one update from the averaged gradients (why: `resnet_jax.cpu.batch_parts`).
 Every way the old state's buffers are donated.
 """
 
@@ -16,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any
 
@@ -30,14 +28,14 @@ from jax import lax
 from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from resnet_jax.models import blocks
+from resnet_jax.cpu.batch_parts import BatchParts, BatchPartsTrainStep
 from resnet_jax.train.precision import DynamicLossScale, all_finite
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 DATA_AXIS = "data"
 PMAP_AXIS = "batch"
-PARALLELISM = ("jit", "pmap", "threads")
+PARALLELISM = ("jit", "pmap", "batch_parts")
 
 
 class TrainState(train_state.TrainState):
@@ -109,7 +107,7 @@ def train_step(
 
 def step_gradients(state: TrainState, batch: Batch, label_smoothing: float = 0.0) -> tuple[Any, Any, Metrics]:
     """The first half of `train_step`: gradients (loss-scaled, if the state has a scale), the batch's
-    running statistics and the step's metrics, before any averaging over devices or threads."""
+    running statistics and the step's metrics, before any averaging over devices or batch parts."""
     scale = state.loss_scale
 
     def loss_fn(params: Any) -> tuple[jax.Array, tuple[jax.Array, jax.Array, Any]]:
@@ -190,10 +188,10 @@ class Steps:
     # (state, step input, XLA compiler options or None) -> ``train`` compiled ahead of time for them
 
 
-def compile_steps(mesh: Mesh, label_smoothing: float = 0.0, parallelism: str = "jit", threads: int = 1) -> Steps:
+def compile_steps(mesh: Mesh, label_smoothing: float = 0.0, parallelism: str = "jit", batch_parts: int = 1) -> Steps:
     """The train and eval steps compiled with jit over ``mesh``, with pmap over the local devices, or for
-    ``threads`` parts of the batch of ``mesh``'s one CPU device (configs/default.py's `threads` says how many
-    pay)."""
+    ``batch_parts`` parts of the batch of ``mesh``'s one CPU device (configs/default.py's `batch_parts` says
+    how many pay)."""
     if parallelism == "jit":
         batch_sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
         replicated = NamedSharding(mesh, PartitionSpec())
@@ -240,9 +238,10 @@ def compile_steps(mesh: Mesh, label_smoothing: float = 0.0, parallelism: str = "
             to_host=lambda tree: jax.tree.map(lambda x: np.asarray(x.addressable_data(0)).reshape(x.shape[1:]), tree),
             compile_train=lambda state, batch, options=None: train.lower(state, batch).compile(options),
         )
-    if parallelism == "threads":
-        return threaded_steps(mesh, label_smoothing, threads)
-    raise ValueError(f"parallelism={parallelism!r}; choose one of {PARALLELISM}.")
+    if parallelism == "batch_parts":
+        return batch_parts_steps(mesh, label_smoothing, batch_parts)
+    renamed = " (parallelism 'threads' is now called 'batch_parts')" if parallelism == "threads" else ""
+    raise ValueError(f"parallelism={parallelism!r}; choose one of {PARALLELISM}{renamed}.")
 
 
 def shard_batch(mesh: Mesh, local_batch: dict[str, np.ndarray]) -> Batch:
@@ -251,85 +250,27 @@ def shard_batch(mesh: Mesh, local_batch: dict[str, np.ndarray]) -> Batch:
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
 
 
-def threaded_steps(mesh: Mesh, label_smoothing: float, threads: int) -> Steps:
-    """`compile_steps` for "threads": the step input is a tuple of ``threads`` batch parts on the one device."""
-    device = check_threads(mesh, threads)
-    train = ThreadedTrainStep(
-        jax.jit(partial(part_gradients, label_smoothing=label_smoothing, parts=threads)),
+def batch_parts_steps(mesh: Mesh, label_smoothing: float, batch_parts: int) -> Steps:
+    """`compile_steps` for "batch_parts": the step input is a tuple of ``batch_parts`` parts of the batch on
+    ``mesh``'s one CPU device, each part's `step_gradients` a program of its own (`resnet_jax.cpu.batch_parts`)."""
+    parts = BatchParts.on(list(mesh.devices.flat), batch_parts)
+    train = BatchPartsTrainStep(
+        parts,
+        jax.jit(partial(step_gradients, label_smoothing=label_smoothing)),
         jax.jit(apply_mean_gradients, donate_argnums=0),
-        ThreadPoolExecutor(threads, thread_name_prefix="resnet-jax-step"),
     )
     evaluate = jax.jit(eval_step)
-
-    def evaluate_parts(state: TrainState, parts: Sequence[Batch]) -> Metrics:
-        sums = list(train.pool.map(lambda part: jax.block_until_ready(evaluate(state, part)), parts))
-        return {k: sum(part[k] for part in sums) for k in sums[0]}
-
-    def put_batch(local: dict[str, np.ndarray]) -> tuple[Batch, ...]:
-        size = len(next(iter(local.values()))) // threads
-        return tuple(
-            jax.device_put({k: v[i * size : (i + 1) * size] for k, v in local.items()}, device) for i in range(threads)
-        )
-
     return Steps(
         train=train,
-        evaluate=evaluate_parts,
-        put_batch=put_batch,
-        put_state=lambda state: jax.device_put(state, device),
+        evaluate=partial(parts.total, evaluate),
+        put_batch=parts.split,
+        put_state=lambda state: jax.device_put(state, parts.device),
         to_host=jax.device_get,
         compile_train=train.compiled,
     )
-
-
-def check_threads(mesh: Mesh, threads: int) -> jax.Device:
-    """The one CPU device "threads" runs on; refuses anything else before a compile."""
-    if threads < 1:
-        raise ValueError(
-            f"threads={threads}: give the number of batch parts to run side by side, e.g. --config.threads=2."
-        )
-    devices = list(mesh.devices.flat)
-    if len(devices) != 1 or jax.process_count() != 1:
-        raise ValueError(
-            f"parallelism='threads' splits the batch of one CPU device over host threads; this job has {len(devices)} "
-            f"device(s) in {jax.process_count()} process(es): use --config.parallelism=jit or pmap."
-        )
-    if devices[0].platform != "cpu":
-        raise ValueError(
-            f"parallelism='threads' is for a CPU; JAX runs on {devices[0].platform} here: use --config.parallelism=jit."
-        )
-    return devices[0]
-
-
-def part_gradients(state: TrainState, batch: Batch, label_smoothing: float, parts: int) -> tuple[Any, Any, Metrics]:
-    """`step_gradients` traced as one of ``parts`` programs that run at once (the models pick their convolutions
-    for that share of the cores: `blocks.programs_at_once`)."""
-    with blocks.programs_at_once(parts):
-        return step_gradients(state, batch, label_smoothing)
 
 
 def apply_mean_gradients(state: TrainState, parts: Sequence[tuple[Any, Any, Metrics]]) -> tuple[TrainState, Metrics]:
     """`apply_step_gradients` of the mean of several parts' `step_gradients` (what pmap's all-reduce averages)."""
     grads, batch_stats, metrics = jax.tree.map(lambda *xs: sum(xs) / len(xs), *parts)
     return apply_step_gradients(state, grads, batch_stats, metrics)
-
-
-class ThreadedTrainStep:
-    """`train_step` over a tuple of batch parts: each part's `step_gradients` in its own host thread (so that the
-    programs run side by side on the CPU's cores), then one `apply_mean_gradients` (the state donated)."""
-
-    def __init__(self, gradients: Callable, update: Callable, pool: ThreadPoolExecutor) -> None:
-        self.gradients, self.update, self.pool = gradients, update, pool
-
-    def __call__(self, state: TrainState, parts: Sequence[Batch]) -> tuple[TrainState, Metrics]:
-        outputs = list(self.pool.map(lambda part: jax.block_until_ready(self.gradients(state, part)), parts))
-        return self.update(state, outputs)
-
-    def compiled(
-        self, state: TrainState, parts: Sequence[Batch], options: dict[str, Any] | None = None
-    ) -> ThreadedTrainStep:
-        """The same step with both programs compiled ahead of time for ``state`` and ``parts`` (with the XLA
-        compiler ``options``, if given)."""
-        gradients = self.gradients.lower(state, parts[0]).compile(options)
-        outputs = jax.eval_shape(self.gradients, state, parts[0])
-        update = self.update.lower(state, [outputs] * len(parts)).compile(options)
-        return ThreadedTrainStep(gradients, update, self.pool)

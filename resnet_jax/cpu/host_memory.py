@@ -1,12 +1,11 @@
 """Host memory for XLA:CPU: keep freed memory in the process for reuse instead of mapping it afresh each step.
 
-XLA:CPU allocates the temporaries of each execution as one block (145 MiB for a ResNet-20 train step at batch
-64) and frees it when the step ends. glibc serves a block that large from a fresh ``mmap`` (a thread's arena
-cannot hold it), so every step page-faults the whole block in again and the kernel zeroes it: 37,000 faults,
-a quarter of the step's time on this project's CPU machine (benchmarks/README.md). With one arena, no ``mmap``
-and no trimming, glibc hands the same memory back each step. The process then keeps its memory until it exits
-(peak RSS 1,276 against 1,101 MiB for a ResNet-20 step at batch 128). On GPU and TPU hosts XLA's temporaries
-live on the device, and the setting changes little either way.
+XLA:CPU allocates the temporaries of each execution as one block (over a hundred MiB for a CIFAR ResNet's train
+step) and frees it when the step ends. glibc serves a block that large from a fresh ``mmap`` (a thread's arena
+cannot hold it), so every step page-faults the whole block in again and the kernel zeroes it: a large share of a
+CPU step's time (benchmarks/README.md). With one arena, no ``mmap`` and no trimming, glibc hands the same memory
+back each step. The price: the process keeps its memory until it exits (a somewhat higher peak RSS). On GPU and
+TPU hosts XLA's temporaries live on the device, and the setting changes little either way.
 """
 
 from __future__ import annotations
@@ -43,8 +42,9 @@ def keep_freed_host_memory() -> bool:
 def with_huge_pages(env: Mapping[str, str]) -> dict[str, str]:
     """``env`` for a new process whose malloc backs its heap with transparent huge pages (glibc 2.35 and later).
 
-    Fewer TLB misses over XLA's reused blocks: 4% off a one-core ResNet-20 step. glibc reads this setting
-    (``GLIBC_TUNABLES``) only when a process starts, so the processes this project starts get it.
+    Fewer TLB misses over XLA's reused blocks make a one-core step a few percent faster (benchmarks/README.md).
+    glibc reads this setting (``GLIBC_TUNABLES``) only when a process starts, so the processes this project
+    starts get it.
     """
     tunables = [tunable for tunable in env.get("GLIBC_TUNABLES", "").split(":") if tunable]
     return {**env, "GLIBC_TUNABLES": ":".join([*tunables, "glibc.malloc.hugetlb=1"])}
