@@ -228,11 +228,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     takes_overrides = args.command == "train" or getattr(args, "takes_config_overrides", False)
     if unknown or (args.overrides and not takes_overrides):
         build_parser().error(f"unrecognised arguments: {' '.join(unknown or args.overrides)}")
+    from resnet_jax.extras import MissingExtraError
     from resnet_jax.train.loop import TrainingInterruptedError
 
     try:
         result = args.run(args)
-    except (ValueError, FileNotFoundError) as error:  # bad user input: one clear line, no traceback
+    # Bad input, or what the user must install: one line that says what to do, no traceback.
+    except (ValueError, FileNotFoundError, MissingExtraError) as error:
         print(f"resnet-jax {args.command}: error: {error}", file=sys.stderr)
         return 2
     except FloatingPointError as error:

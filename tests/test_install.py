@@ -1,8 +1,10 @@
-"""The packaged configs: configs/ ships with the distribution, so that a config name resolves in a checkout and in
-an installed wheel alike."""
+"""The light install and the packaged configs: the core install (no TensorFlow, no PyTorch) loads IDX data, and
+each missing extra says in one line which `pip install` to run; configs/ ships with the distribution, so that a
+config name resolves in a checkout and in an installed wheel alike."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -10,10 +12,68 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from idx_files import make_idx_folder
 
+from resnet_jax.cli import main
+from resnet_jax.data import load_idx_folder, load_source
+from resnet_jax.extras import MissingExtraError, require
 from resnet_jax.train.config import CONFIGS_DIR, config_file, load_config
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+# --- extras ----------------------------------------------------------------------------------------
+
+
+def test_require_names_the_extra_of_a_missing_module(monkeypatch):
+    monkeypatch.setitem(sys.modules, "safetensors", None)  # as if not installed
+    with pytest.raises(
+        MissingExtraError, match=r"^safetensors is not installed, .*: pip install 'resnet-jax\[torch\]'$"
+    ):
+        require("safetensors.numpy")
+    with pytest.raises(ValueError, match="not an optional dependency"):
+        require("numpy")
+
+
+def test_without_the_tfds_extra_cifar_and_imagenet_say_what_to_install(tmp_path, monkeypatch, capsys):
+    for module in ("tensorflow", "tensorflow_datasets"):
+        monkeypatch.setitem(sys.modules, module, None)
+    message = (
+        "tensorflow_datasets is not installed, and the tfds data sets (CIFAR-10, CIFAR-100, ImageNet) need it: "
+        "pip install 'resnet-jax[tfds]'"
+    )
+    with pytest.raises(MissingExtraError, match=re.escape(message)):
+        load_source("imagenet2012", "train", str(tmp_path))
+    assert main(["train", "--config", "cifar10_resnet20", "--workdir", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"resnet-jax train: error: {message}"]
+
+
+@pytest.mark.parametrize(("module", "suffix"), [("torch", ".pth"), ("safetensors", ".safetensors")])
+def test_without_the_torch_extra_convert_says_what_to_install(module, suffix, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, module, None)
+    weights = tmp_path / f"weights{suffix}"
+    weights.write_bytes(b"\0")
+    code = main(["convert", "--from-torch", str(weights), "--model", "resnet18", "--out", str(tmp_path / "out")])
+    assert code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"resnet-jax convert: error: {module} is not installed, and PyTorch weight files (resnet-jax convert)"
+        f"{' and the PyTorch rows of resnet-jax bench' if module == 'torch' else ''} need it: "
+        "pip install 'resnet-jax[torch]'"
+    ]
+
+
+def test_without_the_torch_extra_bench_vs_torch_says_what_to_install(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torch", None)
+    monkeypatch.delitem(sys.modules, "resnet_jax.bench.torch_models", raising=False)  # imported afresh
+    assert main(["bench", "--model", "resnet8", "--batch", "2", "--vs-torch", "--no-input"]) == 2
+    assert capsys.readouterr().err.endswith("need it: pip install 'resnet-jax[torch]'\n")
+
+
+def test_the_idx_files_load_without_the_extras(tmp_path, monkeypatch):
+    for module in ("tensorflow", "tensorflow_datasets", "torch", "safetensors"):
+        monkeypatch.setitem(sys.modules, module, None)
+    make_idx_folder(tmp_path, compressed=True)
+    assert load_idx_folder(tmp_path, "test").num_examples == 17
 
 
 # --- configs by name -------------------------------------------------------------------------------

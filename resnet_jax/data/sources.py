@@ -19,6 +19,7 @@ import numpy as np
 from resnet_jax.data.arrays import ArraySource
 from resnet_jax.data.augment import CHANNEL_STATS
 from resnet_jax.data.imagenet import StreamSource, load_imagenet
+from resnet_jax.extras import require
 
 # Where the Debian package `dataset-fashion-mnist` puts the four IDX files.
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -131,7 +132,7 @@ def load_tfds_arrays(name: str, split: str = "train", data_dir: str | None = Non
     """A prepared tfds data set (cifar10, cifar100, mnist, fashion_mnist) read whole into memory; never downloads."""
     if name not in TFDS_DATASETS:
         raise ValueError(f"In-memory tfds data sets are {', '.join(TFDS_DATASETS)}; got {name!r}.")
-    import tensorflow_datasets as tfds
+    tfds = require("tensorflow_datasets")
 
     try:
         builder = tfds.builder(name, data_dir=data_dir)
