@@ -1,6 +1,6 @@
 # Two entry points for a fresh machine with Python 3.11: `make demo` and `make test`.
 PYTHON ?= python3
-VENV := .venv
+VENV ?= .venv
 BIN := $(VENV)/bin
 
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
@@ -8,28 +8,31 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: demo fashion-mnist test test-slow lint format clean
 
-$(BIN)/.installed: pyproject.toml
+# The core install (no TensorFlow, no PyTorch) is all the demo needs; the tests add the extras ([test]).
+$(BIN)/.core: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(BIN)/.installed: $(BIN)/.core
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
 # The main job: ResNet-20 on Fashion-MNIST (configs/fashion_mnist_resnet20.py).
-demo: $(BIN)/.installed fashion-mnist
-	$(BIN)/resnet-jax train --config configs/fashion_mnist_resnet20.py --workdir runs/fashion_mnist_resnet20 \
+demo: $(BIN)/.core fashion-mnist
+	$(BIN)/resnet-jax train --config fashion_mnist_resnet20 --workdir runs/fashion_mnist_resnet20 \
 	  --config.parallelism=batch_parts
 
-# Fashion-MNIST from Debian's package (apt), else from tfds (network), else say what to do.
-fashion-mnist: $(BIN)/.installed
-	@if [ -d $(FASHION_MNIST) ]; then exit 0; fi; \
+# Fashion-MNIST downloaded from its publisher and checked (into ~/.cache/resnet-jax/datasets, no root needed);
+# where that cannot be reached, Debian's package dataset-fashion-mnist (installed already, or through apt).
+fashion-mnist: $(BIN)/.core
+	@$(BIN)/resnet-jax download fashion_mnist && exit 0; \
+	if [ -d $(FASHION_MNIST) ]; then echo "Using Debian's dataset-fashion-mnist in $(FASHION_MNIST)"; exit 0; fi; \
+	echo "Trying Debian's package dataset-fashion-mnist instead"; \
 	if command -v apt-get >/dev/null && $(SUDO) apt-get update -qq && \
 	   $(SUDO) apt-get install -y -qq dataset-fashion-mnist; then exit 0; fi; \
-	echo "apt could not install dataset-fashion-mnist; trying tensorflow-datasets (needs network)"; \
-	$(BIN)/tfds build fashion_mnist || { \
-	  echo "No Fashion-MNIST. Put the four IDX files (train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz,"; \
-	  echo "t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz) from the Fashion-MNIST repository in a folder"; \
-	  echo "and run: $(BIN)/resnet-jax train --config configs/fashion_mnist_resnet20.py --workdir runs/fm --config.data_dir=FOLDER"; \
-	  exit 1; }
+	echo "No Fashion-MNIST: fetch its files by hand as the download error above says"; exit 1
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .

@@ -48,6 +48,13 @@ def evaluate(args: argparse.Namespace) -> None:
     evaluate_run(args.workdir, args.step)
 
 
+def download(args: argparse.Namespace) -> None:
+    """Fetch a data set ahead of use, e.g. before going offline."""
+    from resnet_jax.data.sources import download_dataset
+
+    print(f"{args.dataset}: {download_dataset(args.dataset, args.data_dir)}")
+
+
 def list_names(args: argparse.Namespace) -> None:
     """Print the named models, one a line."""
     from resnet_jax.models import list_models
@@ -175,6 +182,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=summary)
     add_train_and_eval_commands(commands)
 
+    p = commands.add_parser(
+        "download",
+        help="fetch a data set ahead of training (MNIST and Fashion-MNIST checked against pinned SHA-256 sums)",
+        epilog="Where it goes without --data-dir: ~/.cache/resnet-jax/datasets/DATASET (or $RESNET_JAX_DATA_DIR/"
+        "DATASET) for mnist and fashion_mnist, tfds' data folder (~/tensorflow_datasets) for cifar10 and cifar100. "
+        "imagenet2012 cannot be downloaded automatically (its licence): the command says how to prepare it.",
+    )
+    p.add_argument("dataset", help="fashion_mnist, mnist, cifar10 or cifar100")
+    p.add_argument("--data-dir", metavar="DIR", help="where to put it (the data_dir config key of training)")
+    p.set_defaults(run=download)
+
     p = commands.add_parser("models", help="list the named models")
     p.set_defaults(run=list_names)
 
@@ -228,11 +246,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     takes_overrides = args.command == "train" or getattr(args, "takes_config_overrides", False)
     if unknown or (args.overrides and not takes_overrides):
         build_parser().error(f"unrecognised arguments: {' '.join(unknown or args.overrides)}")
+    from resnet_jax.data.download import DownloadError
+    from resnet_jax.extras import MissingExtraError
     from resnet_jax.train.loop import TrainingInterruptedError
 
     try:
         result = args.run(args)
-    except (ValueError, FileNotFoundError) as error:  # bad user input: one clear line, no traceback
+    # Bad input, or what the user must fetch or install: one line that says what to do, no traceback.
+    except (ValueError, FileNotFoundError, DownloadError, MissingExtraError) as error:
         print(f"resnet-jax {args.command}: error: {error}", file=sys.stderr)
         return 2
     except FloatingPointError as error:

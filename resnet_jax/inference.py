@@ -96,8 +96,8 @@ def class_names(config: ml_collections.ConfigDict, num_classes: int) -> tuple[st
     if config.dataset == "imagenet2012":
         names = imagenet_class_names()
     else:
-        with contextlib.suppress(FileNotFoundError):  # names are a nicety: no data set, class numbers
-            names = data.load_source(config.dataset, config.eval_split, config.data_dir).class_names
+        with contextlib.suppress(FileNotFoundError):  # names are a nicety: no data set here, class numbers
+            names = data.load_source(config.dataset, config.eval_split, config.data_dir, download=False).class_names
     return names if len(names) == num_classes else tuple(map(str, range(num_classes)))
 
 

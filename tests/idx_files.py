@@ -17,6 +17,7 @@ def write_idx(path: Path, array: np.ndarray) -> None:
 
 
 def make_idx_folder(folder: Path, compressed: bool, num_train: int = 30, num_test: int = 17) -> dict:
+    folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     suffix = ".gz" if compressed else ""
     arrays = {}

@@ -156,7 +156,7 @@ def test_tfds_cifar10_through_mock_data(tmp_path):
 
 def test_unprepared_tfds_dataset_says_how_to_prepare_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="tfds build cifar100 --data_dir"):
-        load_tfds_arrays("cifar100", "train", data_dir=str(tmp_path))
+        load_tfds_arrays("cifar100", "train", data_dir=str(tmp_path), download=False)
 
 
 # --- Augmentation --------------------------------------------------------------------------------

@@ -143,7 +143,7 @@ def test_a_corrupt_latest_checkpoint_is_set_aside_and_the_previous_one_restored(
         ({"model": "resnet21"}, "6n+2"),
         ({"dataset": "cifar11"}, "Unknown dataset 'cifar11'"),
         ({"batch_size": 0}, "batch"),
-        ({"dataset": "mnist"}, "tfds build mnist"),
+        ({"dataset": "mnist", "download": False}, "downloading is off (download=False)"),
         ({"parallelism": "pjit"}, "parallelism='pjit'"),
         ({"parallelism": "batch_parts", "batch_parts": 0}, "batch_parts=0"),
         ({"parallelism": "threads"}, "parallelism 'threads' is now called 'batch_parts'"),

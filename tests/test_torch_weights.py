@@ -21,6 +21,7 @@ from torchvision_models import random_torchvision, relative_error, sample_images
 
 from resnet_jax.cli import main
 from resnet_jax.data import load_source, normalize
+from resnet_jax.extras import MissingExtraError
 from resnet_jax.models import create_model
 from resnet_jax.models.torch_weights import (
     TORCHVISION_MODELS,
@@ -119,7 +120,7 @@ def test_unreadable_files_and_layers_without_torch_counterpart_are_explained(tmp
     with pytest.raises(ValueError, match="no counterpart in torchvision's ResNet layout"):
         torch_state_dict(variables)
     monkeypatch.setitem(sys.modules, "torch", None)  # as if torch were not installed
-    with pytest.raises(ImportError, match="pip install torch"):
+    with pytest.raises(MissingExtraError, match=r"pip install 'resnet-jax\[torch\]'"):
         read_state_dict(tmp_path / "module.pth")
 
 

@@ -69,7 +69,9 @@ def run_subjects(workdir: str | Path, all_steps: bool = False, init: bool = Fals
         model, state, config = load_run(workdir, step)
         subjects.append(Subject(config.model, model, _variables(state), int(state.step), workdir, config))
     if init:  # the image shape only sets the input channels, as in `load_run`
-        image_shape = data.load_source(config.dataset, config.eval_split, config.data_dir).image_shape
+        image_shape = data.load_source(
+            config.dataset, config.eval_split, config.data_dir, config.get("download", True)
+        ).image_shape
         initial = create_train_state(model, optax.identity(), image_shape, config.seed)
         subjects.insert(0, Subject(config.model, model, _variables(initial), 0, workdir, config))
     return subjects

@@ -5,7 +5,7 @@ Written from scratch in plain ``torch.nn`` from the papers and the torchvision l
 the Flax modules, and without torchvision), so that a mistake in the Flax models shows up as a
 disagreement with these instead of being copied into them. The equivalence tests copy Flax
 variables into these modules and compare logits; ``resnet-jax bench --vs-torch`` trains them
-side by side with the Flax models. Import this module only where torch is installed.
+side by side with the Flax models.
 
 * `ImageNetResNet`: He et al. (2015) ImageNet ResNets with torchvision's module names (``conv1``,
   ``bn1``, ``layer1.0.conv1``, ``layer1.0.downsample.0``/``.1``, ``fc``). 7x7/2 conv stem (padding
@@ -24,9 +24,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import partial
 
-import torch
-import torch.nn.functional as F
-from torch import nn
+from resnet_jax.extras import require
+
+torch = require("torch")  # the [torch] extra; importing this module without it names the pip install to run
+F = torch.nn.functional
+nn = torch.nn
 
 BN_EPS = 1e-5
 BN_MOMENTUM = 0.1

@@ -11,29 +11,17 @@ import contextlib
 import resource
 import sys
 import time
-from types import ModuleType
 from typing import Any
 
 from resnet_jax.bench.cases import LEARNING_RATE, MOMENTUM, WEIGHT_DECAY, Case
+from resnet_jax.extras import require
 
 VARIANTS = ("eager", "channels_last", "compile")
 
 
-def import_torch() -> ModuleType:
-    """torch, or a ValueError that says how to install it."""
-    try:
-        import torch
-    except ImportError:
-        raise ValueError(
-            "--vs-torch needs PyTorch, which is not installed: `pip install torch` (CPU build: "
-            "`pip install torch --index-url https://download.pytorch.org/whl/cpu`), or drop --vs-torch."
-        ) from None
-    return torch
-
-
 def torch_device() -> str:
     """ "cuda" where torch sees a GPU, else "cpu"."""
-    return "cuda" if import_torch().cuda.is_available() else "cpu"
+    return "cuda" if require("torch").cuda.is_available() else "cpu"
 
 
 class TorchStep:
@@ -44,7 +32,7 @@ class TorchStep:
     def __init__(self, case: Case, variant: str, seed: int = 0) -> None:
         if variant not in VARIANTS:
             raise ValueError(f"torch variant {variant!r}; choose from {', '.join(VARIANTS)}.")
-        torch = import_torch()
+        torch = require("torch")
         from resnet_jax.bench import torch_models
 
         self.variant = variant

@@ -5,7 +5,7 @@ Deterministic and resumable like the in-memory pipeline: the shuffle of epoch e 
 (seed, e), each example's crop and flip by (seed, its position in this process's stream), and
 tf.data keeps the order, so ``start_step=k`` yields the batches k, k+1, ... of a run from 0 that
 had the same process count, after reading (not decoding) at most one epoch of records.
-TensorFlow is imported inside the functions: the in-memory data sets never load it.
+TensorFlow is imported inside the functions (`extras.require`): the in-memory data sets never load it.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from resnet_jax.data.augment import CHANNEL_STATS
 from resnet_jax.data.pipeline import Batch, BatchSettings, local_batch_size
+from resnet_jax.extras import require
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -72,7 +73,7 @@ class StreamSource:
 
 def load_imagenet(split: str = "train", data_dir: str | None = None) -> StreamSource:
     """Check that the tfds ``imagenet2012`` split is prepared and count it; nothing is read yet."""
-    import tensorflow_datasets as tfds
+    tfds = require("tensorflow_datasets")
 
     try:
         records = tfds.builder(NAME, data_dir=data_dir).as_dataset(split=split, shuffle_files=False)
@@ -108,7 +109,7 @@ def random_resized_crop(
 
     Only the box is decoded. When 10 tries find no box, the whole image is used.
     """
-    import tensorflow as tf
+    tf = require("tensorflow")
 
     crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
     begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
@@ -132,7 +133,7 @@ def resize_center_crop(
 ) -> tf.Tensor:
     """Evaluation view of a JPEG: shorter side resized to ``resize_size`` (aspect kept), central ``image_size``
     square. float32 in [0, 255]."""
-    import tensorflow as tf
+    tf = require("tensorflow")
 
     image = tf.io.decode_jpeg(image_bytes, channels=3)
     height_width = tf.cast(tf.shape(image)[:2], tf.float32)
@@ -146,8 +147,8 @@ def train_dataset(
     source: StreamSource, settings: BatchSettings, start_step: int = 0, shuffle_buffer: int = 16_384
 ) -> tf.data.Dataset:
     """Endless batches of this process's equal share of the split; epochs never mix within a batch."""
-    import tensorflow as tf
-    import tensorflow_datasets as tfds
+    tf = require("tensorflow")
+    tfds = require("tensorflow_datasets")
 
     seed, process_index, process_count = settings.seed, settings.process_index, settings.process_count
     local = settings.local_batch_size
@@ -187,8 +188,8 @@ def eval_dataset(source: StreamSource, settings: BatchSettings) -> tf.data.Datas
 
     Every process yields the same number of batches (the multi-host eval step runs in lockstep).
     """
-    import tensorflow as tf
-    import tensorflow_datasets as tfds
+    tf = require("tensorflow")
+    tfds = require("tensorflow_datasets")
 
     process_index, process_count = settings.process_index, settings.process_count
     local = local_batch_size(settings.eval_batch_size, process_count)
@@ -209,14 +210,14 @@ def eval_dataset(source: StreamSource, settings: BatchSettings) -> tf.data.Datas
 
 def as_numpy(dataset: tf.data.Dataset) -> Iterator[Batch]:
     """The batches of a tf.data pipeline as numpy dicts, like the in-memory pipeline's."""
-    import tensorflow_datasets as tfds
+    tfds = require("tensorflow_datasets")
 
     return iter(tfds.as_numpy(dataset))
 
 
 def _records(source: StreamSource, split: str) -> tf.data.Dataset:
     """The undecoded examples of ``split`` in their stored order (tfds shuffled them when it prepared the data)."""
-    import tensorflow_datasets as tfds
+    tfds = require("tensorflow_datasets")
 
     builder = tfds.builder(source.name, data_dir=source.data_dir)
     return builder.as_dataset(split=split, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()})
@@ -224,13 +225,13 @@ def _records(source: StreamSource, split: str) -> tf.data.Dataset:
 
 def _scale(source: StreamSource) -> tuple[tf.Tensor, tf.Tensor]:
     """Mean and std in pixel units, to normalise images in [0, 255]."""
-    import tensorflow as tf
+    tf = require("tensorflow")
 
     return tf.constant(source.mean) * 255, tf.constant(source.std) * 255
 
 
 def _finish(dataset: tf.data.Dataset) -> tf.data.Dataset:
-    import tensorflow as tf
+    tf = require("tensorflow")
 
     options = tf.data.Options()
     options.deterministic = True

@@ -1,7 +1,8 @@
 """Loading data sets: small ones whole into memory (`ArraySource`), ImageNet as a stream (`StreamSource`).
 
 The in-memory path (IDX files, synthetic data) imports no TensorFlow; tfds data sets import it
-only when loaded.
+only when loaded. Missing data sets are downloaded where they load (`download.py` for the IDX files,
+tfds' ``download_and_prepare`` for the others), unless ``download=False``.
 """
 
 from __future__ import annotations
@@ -9,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import math
+import os
 import re
+import sys
 import zlib
 from pathlib import Path
 from typing import Any
@@ -18,7 +21,16 @@ import numpy as np
 
 from resnet_jax.data.arrays import ArraySource
 from resnet_jax.data.augment import CHANNEL_STATS
+from resnet_jax.data.download import (
+    DATA_DIR_VARIABLE,
+    DownloadError,
+    default_folder,
+    fetch_files,
+    file_url,
+    unreachable,
+)
 from resnet_jax.data.imagenet import StreamSource, load_imagenet
+from resnet_jax.extras import require
 
 # Where the Debian package `dataset-fashion-mnist` puts the four IDX files.
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -44,13 +56,14 @@ DATASETS = ("fashion_mnist", "mnist", "cifar10", "cifar100", "imagenet2012", "sy
 
 
 def load_source(
-    dataset: str, split: str = "train", data_dir: str | None = None, **synthetic_args: Any
+    dataset: str, split: str = "train", data_dir: str | None = None, download: bool = True, **synthetic_args: Any
 ) -> ArraySource | StreamSource:
     """The ``split`` of ``dataset`` ("train", "test" or a slice such as "train[:45000]").
 
-    fashion_mnist and mnist are read from IDX files when ``data_dir`` holds them (or, for
-    fashion_mnist, when ``data_dir`` is None and the Debian package is installed), else from tfds.
-    ``synthetic_args`` go to ``synthetic`` (num_examples, image_shape, num_classes, seed).
+    fashion_mnist and mnist are read from their IDX files (`idx_folder` says where, and downloads missing ones),
+    or through tfds from a ``data_dir`` where tfds prepared them; cifar10 and cifar100 through tfds, prepared on
+    first use. ``download=False`` fails instead of downloading. ``synthetic_args`` go to ``synthetic``
+    (num_examples, image_shape, num_classes, seed).
     """
     if dataset not in DATASETS:
         raise ValueError(f"Unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}.")
@@ -62,11 +75,56 @@ def load_source(
         return _take(synthetic(**synthetic_args, seed=(seed, zlib.crc32(base.encode()))), rows)
     if dataset == "imagenet2012":
         return load_imagenet(split, data_dir)
+    if dataset in IDX_DATASETS and not (data_dir and _holds_tfds(Path(data_dir), dataset)):
+        return load_idx_folder(idx_folder(dataset, split, data_dir, download), split, name=dataset)
+    return load_tfds_arrays(dataset, split, data_dir, download)
+
+
+def idx_folder(dataset: str, split: str = "train", data_dir: str | None = None, download: bool = True) -> Path:
+    """The folder holding the IDX files of ``split`` of fashion_mnist or mnist; missing files are downloaded first.
+
+    It is ``data_dir`` when given. Otherwise it is the default folder (`download.default_folder`), unless that
+    lacks the files, ``RESNET_JAX_DATA_DIR`` is unset and Debian's dataset-fashion-mnist holds them.
+    """
+    base, _ = parse_split(split)
+    if dataset not in IDX_DATASETS or base not in IDX_FILES:
+        raise ValueError(f"IDX data sets are {', '.join(IDX_DATASETS)} with splits {', '.join(IDX_FILES)}.")
+    stems = IDX_FILES[base]
+    folder = Path(data_dir) if data_dir else default_folder(dataset)
+    system_wide = data_dir is None and dataset == "fashion_mnist" and not os.environ.get(DATA_DIR_VARIABLE)
+    if system_wide and not _holds_idx(folder, stems) and _holds_idx(FASHION_MNIST_DIR, stems):
+        return FASHION_MNIST_DIR
+    missing = [f"{stem}.gz" for stem in stems if _idx_path(folder, stem) is None]
+    if not missing:
+        return folder
+    debian = f" Or `sudo apt-get install dataset-fashion-mnist` (read from {FASHION_MNIST_DIR})." if system_wide else ""
+    if not download:
+        urls = ", ".join(file_url(dataset, name) for name in missing)
+        raise FileNotFoundError(
+            f"{dataset} {base} needs {', '.join(missing)} in {folder}, and downloading is off (download=False): "
+            f"allow it (--config.download=true), or fetch {urls} into {folder}.{debian}"
+        )
+    try:
+        fetch_files(dataset, missing, folder)
+    except DownloadError as error:
+        raise DownloadError(f"{error}{debian}") from None
+    return folder
+
+
+def download_dataset(dataset: str, data_dir: str | None = None) -> str:
+    """Download every split of ``dataset`` ahead of use (into ``data_dir`` or the default place); where it is."""
     if dataset in IDX_DATASETS:
-        folder = Path(data_dir) if data_dir else FASHION_MNIST_DIR if dataset == "fashion_mnist" else None
-        if folder is not None and _holds_idx(folder):
-            return load_idx_folder(folder, split, name=dataset)
-    return load_tfds_arrays(dataset, split, data_dir)
+        folder = Path(data_dir) if data_dir else default_folder(dataset)
+        names = [f"{stem}.gz" for stems in IDX_FILES.values() for stem in stems if _idx_path(folder, stem) is None]
+        fetch_files(dataset, names, folder)
+        return str(folder)
+    if dataset in TFDS_DATASETS:
+        return prepare_tfds(require("tensorflow_datasets").builder(dataset, data_dir=data_dir), data_dir, True)
+    if dataset == "imagenet2012":
+        load_imagenet("train", data_dir)  # when it is not prepared: how to prepare it by hand (it cannot download)
+        return data_dir or "~/tensorflow_datasets"
+    downloadable = ", ".join(name for name in DATASETS if name != "synthetic")
+    raise ValueError(f"Cannot download {dataset!r}; the data sets to download are {downloadable}.")
 
 
 def parse_split(split: str) -> tuple[str, slice]:
@@ -127,17 +185,21 @@ def read_idx(path: str | Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
 
 
-def load_tfds_arrays(name: str, split: str = "train", data_dir: str | None = None) -> ArraySource:
-    """A prepared tfds data set (cifar10, cifar100, mnist, fashion_mnist) read whole into memory; never downloads."""
+def load_tfds_arrays(
+    name: str, split: str = "train", data_dir: str | None = None, download: bool = True
+) -> ArraySource:
+    """A tfds data set (cifar10, cifar100, mnist, fashion_mnist) read whole into memory, prepared first if needed."""
     if name not in TFDS_DATASETS:
         raise ValueError(f"In-memory tfds data sets are {', '.join(TFDS_DATASETS)}; got {name!r}.")
-    import tensorflow_datasets as tfds
-
+    tfds = require("tensorflow_datasets")
+    builder = tfds.builder(name, data_dir=data_dir)
     try:
-        builder = tfds.builder(name, data_dir=data_dir)
         dataset = builder.as_dataset(split=split, shuffle_files=False)
-    except AssertionError as error:  # tfds' way of saying the data set is not prepared
-        raise FileNotFoundError(_not_prepared(name, data_dir)) from error
+    except AssertionError:  # tfds' way of saying the data set is not prepared
+        dataset = None
+    if dataset is None:
+        prepare_tfds(builder, data_dir, download)
+        dataset = builder.as_dataset(split=split, shuffle_files=False)
     # In chunks rather than tfds' batch_size=-1, which needs split sizes that tfds' mock data lacks.
     chunks = list(tfds.as_numpy(dataset.batch(10_000)))
     images = np.concatenate([c["image"] for c in chunks])
@@ -152,6 +214,42 @@ def load_tfds_arrays(name: str, split: str = "train", data_dir: str | None = Non
         std=CHANNEL_STATS[name][1],
         class_names=tuple(label_feature.names),
     )
+
+
+def prepare_tfds(builder: Any, data_dir: str | None, download: bool) -> str:
+    """Make sure the tfds data set of ``builder`` is prepared (tfds' download_and_prepare, if ``download``).
+
+    Returns the folder it is prepared in; raises FileNotFoundError, or `DownloadError` when tfds fails, saying
+    how to prepare it on another machine.
+    """
+    where = data_dir or "~/tensorflow_datasets"
+    by_hand = (
+        f"On a machine with network run `tfds build {builder.name} --data_dir DIR`, copy DIR to this machine and "
+        "pass data_dir=DIR."
+    )
+    if builder.is_prepared():
+        return str(builder.data_dir)
+    if not download:
+        raise FileNotFoundError(
+            f"The tfds data set {builder.name} is not prepared in {where}, and downloading is off (download=False): "
+            f"allow it (--config.download=true), or prepare it by hand. {by_hand}"
+        )
+    urls = list(builder.url_infos or {})
+    why = urls and unreachable(urls[0])
+    if why:
+        raise DownloadError(
+            f"tensorflow_datasets cannot download {builder.name} into {where}: {urls[0]} cannot be reached ({why}). "
+            f"{by_hand}"
+        )
+    print(f"Preparing {builder.name} with tensorflow_datasets in {where} (downloaded once)", file=sys.stderr)
+    try:
+        builder.download_and_prepare()
+    except Exception as error:  # tfds' own errors and those of its HTTP client: no data set either way
+        raise DownloadError(
+            f"tensorflow_datasets could not download and prepare {builder.name} in {where}: "
+            f"{type(error).__name__}: {error}. {by_hand}"
+        ) from error
+    return str(builder.data_dir)
 
 
 def synthetic(
@@ -185,28 +283,26 @@ def _stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return tuple(pixels.mean(0).tolist()), tuple(pixels.std(0).tolist())
 
 
-def _holds_idx(folder: Path) -> bool:
-    return any((folder / f"{IDX_FILES['train'][0]}{suffix}").is_file() for suffix in ("", ".gz"))
+def _holds_idx(folder: Path, stems: tuple[str, ...]) -> bool:
+    return all(_idx_path(folder, stem) is not None for stem in stems)
+
+
+def _idx_path(folder: Path, stem: str) -> Path | None:
+    """The IDX file ``stem`` in ``folder``, plain or gzipped, if there."""
+    return next((path for path in (folder / stem, folder / f"{stem}.gz") if path.is_file()), None)
+
+
+def _holds_tfds(folder: Path, dataset: str) -> bool:
+    """Whether ``folder`` is a tfds data_dir with ``dataset`` prepared in it (DATASET/VERSION/dataset_info.json)."""
+    return any((folder / dataset).glob("*/dataset_info.json"))
 
 
 def _find_idx(folder: Path, stem: str) -> Path:
-    for path in (folder / stem, folder / f"{stem}.gz"):
-        if path.is_file():
-            return path
-    raise FileNotFoundError(
-        f"No {stem} (or {stem}.gz) in {folder}. For Fashion-MNIST run `sudo apt-get install dataset-fashion-mnist` "
-        f"(it installs to {FASHION_MNIST_DIR}), or download the four IDX files from "
-        "https://github.com/zalandoresearch/fashion-mnist (data/fashion) into a folder and pass data_dir=FOLDER."
-    )
-
-
-def _not_prepared(name: str, data_dir: str | None) -> str:
-    where = data_dir or "~/tensorflow_datasets"
-    message = (
-        f"The tfds data set {name} is not prepared in {where}, and nothing is downloaded here. On a machine "
-        f"with network run `tfds build {name} --data_dir DIR`, copy DIR to this machine and pass data_dir=DIR."
-    )
-    if name in IDX_DATASETS:
-        message += " Or pass data_dir= a folder of its four IDX files"
-        message += " (for Fashion-MNIST: `sudo apt-get install dataset-fashion-mnist`)."
-    return message
+    path = _idx_path(folder, stem)
+    if path is None:
+        raise FileNotFoundError(
+            f"No {stem} (or {stem}.gz) in {folder}. For Fashion-MNIST, `sudo apt-get install dataset-fashion-mnist` "
+            f"installs the files to {FASHION_MNIST_DIR}; load_source('fashion_mnist') and load_source('mnist') "
+            "download them (into data_dir=FOLDER when given)."
+        )
+    return path

@@ -9,12 +9,11 @@ the v1 variants and the CIFAR family. Layouts: conv kernels are HWIO here and OI
 ``running_mean``/``running_var``. torch's ``num_batches_tracked`` has no Flax counterpart (it only matters for
 BN with momentum=None): it is ignored on import and exported as 0.
 
-torch and safetensors are imported only when a file of theirs is read or written.
+torch and safetensors (the ``[torch]`` extra) are imported only when a file of theirs is read or written.
 """
 
 from __future__ import annotations
 
-import importlib
 import pickle
 from collections.abc import Mapping
 from functools import partial
@@ -26,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from resnet_jax.extras import require
 from resnet_jax.models.registry import create_model
 from resnet_jax.models.resnet import ResNet
 
@@ -155,8 +155,8 @@ def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise FileNotFoundError(f"No weights file {path}.")
     if path.suffix == ".safetensors":
-        return dict(_require("safetensors.numpy", "safetensors").load_file(path))
-    torch = _require("torch", "torch")
+        return dict(require("safetensors.numpy").load_file(path))
+    torch = require("torch")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -183,7 +183,7 @@ def load_torch_weights(path: str | Path, name: str) -> tuple[ResNet, dict[str, A
 
 def to_tensors(state: Mapping[str, np.ndarray]) -> dict[str, Any]:
     """numpy state_dict -> torch tensors (for ``load_state_dict``)."""
-    torch = _require("torch", "torch")
+    torch = require("torch")
     return {k: torch.from_numpy(np.array(v)) for k, v in state.items()}  # writable copies, as torch wants
 
 
@@ -193,19 +193,10 @@ def save_torch_weights(variables: Mapping[str, Any], path: str | Path) -> Path:
     state = torch_state_dict(variables)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".safetensors":
-        _require("safetensors.numpy", "safetensors").save_file(state, path)
+        require("safetensors.numpy").save_file(state, path)
     else:
-        _require("torch", "torch").save(to_tensors(state), path)
+        require("torch").save(to_tensors(state), path)
     return path
-
-
-def _require(module: str, package: str) -> Any:
-    try:
-        return importlib.import_module(module)
-    except ImportError as error:
-        raise ImportError(
-            f"PyTorch weight files need the {package} package: pip install {package} (the CPU build is enough)."
-        ) from error
 
 
 def _indexed(name: str, prefix: str) -> bool:

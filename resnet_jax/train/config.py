@@ -1,4 +1,8 @@
-"""Load an experiment config file and apply ``--config.KEY=VALUE`` overrides, checked against its keys."""
+"""Load an experiment config file and apply ``--config.KEY=VALUE`` overrides, checked against its keys.
+
+The experiments of configs/ are shipped with the package (as the top-level ``configs`` package, beside
+``resnet_jax``), so a name such as ``fashion_mnist_resnet20`` finds its file in a checkout and in an install.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import ml_collections
+
+# configs/ beside the resnet_jax package: the checkout's folder, or the installed copy in site-packages.
+CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 # Every config must define these (the CLI, the README and the tests rely on them).
 REQUIRED_KEYS = (
@@ -32,12 +39,8 @@ RENAMED_VALUES = {("parallelism", "threads"): "batch_parts"}
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-    """``get_config()`` of the file at ``path``, with ``KEY=VALUE`` overrides (nested keys by dots)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"No config file {str(path)!r}; the experiments are in configs/ (e.g. configs/default.py)."
-        )
+    """``get_config()`` of an experiment file (`config_file`), with ``KEY=VALUE`` overrides (nested keys by dots)."""
+    path = config_file(path)
     # Experiment files import `configs.default`: make the folder holding configs/ importable.
     root = str(path.resolve().parent.parent)
     if root not in sys.path:
@@ -67,6 +70,25 @@ def read_saved_config(saved: dict[str, Any]) -> ml_collections.ConfigDict:
         if saved.get(key) == old_value:
             saved[key] = new_value
     return ml_collections.ConfigDict(saved)
+
+
+def config_file(name_or_path: str | Path) -> Path:
+    """The experiment file ``name_or_path`` names: a path to a file, else a packaged config.
+
+    A bare name (``fashion_mnist_resnet20``) or a path under configs/ that is not here (``configs/default.py``,
+    as the README writes them, run outside a checkout) is the file of that name in `CONFIGS_DIR`.
+    """
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    packaged = CONFIGS_DIR / f"{path.name.removesuffix('.py')}.py"
+    if path.parent in (Path(), Path("configs")) and packaged.is_file():
+        return packaged
+    names = sorted(p.stem for p in CONFIGS_DIR.glob("*.py") if not p.stem.startswith("_"))
+    raise FileNotFoundError(
+        f"No config file {str(path)!r}. Give the path of an experiment file, or the name of a packaged one: "
+        f"{', '.join(names)}."
+    )
 
 
 def apply_override(config: ml_collections.ConfigDict, override: str) -> None:

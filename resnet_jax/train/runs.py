@@ -144,7 +144,7 @@ def load_run(workdir: str | Path, step: int | None = None) -> tuple[ResNet, Trai
     config = read_saved_config(meta["config"])
     num_classes, image_shape = meta.get("num_classes"), meta.get("image_shape")
     if num_classes is None or image_shape is None:  # a training run: its data set says (converted ones record them)
-        source = data.load_source(config.dataset, config.eval_split, config.data_dir)
+        source = data.load_source(config.dataset, config.eval_split, config.data_dir, config.get("download", True))
         num_classes, image_shape = source.num_classes, source.image_shape
     model = build_model(config, num_classes)
     tx = create_optimizer(config, learning_rate_schedule(config, steps_per_epoch=1))  # fixes the state's structure

@@ -1,0 +1,39 @@
+"""The optional parts of the install: each heavy dependency is imported through `require`, where it is needed.
+
+The core install (IDX and synthetic data, training, analysis, JAX checkpoints) needs neither TensorFlow nor
+PyTorch. The tfds data sets need the ``[tfds]`` extra, PyTorch weight files and the PyTorch benchmarks the
+``[torch]`` extra; without it, `require` says in one line which ``pip install`` to run.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+# The top-level module, the extra that installs it, and what needs it.
+EXTRAS = {
+    "tensorflow": ("tfds", "the tfds data sets (CIFAR-10, CIFAR-100, ImageNet)"),
+    "tensorflow_datasets": ("tfds", "the tfds data sets (CIFAR-10, CIFAR-100, ImageNet)"),
+    "torch": ("torch", "PyTorch weight files (resnet-jax convert) and the PyTorch rows of resnet-jax bench"),
+    "safetensors": ("torch", "PyTorch weight files (resnet-jax convert)"),
+}
+
+
+class MissingExtraError(ImportError):
+    """An optional dependency is not installed; the message names the extra that installs it."""
+
+
+def require(module: str) -> ModuleType:
+    """``import module``, or a `MissingExtraError` naming the ``pip install 'resnet-jax[EXTRA]'`` that provides it."""
+    top = module.partition(".")[0]
+    if top not in EXTRAS:
+        raise ValueError(f"{module!r} is not an optional dependency; the optional ones are {', '.join(EXTRAS)}.")
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        if error.name is None or error.name.partition(".")[0] != top:
+            raise  # the package is there but broken (a dependency of its own is missing): its own error says more
+        extra, purpose = EXTRAS[top]
+        raise MissingExtraError(
+            f"{top} is not installed, and {purpose} need it: pip install 'resnet-jax[{extra}]'", name=top
+        ) from None
