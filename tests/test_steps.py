@@ -15,7 +15,7 @@ import pytest
 from absl.testing import parameterized
 from convs import CONVS
 
-from resnet_jax.data import load_source, train_batches
+from resnet_jax.data import BatchSettings, load_source
 from resnet_jax.models import create_model
 from resnet_jax.train.steps import (
     PMAP_AXIS,
@@ -34,7 +34,7 @@ IMAGE_SHAPE = (12, 12, 3)
 def state_and_batch(conv, size: int = 8):
     """A resnet8 train state (SGD with momentum) computing with ``conv``, and a labelled batch of ``size``."""
     source = load_source("synthetic", "train", num_examples=32, image_shape=IMAGE_SHAPE, num_classes=10)
-    batch = next(train_batches(source, global_batch_size=size, seed=0))
+    batch = next(source.train_batches(BatchSettings(size, seed=0)))
     state = create_train_state(create_model("resnet8", conv=conv), optax.sgd(0.1, 0.9), IMAGE_SHAPE, seed=0)
     return state, {k: jnp.asarray(v) for k, v in batch.items()}
 
