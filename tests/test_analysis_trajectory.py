@@ -137,7 +137,7 @@ def test_analyze_trajectory_groups_runs_and_interpolates_between_their_finals(tm
     report = analyze_trajectory(mixed, images, labels, tmp_path / "out", resolution=3, alphas=(0.0, 0.5, 1.0))
     assert [Path(run["workdir"]).name for run in report["runs"]] == ["seed5", "seed4"]
     (line,) = report["interpolations"]
-    assert line["labels"] == ["resnet8 step 40"] * 2 and line["barrier"] is not None
+    assert line["labels"] == ["seed5: resnet8 step 40", "seed4: resnet8 step 40"] and line["barrier"] is not None
     written = json.loads((tmp_path / "out" / "trajectory.json").read_text())
     assert np.asarray(written["runs"][0]["loss"]).shape == (3, 3)
     assert (tmp_path / "out" / "trajectory.csv").read_text().count("\n") == 11  # header, 2 runs x 5 checkpoints

@@ -85,6 +85,11 @@ def check_run(checkpoints: Sequence[Subject]) -> None:
         raise ValueError("The checkpoints of one path must be of one model; give the checkpoints of one run.")
 
 
+def run_label(subject: Subject) -> str:
+    """The subject's label with its run's folder name: two seeds' runs have the same model and steps."""
+    return f"{subject.workdir.name}: {subject.label}" if subject.workdir else subject.label
+
+
 def _structure(subject: Subject) -> tuple[nn.Module, str]:
     return subject.model, str(jax.tree.map(np.shape, subject.variables))
 
@@ -131,7 +136,7 @@ def trajectory(
     points = np.stack([a.ravel(), b.ravel()], axis=-1)
     loss, accuracy = grid_metrics(final.model, final.variables, plane.directions, points, images, labels, chunk)
     return {
-        "label": final.label,
+        "label": run_label(final),
         "model": final.name,
         "workdir": str(final.workdir) if final.workdir else None,
         "steps": [s.step for s in checkpoints],
@@ -158,7 +163,7 @@ def interpolation(
     loss, accuracy = _interpolation_metrics(first.model, first.variables, second.variables, alphas, images, labels)
     loss, accuracy = np.asarray(loss), np.asarray(accuracy)
     return {
-        "labels": [first.label, second.label],
+        "labels": [run_label(first), run_label(second)],
         "alphas": alphas,
         "loss": loss,
         "accuracy": accuracy,
@@ -277,9 +282,7 @@ def plot_interpolations(lines: list[dict[str, Any]], path: Path) -> Path:
     """Loss and accuracy along (1 - alpha) A + alpha B, one curve per pair of solutions."""
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    styles = line_styles(
-        [{"model": " vs ".join(line["labels"]), "label": " vs ".join(line["labels"])} for line in lines]
-    )
+    styles = line_styles([{"model": name, "label": name} for name in (" vs ".join(line["labels"]) for line in lines)])
     for line, style in zip(lines, styles, strict=True):
         axes[0].plot(line["alphas"], line["loss"], ".-", **style)
         axes[1].plot(line["alphas"], line["accuracy"], ".-", **style)
