@@ -9,10 +9,10 @@ what earlier ones computed" predicts for residual nets; plain nets should lose s
 
 The biased HSIC of the full-data formula needs every example's Gram entry at once: memory n^2 in the
 number of examples. Minibatch CKA (Nguyen, Raghu & Kornblith 2021) averages the unbiased HSIC estimator
-(Song et al. 2012) over minibatches of a fixed size and takes the ratio of the averages: an unbiased
-estimate for each HSIC term, so the result does not depend on how the data is split, in memory that does
-not grow with the data. Small minibatches still give the same expected value (the biased estimator's
-expectation grows as the batch shrinks, and two independent representations score well above 0).
+(Song et al. 2012) over minibatches of a fixed size and takes the ratio of the averages, in memory that does
+not grow with the data. Each average is an unbiased estimate of its HSIC term whatever the minibatch size;
+the biased estimator's expectation grows as the batch shrinks (on small batches, two independent
+representations score well above 0).
 
 The representations are what every `ResidualBlock` sows (``mutable=["intermediates"]``) with BN in
 inference mode: its ``output`` for CKA; its branch output F(x) and its shortcut's value s(x) for the size
@@ -51,7 +51,7 @@ MIN_BATCH = 4  # the unbiased HSIC estimator divides by n (n - 3)
 def gram(features: jax.Array) -> jax.Array:
     """The linear Gram matrix X X^T of the examples (rows) of ``features`` (n, ...), flattened and centred.
 
-    Centring changes neither CKA nor the unbiased HSIC (both see only covariances) but keeps float32 exact:
+    Centring changes neither CKA nor the unbiased HSIC (both see only covariances) but keeps float32 accurate:
     ReLU outputs are all positive, and the uncentred Gram entries would cancel in the estimators.
     """
     flat = features.reshape(features.shape[0], -1).astype(jnp.float32)
