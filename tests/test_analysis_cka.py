@@ -152,7 +152,7 @@ def test_branch_to_skip_is_the_norm_of_the_branch_over_the_shortcut_per_example(
     for block, row in zip(capture_blocks(resnet.model, resnet.variables, images), ratios, strict=True):
         parts = block_parts(block, block.variables, block.inputs)
         norms = {part: np.linalg.norm(np.asarray(parts[part]).reshape(5, -1), axis=1) for part in parts}
-        chex.assert_trees_all_close(np.asarray(row), norms["residual"] / norms["shortcut"], rtol=1e-5)
+        chex.assert_trees_all_close(np.asarray(row), norms["branch"] / norms["shortcut"], rtol=1e-5)
 
 
 def test_cka_report_splits_the_matrix_by_subject_and_pair(subjects):

@@ -37,9 +37,9 @@ import numpy as np
 from resnet_jax.analysis.common import Subject, line_styles, pyplot, save_figure, write_csv, write_json
 
 # The names under which `ResidualBlock` sows its values (models/blocks.py): its output y, its branch F(x)
-# ("residual") and its shortcut's value s(x) ("skip", residual blocks only). Read only through these.
+# and its shortcut's value s(x) (blocks with a skip connection only). Read only through these.
 SOWN_OUTPUT = "output"
-SOWN_BRANCH = "residual"
+SOWN_BRANCH = "branch_output"
 SOWN_SKIP = "skip"
 
 MIN_BATCH = 4  # the unbiased HSIC estimator divides by n (n - 3)
