@@ -7,6 +7,10 @@
 - `lesion`: test error after deleting or reordering blocks.
 - `landscape`: the loss along filter-normalised random directions (Li et al. 2018).
 - `degradation`: plain against residual nets of several depths, trained with one recipe (He et al. 2015).
+- `cka`: linear CKA between block outputs, minibatch (Nguyen et al. 2021), and each branch against its skip.
+- `hessian`: the loss Hessian's top eigenvalues, trace and eigenvalue density (Lanczos, Hutchinson, SLQ).
+- `trajectory`: a run's path in its PCA plane over the loss (Li et al. 2018), and interpolation of solutions.
+- `feature_maps`: every stage's output as images, channel means and the most active channels.
 - `report`: the page of `analyze all`, with every analysis's finding, tables and plots.
 - `common`: models and variables (init or checkpoint), real image batches, JSON/CSV/PNG output.
 

@@ -168,9 +168,11 @@ def line_styles(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
     models = list(dict.fromkeys(report["model"] for report in reports))
     styles = []
-    for report in reports:
-        same = [r for r in reports if r["model"] == report["model"]]
-        shade = 0.35 + 0.65 * (same.index(report) + 1) / len(same)
+    for index, report in enumerate(reports):
+        # By position: reports of one model that compare equal (two seeds at init) would be found twice, and
+        # comparing reports that hold arrays raises.
+        same = [i for i, r in enumerate(reports) if r["model"] == report["model"]]
+        shade = 0.35 + 0.65 * (same.index(index) + 1) / len(same)
         colour = colormaps["tab10"](models.index(report["model"]) % 10)
         styles.append({"color": colour, "alpha": shade, "label": report["label"]})
     return styles
