@@ -1,6 +1,6 @@
 """Every residual block of a model as a function of its own input: y(x), F(x) and shortcut(x).
 
-`capture_blocks` runs the model once (BN in inference mode) under ``nn.intercept_methods`` and
+`capture_blocks` runs the model once (BN in inference mode), intercepting its blocks, and
 records, for each `ResidualBlock`, an unbound copy of the module, its variables, the input it
 received and which shortcut submodule it called. `block_parts` then runs one block alone on any
 input and reads what the block sows: its ``branch_output`` F and its shortcut's value
@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from resnet_jax.analysis.interception import BLOCK, SHORTCUT_MODULE, Call, intercept
 from resnet_jax.models.blocks import PadShortcut, ProjectionShortcut, ResidualBlock
 
 # The identity of the block Jacobian J = dy/dx, by (kind, preact). D is the ReLU mask 1[s + F > 0] of a
@@ -75,25 +76,22 @@ class Block:
 def capture_blocks(model: nn.Module, variables: dict[str, Any], images: jax.Array) -> list[Block]:
     """Run ``model`` on ``images`` with BN in inference mode and capture every residual block, in order."""
     blocks: list[Block] = []
-    shortcuts: dict[int, type] = {}
+    shortcuts: dict[int, type] = {}  # depth -> the class of the block's shortcut submodule, where it has one
 
-    def interceptor(next_fun, args, kwargs, context):
-        module = context.module
-        if context.method_name != "__call__":
-            return next_fun(*args, **kwargs)
-        if isinstance(module, PadShortcut | ProjectionShortcut):
-            shortcuts[id(module.parent)] = type(module)
-        if not isinstance(module, ResidualBlock):
-            return next_fun(*args, **kwargs)
-        x = args[0]
-        y = next_fun(*args, **kwargs)
-        kind = _kind(module.skip_connection, shortcuts.get(id(module)))
+    def record_shortcut(call: Call) -> jax.Array:
+        shortcuts[call.depth] = type(call.module)
+        return call.run()
+
+    def capture(call: Call) -> jax.Array:
+        module, x = call.module, call.inputs
+        y = call.run()
+        kind = _kind(module.skip_connection, shortcuts.get(call.depth))
         stage, index = _position(module.path)
-        info = BlockInfo(stage, index, len(blocks), kind, module.preact, tuple(x.shape[1:]), tuple(y.shape[1:]))
+        info = BlockInfo(stage, index, call.depth, kind, module.preact, tuple(x.shape[1:]), tuple(y.shape[1:]))
         blocks.append(Block(info, module.clone(parent=None), module.variables, x))
         return y
 
-    with nn.intercept_methods(interceptor):
+    with intercept({BLOCK: capture, SHORTCUT_MODULE: record_shortcut}):
         model.apply(variables, images, train=False)
     if not blocks:
         raise ValueError(f"{type(model).__name__} has no ResidualBlock; the block analyses need a ResNet of the zoo.")

@@ -3,7 +3,7 @@ at initialisation and along training.
 
 The loss is the mean cross-entropy of a real batch with BN in training mode (batch statistics), i.e.
 the gradient that the optimiser gets; the running statistics are left as they are. Gradients with
-respect to activations come from zero perturbations added (through ``nn.intercept_methods``) to the
+respect to activations come from zero perturbations added (by intercepting their calls) to the
 output of every residual block and of every conv and dense layer: dL/d(perturbation) = dL/d(output).
 Norms are Frobenius norms over the whole batch. Nothing is asserted about them: with BN, plain-net
 gradients need not vanish (He et al. 2016).
@@ -22,10 +22,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from resnet_jax.analysis.common import Subject, line_styles, pyplot, save_figure, write_json
+from resnet_jax.analysis.interception import Call, Target, intercept
 from resnet_jax.models.blocks import ResidualBlock
 from resnet_jax.train.steps import cross_entropy
 
-LAYERS = (nn.Conv, nn.Dense)  # per-layer gradients: every conv and the head
+# The outputs whose gradients are measured: every residual block, and per layer every conv and the head.
+TAPPED = Target((ResidualBlock, nn.Conv, nn.Dense))
 
 
 def gradient_norms(model: nn.Module, variables: dict[str, Any], images: jax.Array, labels: jax.Array) -> dict[str, Any]:
@@ -55,12 +57,11 @@ def _loss_and_grads(
     model: nn.Module, variables: dict[str, Any], images: jax.Array, labels: jax.Array, perturbations: dict[str, Any]
 ) -> tuple[jax.Array, tuple[Any, Any]]:
     def loss_fn(params: Any, perturbations: dict[str, jax.Array]) -> jax.Array:
-        def interceptor(next_fun, args, kwargs, context):
-            out = next_fun(*args, **kwargs)
-            path = "/".join(context.module.path)
-            return out + perturbations[path] if context.method_name == "__call__" and path in perturbations else out
+        def perturb(call: Call) -> jax.Array:
+            out = call.run()
+            return out + perturbations[call.path] if call.path in perturbations else out
 
-        with nn.intercept_methods(interceptor):
+        with intercept({TAPPED: perturb}):
             (logits, _), _ = model.apply({**variables, "params": params}, images, train=True, mutable=["batch_stats"])
         return cross_entropy(logits, labels).mean()
 
@@ -71,14 +72,12 @@ def _tapped_outputs(model: nn.Module, variables: dict[str, Any], images: jax.Arr
     """Path -> (output shape, dtype, is a block) of every residual block and layer, in forward order."""
     found: dict[str, tuple] = {}
 
-    def interceptor(next_fun, args, kwargs, context):
-        out = next_fun(*args, **kwargs)
-        module = context.module
-        if context.method_name == "__call__" and isinstance(module, (ResidualBlock, *LAYERS)):
-            found["/".join(module.path)] = (out.shape, out.dtype, isinstance(module, ResidualBlock))
+    def record(call: Call) -> jax.Array:
+        out = call.run()
+        found[call.path] = (out.shape, out.dtype, isinstance(call.module, ResidualBlock))
         return out
 
-    with nn.intercept_methods(interceptor):
+    with intercept({TAPPED: record}):
         jax.eval_shape(partial(model.apply, train=True, mutable=["batch_stats"]), variables, images)
     return found
 

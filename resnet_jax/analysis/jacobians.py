@@ -36,7 +36,7 @@ from resnet_jax.analysis.common import (
     write_csv,
     write_json,
 )
-from resnet_jax.models.blocks import ResidualBlock
+from resnet_jax.analysis.interception import BLOCK, Call, intercept
 
 Parts = dict[str, jax.Array]
 
@@ -302,14 +302,11 @@ def end_to_end_jvp(model: nn.Module, variables: dict[str, Any], images: jax.Arra
     def first_to_last_block(h: jax.Array) -> jax.Array:
         outputs.clear()
 
-        def interceptor(next_fun, args, kwargs, context):
-            if context.method_name != "__call__" or not isinstance(context.module, ResidualBlock):
-                return next_fun(*args, **kwargs)
-            first = not outputs
-            outputs.append(next_fun(h if first else args[0], *args[1:], **kwargs))
+        def replace_first_input(call: Call) -> jax.Array:
+            outputs.append(call.run_on(h) if call.depth == 0 else call.run())
             return outputs[-1]
 
-        with nn.intercept_methods(interceptor):
+        with intercept({BLOCK: replace_first_input}):
             model.apply(variables, images, train=False)
         return outputs[-1]
 

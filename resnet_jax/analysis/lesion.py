@@ -7,7 +7,7 @@ deleted or reordered at test time, with BN in inference mode (running statistics
 - Reordering swaps blocks of one stage whose input and output shapes are equal (the downsampling ones stay put)
   and is reported against Kendall's tau between the original and the new order.
 
-Deletion happens through ``nn.intercept_methods``: the output of ``ResidualBlock.__call__`` is replaced by the
+Deletion intercepts the blocks (`interception`): the output of ``ResidualBlock.__call__`` is replaced by the
 skip's value (what the block's ``_shortcut`` returns) where a mask says so. The mask is data, so one compiled
 program serves every deletion pattern. A reordered net is the same net with the variables of the swapped blocks
 traded: the blocks of a swap group have the same configuration, so block j at position i computes exactly what
@@ -31,7 +31,7 @@ import numpy as np
 
 from resnet_jax.analysis.blocks import BlockInfo, capture_blocks
 from resnet_jax.analysis.common import Subject, line_styles, pyplot, save_figure, write_csv, write_json
-from resnet_jax.models.blocks import ResidualBlock
+from resnet_jax.analysis.interception import BLOCK, SKIP, Call, intercept
 
 # --- deleting blocks -----------------------------------------------------------------------------------------
 
@@ -50,26 +50,21 @@ def deletable(info: BlockInfo) -> bool:
 def lesioned_logits(model: nn.Module, variables: dict[str, Any], images: jax.Array, delete: jax.Array) -> jax.Array:
     """The model's logits (BN in inference mode) with every block l where ``delete[l]`` replaced by its skip:
     y = shortcut(x), or y = x for a plain block (see `deletable`; the mask of other blocks is ignored)."""
-    position = [-1]
-    skip: dict[str, jax.Array] = {}
+    skips: dict[int, jax.Array] = {}  # depth -> the skip's value; a plain block has none
 
-    def interceptor(next_fun, args, kwargs, context):
-        module, method = context.module, context.method_name
-        if not isinstance(module, ResidualBlock) or method not in ("__call__", "_shortcut"):
-            return next_fun(*args, **kwargs)
-        if method == "_shortcut":
-            skip["value"] = next_fun(*args, **kwargs)
-            return skip["value"]
-        position[0] += 1
-        index = position[0]
-        y = next_fun(*args, **kwargs)
-        replacement = skip.pop("value", args[0])  # a plain block calls no shortcut: its input
-        return jnp.where(delete[index], replacement, y) if replacement.shape == y.shape else y
+    def record_skip(call: Call) -> jax.Array:
+        skips[call.depth] = call.run()
+        return skips[call.depth]
 
-    with nn.intercept_methods(interceptor):
+    def delete_block(call: Call) -> jax.Array:
+        y = call.run()
+        replacement = skips.get(call.depth, call.inputs)
+        return jnp.where(delete[call.depth], replacement, y) if replacement.shape == y.shape else y
+
+    with intercept({BLOCK: delete_block, SKIP: record_skip}) as count:
         logits, _ = model.apply(variables, images, train=False)
-    if position[0] + 1 != delete.shape[0]:
-        raise ValueError(f"A mask of {delete.shape[0]} for a model of {position[0] + 1} blocks; give one per block.")
+    if count.blocks != delete.shape[0]:
+        raise ValueError(f"A mask of {delete.shape[0]} for a model of {count.blocks} blocks; give one per block.")
     return logits
 
 

@@ -15,8 +15,8 @@ Gates (1, 1) everywhere give the ordinary gradient; Veit's "through F" is (1, 0)
 One compiled program, vmapped over a chunk of gate vectors, serves every k and every sample.
 
 F is the block's ``branch`` submodule and the skip is the value the block's ``_shortcut`` method returns; both
-are reached through ``nn.intercept_methods`` (flax wraps every method of a module, so the identity skip, which
-is no submodule, can be gated too). The model is not changed.
+are reached by intercepting their calls (`interception`: flax wraps every method of a module, so the identity
+skip, which is no submodule, can be gated too). The model is not changed.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from resnet_jax.analysis.common import Subject, line_styles, pyplot, save_figure, write_csv, write_json
-from resnet_jax.models.blocks import Branch, ResidualBlock
+from resnet_jax.analysis.interception import BRANCH, SKIP, Call, intercept
 from resnet_jax.train.steps import cross_entropy
 
 # --- the distribution of path lengths ----------------------------------------------------------------------
@@ -80,23 +80,17 @@ def gated_loss(
     """The mean cross-entropy of ``images`` (BN in inference mode), unchanged; on the backward pass, the
     cotangent reaching block l's branch output is scaled by gates[l, 0] and the one reaching its skip by
     gates[l, 1]. ``gates`` is (blocks, 2), blocks in forward order."""
-    position = [-1]
 
-    def interceptor(next_fun, args, kwargs, context):
-        module, method = context.module, context.method_name
-        if isinstance(module, ResidualBlock) and method == "__call__":
-            position[0] += 1
-        out = next_fun(*args, **kwargs)
-        if isinstance(module, Branch) and method == "__call__":
-            return scale_cotangent(out, gates[position[0], 0])
-        if isinstance(module, ResidualBlock) and method == "_shortcut":
-            return scale_cotangent(out, gates[position[0], 1])
-        return out
+    def gate_branch(call: Call) -> jax.Array:
+        return scale_cotangent(call.run(), gates[call.depth, 0])
 
-    with nn.intercept_methods(interceptor):
+    def gate_skip(call: Call) -> jax.Array:
+        return scale_cotangent(call.run(), gates[call.depth, 1])
+
+    with intercept({BRANCH: gate_branch, SKIP: gate_skip}) as count:
         logits, _ = model.apply(variables, images, train=False)
-    if position[0] + 1 != gates.shape[0]:
-        raise ValueError(f"{gates.shape[0]} gate pairs for a model of {position[0] + 1} blocks; give one per block.")
+    if count.blocks != gates.shape[0]:
+        raise ValueError(f"{gates.shape[0]} gate pairs for a model of {count.blocks} blocks; give one per block.")
     return cross_entropy(logits, labels).mean()
 
 
@@ -307,16 +301,9 @@ def analyze_paths(
 
 def _count_blocks(model: nn.Module, variables: dict[str, Any], images: jax.Array) -> int:
     """The number of residual blocks the model calls (shapes only: nothing is computed)."""
-    calls = []
-
-    def interceptor(next_fun, args, kwargs, context):
-        if isinstance(context.module, ResidualBlock) and context.method_name == "__call__":
-            calls.append(context.module.path)
-        return next_fun(*args, **kwargs)
-
-    with nn.intercept_methods(interceptor):
+    with intercept({}) as count:
         jax.eval_shape(partial(model.apply, train=False), variables, images[:1])
-    return len(calls)
+    return count.blocks
 
 
 def plot_paths(reports: list[dict[str, Any]], path: Path) -> Path:
