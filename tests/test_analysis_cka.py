@@ -27,7 +27,7 @@ from resnet_jax.analysis.cka import (
     sown_blocks,
     unbiased_hsic,
 )
-from resnet_jax.analysis.common import Subject
+from resnet_jax.analysis.common import ModelSnapshot
 from resnet_jax.models import create_model
 
 
@@ -122,18 +122,18 @@ def test_blocks_are_read_in_forward_order_with_numeric_block_numbers():
 
 
 @pytest.fixture(scope="module")
-def subjects() -> list[Subject]:
+def snapshots() -> list[ModelSnapshot]:
     images = smooth_images(4)
     made = []
     for name in ("resnet8", "plain8"):
         model = create_model(name)
-        made.append(Subject(name, model, jax.jit(partial(model.init, train=False))(jax.random.key(0), images)))
+        made.append(ModelSnapshot(name, model, jax.jit(partial(model.init, train=False))(jax.random.key(0), images)))
     return made
 
 
-def test_block_cka_of_real_models(subjects):
+def test_block_cka_of_real_models(snapshots):
     images = smooth_images(24, seed=4)
-    resnet, plain = subjects
+    resnet, plain = snapshots
     assert block_names(resnet.model, resnet.variables, images) == ["stage1/block0", "stage2/block0", "stage3/block0"]
     matrix, ratios = block_cka([resnet, plain, resnet], images, batch_size=8)
     chex.assert_shape(matrix, (9, 9))
@@ -145,8 +145,8 @@ def test_block_cka_of_real_models(subjects):
     assert np.all(np.isnan(ratios[1])) and np.all(np.isfinite(ratios[0])) and np.all(ratios[0] > 0)
 
 
-def test_branch_to_skip_is_the_norm_of_the_branch_over_the_shortcut_per_example(subjects):
-    resnet = subjects[0]
+def test_branch_to_skip_is_the_norm_of_the_branch_over_the_shortcut_per_example(snapshots):
+    resnet = snapshots[0]
     images = smooth_images(5, seed=6)
     _, ratios = block_statistics(resnet.model, resnet.variables, images)
     for block, row in zip(capture_blocks(resnet.model, resnet.variables, images), ratios, strict=True):
@@ -155,8 +155,8 @@ def test_branch_to_skip_is_the_norm_of_the_branch_over_the_shortcut_per_example(
         chex.assert_trees_all_close(np.asarray(row), norms["branch"] / norms["shortcut"], rtol=1e-5)
 
 
-def test_cka_report_splits_the_matrix_by_subject_and_pair(subjects):
-    report = cka_report(subjects, smooth_images(16, seed=8), batch_size=8)
+def test_cka_report_splits_the_matrix_by_snapshot_and_pair(snapshots):
+    report = cka_report(snapshots, smooth_images(16, seed=8), batch_size=8)
     resnet, plain = report["runs"]
     assert resnet["label"] == "resnet8 init" and len(resnet["cka"]) == 3
     assert resnet["first_last_cka"] == resnet["cka"][0, -1]
@@ -167,12 +167,12 @@ def test_cka_report_splits_the_matrix_by_subject_and_pair(subjects):
     assert pair["matched_block_cka"] == pytest.approx(np.mean(np.diag(pair["cka"])))
 
 
-def test_analyze_cka_writes_its_files_and_refuses_a_bad_batch_size_first(subjects, tmp_path):
+def test_analyze_cka_writes_its_files_and_refuses_a_bad_batch_size_first(snapshots, tmp_path):
     images = smooth_images(12, seed=9)
     with pytest.raises(ValueError, match="batch_size=13"):
-        analyze_cka(subjects, images, tmp_path / "bad", batch_size=13)
+        analyze_cka(snapshots, images, tmp_path / "bad", batch_size=13)
     assert not (tmp_path / "bad").exists()
-    report = analyze_cka(subjects, images, tmp_path / "out", batch_size=5)
+    report = analyze_cka(snapshots, images, tmp_path / "out", batch_size=5)
     assert report["settings"]["examples"] == 10  # two whole minibatches
     written = json.loads((tmp_path / "out" / "cka.json").read_text())
     assert written["runs"][1]["branch_to_skip"] == [None] * 3

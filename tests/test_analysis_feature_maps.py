@@ -10,18 +10,18 @@ import numpy as np
 import pytest
 from smooth_images import smooth_images
 
-from resnet_jax.analysis.common import Subject
+from resnet_jax.analysis.common import ModelSnapshot
 from resnet_jax.analysis.feature_maps import analyze_features, feature_maps, most_active_channels
 from resnet_jax.models import create_model
 
 
 @pytest.fixture(scope="module")
-def subjects() -> list[Subject]:
+def snapshots() -> list[ModelSnapshot]:
     images = smooth_images(4)
     made = []
     for name in ("resnet8", "plain8"):
         model = create_model(name)
-        made.append(Subject(name, model, jax.jit(partial(model.init, train=False))(jax.random.key(0), images)))
+        made.append(ModelSnapshot(name, model, jax.jit(partial(model.init, train=False))(jax.random.key(0), images)))
     return made
 
 
@@ -35,8 +35,8 @@ def test_the_most_active_channels_are_the_top_ones_in_order():
         most_active_channels(maps, 6)
 
 
-def test_feature_maps_per_stage_have_the_stage_shapes_and_its_top_channels(subjects):
-    resnet = subjects[0]
+def test_feature_maps_per_stage_have_the_stage_shapes_and_its_top_channels(snapshots):
+    resnet = snapshots[0]
     images = smooth_images(3, seed=2)
     stages = feature_maps(resnet.model, resnet.variables, images, top=2)
     assert list(stages) == ["stem", "c0", "c1", "c2"]
@@ -56,8 +56,8 @@ def test_feature_maps_per_stage_have_the_stage_shapes_and_its_top_channels(subje
         np.testing.assert_allclose(stage["channel_mean"], maps.mean(axis=-1), rtol=1e-6)
 
 
-def test_analyze_features_writes_a_picture_per_model(subjects, tmp_path):
-    report = analyze_features(subjects, smooth_images(2, seed=4), tmp_path, top=2)
+def test_analyze_features_writes_a_picture_per_model(snapshots, tmp_path):
+    report = analyze_features(snapshots, smooth_images(2, seed=4), tmp_path, top=2)
     written = json.loads((tmp_path / "features.json").read_text())
     assert [run["label"] for run in written["runs"]] == ["resnet8 init", "plain8 init"]
     assert np.asarray(written["runs"][1]["stages"]["c2"]["channels"]).shape == (2, 2)
@@ -65,4 +65,4 @@ def test_analyze_features_writes_a_picture_per_model(subjects, tmp_path):
         assert (tmp_path / name).stat().st_size > 10_000, name
     assert len(report["files"]) == 3
     with pytest.raises(ValueError, match="top=0"):
-        analyze_features(subjects, smooth_images(2), tmp_path / "bad", top=0)
+        analyze_features(snapshots, smooth_images(2), tmp_path / "bad", top=0)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from idx_files import make_idx_folder
 
-from resnet_jax.analysis.common import init_subject, run_subjects
+from resnet_jax.analysis.common import init_snapshot, run_snapshots
 from resnet_jax.analysis.gradflow import gradient_norms
 from resnet_jax.cli import main
 from resnet_jax.models import create_model
@@ -77,6 +77,6 @@ def test_gradflow_draws_one_curve_per_checkpoint_from_initialisation(tmp_path, c
     assert len({r["loss"] for r in report["runs"]}) == 3  # training moved the parameters
     assert (out / "gradflow.png").stat().st_size > 10_000
     # step 0 is the run's own initialisation: the one `resnet-jax train` started from
-    initial = run_subjects(run, init=True)[0]
-    fresh = init_subject("resnet8", (28, 28, 1), seed=config.seed)
+    initial = run_snapshots(run, init=True)[0]
+    fresh = init_snapshot("resnet8", (28, 28, 1), seed=config.seed)
     assert jax.tree.all(jax.tree.map(np.array_equal, initial.variables, fresh.variables))

@@ -14,7 +14,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 from smooth_images import smooth_images
 
-from resnet_jax.analysis.common import Subject
+from resnet_jax.analysis.common import ModelSnapshot
 from resnet_jax.analysis.hessian import (
     analyze_hessian,
     hutchinson_trace,
@@ -112,42 +112,42 @@ init_tiny = jax.jit(partial(TINY.init, train=False))
 update_statistics = jax.jit(partial(TINY.apply, train=True, mutable=["batch_stats"]))
 
 
-def tiny_subject(seed: int) -> Subject:
+def tiny_snapshot(seed: int) -> ModelSnapshot:
     """The tiny resnet8 from ``seed``, its running statistics moved off their initial (0, 1)."""
     images = smooth_images(8, size=6, seed=seed)
     variables = init_tiny(jax.random.key(seed), images)
     _, updates = update_statistics(variables, 2 * images + 0.5)
-    return Subject("resnet8", TINY, {**variables, **updates})
+    return ModelSnapshot("resnet8", TINY, {**variables, **updates})
 
 
 @pytest.fixture(scope="module")
-def tiny() -> tuple[Subject, jax.Array, jax.Array, np.ndarray]:
-    """The subject, a batch and the exact Hessian of its mean cross-entropy (BN in inference mode)."""
-    subject = tiny_subject(0)
+def tiny() -> tuple[ModelSnapshot, jax.Array, jax.Array, np.ndarray]:
+    """The snapshot, a batch and the exact Hessian of its mean cross-entropy (BN in inference mode)."""
+    snapshot = tiny_snapshot(0)
     images, labels = smooth_images(12, size=6, seed=7), jnp.arange(12) % 10
-    flat, unravel = ravel_pytree(subject.variables["params"])
+    flat, unravel = ravel_pytree(snapshot.variables["params"])
 
     def loss(theta: jax.Array) -> jax.Array:
-        logits, _ = subject.model.apply({**subject.variables, "params": unravel(theta)}, images, train=False)
+        logits, _ = snapshot.model.apply({**snapshot.variables, "params": unravel(theta)}, images, train=False)
         return cross_entropy(logits, labels).mean()
 
-    return subject, images, labels, np.asarray(jax.jit(jax.hessian(loss))(flat), np.float64)
+    return snapshot, images, labels, np.asarray(jax.jit(jax.hessian(loss))(flat), np.float64)
 
 
 def test_hessian_vector_products_are_the_exact_hessian_times_v(tiny):
-    subject, images, labels, exact = tiny
-    hessian = loss_hessian(subject.model, subject.variables, images, labels, chunk_size=4)
+    snapshot, images, labels, exact = tiny
+    hessian = loss_hessian(snapshot.model, snapshot.variables, images, labels, chunk_size=4)
     assert hessian.size == exact.shape[0] == 292
     v = jax.random.normal(jax.random.key(3), (hessian.size,))
     np.testing.assert_allclose(hessian.matvec(v), exact @ np.asarray(v), rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="must divide"):
-        loss_hessian(subject.model, subject.variables, images, labels, chunk_size=5)
+        loss_hessian(snapshot.model, snapshot.variables, images, labels, chunk_size=5)
 
 
 def test_spectrum_matches_the_exact_eigenvalues_and_trace(tiny):
-    subject, images, labels, exact = tiny
+    snapshot, images, labels, exact = tiny
     eigenvalues = np.linalg.eigvalsh((exact + exact.T) / 2)
-    hessian = loss_hessian(subject.model, subject.variables, images, labels)
+    hessian = loss_hessian(snapshot.model, snapshot.variables, images, labels)
     found = spectrum(hessian, steps=60, runs=2, probes=50, top_k=3)
     np.testing.assert_allclose(found["top_eigenvalues"], eigenvalues[::-1][:3], rtol=1e-3)
     assert found["lambda_max"] == pytest.approx(eigenvalues[-1], rel=1e-4)
@@ -161,8 +161,8 @@ def test_spectrum_matches_the_exact_eigenvalues_and_trace(tiny):
 
 def test_the_quadrature_of_each_start_has_the_moments_of_the_exact_hessian(tiny):
     """q^T H q and q^T H^2 q for the start q: their means over starts are tr(H) / n and tr(H^2) / n."""
-    subject, images, labels, exact = tiny
-    hessian = loss_hessian(subject.model, subject.variables, images, labels)
+    snapshot, images, labels, exact = tiny
+    hessian = loss_hessian(snapshot.model, snapshot.variables, images, labels)
     for seed in range(3):
         start = jax.random.normal(jax.random.key(seed), (hessian.size,))
         run = lanczos(hessian.matvec, start, steps=4)
@@ -183,20 +183,20 @@ def test_one_compiled_program_serves_every_product_of_a_model(tiny):
     jax.monitoring.register_event_duration_secs_listener(count)
     try:
         for seed in (11, 12):  # two sets of weights of one model: two checkpoints of a run
-            subject = tiny_subject(seed)
-            spectrum(loss_hessian(subject.model, subject.variables, images, labels), steps=5, runs=2, probes=3)
+            snapshot = tiny_snapshot(seed)
+            spectrum(loss_hessian(snapshot.model, snapshot.variables, images, labels), steps=5, runs=2, probes=3)
     finally:
         jax.monitoring.unregister_event_duration_listener(count)
     assert len(traced) == 1  # 2 x (2 x 5 + 3) products, one trace
 
 
 def test_analyze_hessian_writes_its_files_and_refuses_bad_settings_first(tmp_path):
-    subjects = [tiny_subject(0), tiny_subject(1)]
+    snapshots = [tiny_snapshot(0), tiny_snapshot(1)]
     images, labels = smooth_images(4, size=6, seed=2), jnp.arange(4)
     with pytest.raises(ValueError, match="top_k=9"):
-        analyze_hessian(subjects, images, labels, tmp_path / "bad", steps=5, top_k=9)
+        analyze_hessian(snapshots, images, labels, tmp_path / "bad", steps=5, top_k=9)
     assert not (tmp_path / "bad").exists()
-    report = analyze_hessian(subjects, images, labels, tmp_path / "out", steps=6, runs=2, probes=4, top_k=2)
+    report = analyze_hessian(snapshots, images, labels, tmp_path / "out", steps=6, runs=2, probes=4, top_k=2)
     written = json.loads((tmp_path / "out" / "hessian.json").read_text())
     assert [s["label"] for s in written["summary"]] == ["resnet8 init", "resnet8 init"]
     for run in report["runs"]:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from idx_files import make_idx_folder
 
-from resnet_jax.analysis.common import Subject
+from resnet_jax.analysis.common import ModelSnapshot
 from resnet_jax.analysis.landscape import (
     basin_fraction,
     filter_normalized_direction,
@@ -28,7 +28,7 @@ from resnet_jax.train.steps import cross_entropy
 
 
 @pytest.fixture(scope="module")
-def subject() -> Subject:
+def snapshot() -> ModelSnapshot:
     """resnet8 on 8x8 inputs with running statistics moved away from their initial (0, 1): evaluating with batch
     statistics, or with reset ones, would give other numbers."""
     model = create_model("resnet8")
@@ -38,7 +38,7 @@ def subject() -> Subject:
     for _ in range(3):
         _, updates = update(variables, 3 * images + 1)
         variables = {**variables, **updates}
-    return Subject("resnet8", model, variables)
+    return ModelSnapshot("resnet8", model, variables)
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +46,9 @@ def batch() -> tuple[jax.Array, jax.Array]:
     return jax.random.normal(jax.random.key(2), (6, 8, 8, 1)), jnp.arange(6) % 10
 
 
-def eval_loss(subject: Subject, params, images, labels) -> tuple[float, float]:
+def eval_loss(snapshot: ModelSnapshot, params, images, labels) -> tuple[float, float]:
     """The ordinary inference-mode loss and accuracy, one model.apply, no vmap."""
-    logits, _ = subject.model.apply({**subject.variables, "params": params}, images, train=False)
+    logits, _ = snapshot.model.apply({**snapshot.variables, "params": params}, images, train=False)
     return float(cross_entropy(logits, labels).mean()), float(jnp.mean(jnp.argmax(logits, -1) == labels))
 
 
@@ -57,8 +57,8 @@ def per_filter(x: np.ndarray) -> np.ndarray:
     return np.linalg.norm(x.reshape(-1, x.shape[-1]), axis=0)
 
 
-def test_directions_have_the_weights_filter_norms_and_ignore_rank_one_tensors(subject):
-    params = subject.variables["params"]
+def test_directions_have_the_weights_filter_norms_and_ignore_rank_one_tensors(snapshot):
+    params = snapshot.variables["params"]
     direction = filter_normalized_direction(params, jax.random.key(7))
     other = filter_normalized_direction(params, jax.random.key(8))
     assert jax.tree.structure(direction) == jax.tree.structure(params)  # no batch_stats: they stay as they are
@@ -77,27 +77,27 @@ def test_directions_have_the_weights_filter_norms_and_ignore_rank_one_tensors(su
     assert ranks.count(1) > 8  # BN scales and offsets, the head's bias
 
 
-def test_the_centre_of_the_grid_is_the_ordinary_eval_loss(subject, batch):
+def test_the_centre_of_the_grid_is_the_ordinary_eval_loss(snapshot, batch):
     images, labels = batch
-    report = landscape(subject, images, labels, resolution=3, seed=0)
-    loss, accuracy = eval_loss(subject, subject.variables["params"], images, labels)
+    report = landscape(snapshot, images, labels, resolution=3, seed=0)
+    loss, accuracy = eval_loss(snapshot, snapshot.variables["params"], images, labels)
     assert report["center_loss"] == pytest.approx(loss, rel=1e-5)
     assert report["center_accuracy"] == accuracy
     np.testing.assert_array_equal(report["loss_1d"], report["loss"][:, 1])  # the curve is the b = 0 row
 
 
-def test_every_grid_point_is_a_direct_evaluation_at_theta_plus_a_d1_plus_b_d2(subject, batch):
+def test_every_grid_point_is_a_direct_evaluation_at_theta_plus_a_d1_plus_b_d2(snapshot, batch):
     images, labels = batch
-    report = landscape(subject, images, labels, resolution=3, seed=4)
-    first, second = random_directions(subject.variables["params"], 4)
+    report = landscape(snapshot, images, labels, resolution=3, seed=4)
+    first, second = random_directions(snapshot.variables["params"], 4)
 
     def moved(a: float, b: float):
-        return jax.tree.map(lambda w, u, v: w + a * u + b * v, subject.variables["params"], first, second)
+        return jax.tree.map(lambda w, u, v: w + a * u + b * v, snapshot.variables["params"], first, second)
 
     values = set()
     for i, a in enumerate(report["axis"]):
         for j, b in enumerate(report["axis"]):
-            loss, accuracy = eval_loss(subject, moved(a, b), images, labels)
+            loss, accuracy = eval_loss(snapshot, moved(a, b), images, labels)
             assert report["loss"][i, j] == pytest.approx(loss, rel=1e-4), (a, b)
             assert report["accuracy"][i, j] == accuracy
             values.add(round(loss, 4))
@@ -105,7 +105,7 @@ def test_every_grid_point_is_a_direct_evaluation_at_theta_plus_a_d1_plus_b_d2(su
     assert report["max_loss"] == pytest.approx(max(report["loss"].ravel()))
 
 
-def test_one_compilation_serves_the_whole_grid(subject, batch):
+def test_one_compilation_serves_the_whole_grid(snapshot, batch):
     images, labels = batch
     traced = []
 
@@ -113,13 +113,13 @@ def test_one_compilation_serves_the_whole_grid(subject, batch):
         if event == "/jax/core/compile/jaxpr_trace_duration" and kwargs.get("fun_name") == "_grid_metrics":
             traced.append(kwargs)
 
-    directions = random_directions(subject.variables["params"], 5)
+    directions = random_directions(snapshot.variables["params"], 5)
     points = np.stack(np.meshgrid(np.linspace(-1, 1, 5), np.linspace(-1, 1, 5)), -1).reshape(-1, 2)
     jax.monitoring.register_event_duration_secs_listener(count)
     try:
-        loss, accuracy = grid_metrics(subject.model, subject.variables, directions, points, images, labels, chunk=4)
+        loss, accuracy = grid_metrics(snapshot.model, snapshot.variables, directions, points, images, labels, chunk=4)
         assert len(traced) == 1  # 25 points, padded to 7 chunks of 4: one trace, one program
-        whole, _ = grid_metrics(subject.model, subject.variables, directions, points, images, labels, chunk=25)
+        whole, _ = grid_metrics(snapshot.model, snapshot.variables, directions, points, images, labels, chunk=25)
         assert len(traced) == 2  # another chunk size is another program
     finally:
         jax.monitoring.unregister_event_duration_listener(count)

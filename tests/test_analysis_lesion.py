@@ -15,14 +15,14 @@ from idx_files import make_idx_folder
 from smooth_images import smooth_images
 
 from resnet_jax.analysis.blocks import block_parts, capture_blocks
-from resnet_jax.analysis.common import Subject
+from resnet_jax.analysis.common import ModelSnapshot
 from resnet_jax.analysis.lesion import (
     LesionEval,
     block_infos,
     deletable,
     deletion_sets,
     kendall_tau,
-    lesion_subject,
+    lesion_snapshot,
     lesioned_logits,
     random_order,
     reordered_variables,
@@ -87,8 +87,8 @@ def test_a_plain_net_loses_only_its_shape_preserving_blocks():
         mask = jnp.arange(6) == deleted
         expected = _by_hand(model, variables, images, lambda d, p, h, i=deleted: h if d == i else p["output"])
         np.testing.assert_allclose(lesioned_logits(model, variables, images, mask), expected, rtol=1e-5, atol=1e-5)
-    subject = Subject("plain14", model, variables)
-    report = lesion_subject(subject, images, jnp.arange(6) % 10, LesionEval(model), 2, np.random.default_rng(0))
+    snapshot = ModelSnapshot("plain14", model, variables)
+    report = lesion_snapshot(snapshot, images, jnp.arange(6) % 10, LesionEval(model), 2, np.random.default_rng(0))
     assert [row["error"] is None for row in report["single"]] == [False, False, True, False, True, False]
     assert [row["downsampling"] for row in report["single"]] == [False, False, True, False, True, False]
     assert not report["residual"] and "random" not in report and "reorder" not in report
@@ -142,8 +142,8 @@ def test_one_compiled_program_serves_every_lesion():
     model, variables, images = _setup("resnet14")
     evaluate = LesionEval(model, batch_size=8)
     labels = jnp.arange(6) % 10
-    report = lesion_subject(
-        Subject("resnet14", model, variables), images, labels, evaluate, 2, np.random.default_rng(0)
+    report = lesion_snapshot(
+        ModelSnapshot("resnet14", model, variables), images, labels, evaluate, 2, np.random.default_rng(0)
     )
     assert evaluate.traces == 1
     assert len(report["single"]) == 6 and all(row["error"] is not None for row in report["single"])

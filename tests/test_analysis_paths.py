@@ -18,7 +18,7 @@ import pytest
 from idx_files import make_idx_folder
 from smooth_images import smooth_images
 
-from resnet_jax.analysis.common import init_subject
+from resnet_jax.analysis.common import init_snapshot
 from resnet_jax.analysis.paths import (
     PathGradients,
     analyze_paths,
@@ -198,9 +198,9 @@ def test_geometric_path_gradients_give_a_binomial_weighting(n, gain):
 def test_plain_nets_have_no_paths(tmp_path):
     with pytest.raises(ValueError, match="plain net"):
         PathGradients(create_model("plain8"))
-    subject = init_subject("plain8", (8, 8, 1))
+    snapshot = init_snapshot("plain8", (8, 8, 1))
     with pytest.raises(ValueError, match="Only plain nets"):
-        analyze_paths([subject], jnp.zeros((4, 8, 8, 1)), jnp.zeros(4, int), tmp_path, batch_size=4)
+        analyze_paths([snapshot], jnp.zeros((4, 8, 8, 1)), jnp.zeros(4, int), tmp_path, batch_size=4)
 
 
 def test_analyze_paths_writes_numbers_and_plots(tmp_path, capsys):

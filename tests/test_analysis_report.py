@@ -68,7 +68,7 @@ def test_all_writes_every_analysis_and_one_page_that_shows_them(idx_dir, tmp_pat
             assert f"]({tool}/{image.name})" in markdown
     for title in ("Block Jacobians", "Gradient flow", "Paths", "Lesions", "Loss landscape", "Degradation"):
         assert f"<h2>{title}" in page and f"## {title}" in markdown
-    assert "resnet8 init" in markdown and "plain8 init" in markdown  # the subjects' rows in the tables
+    assert "resnet8 init" in markdown and "plain8 init" in markdown  # the snapshots' rows in the tables
     assert "| plain8 init | 0 |" not in markdown  # plain nets get no paths row: they have no skips
     assert (out / "degradation" / "runs" / "resnet14" / "metrics.jsonl").is_file()
 

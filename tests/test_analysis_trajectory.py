@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from smooth_images import smooth_images
 
-from resnet_jax.analysis.common import Subject
+from resnet_jax.analysis.common import ModelSnapshot
 from resnet_jax.analysis.trajectory import (
     analyze_trajectory,
     group_runs,
@@ -40,7 +40,7 @@ def trained_like(seed: int) -> dict:
     return {**variables, **updates}
 
 
-def planar_run(seed: int, workdir: str, steps: int = 5) -> list[Subject]:
+def planar_run(seed: int, workdir: str, steps: int = 5) -> list[ModelSnapshot]:
     """Checkpoints whose parameters move in one plane of parameter space: final + s_i u + t_i v."""
     final = trained_like(seed)
     keys = jax.random.split(jax.random.key(seed + 100), 2)
@@ -49,7 +49,7 @@ def planar_run(seed: int, workdir: str, steps: int = 5) -> list[Subject]:
     run = []
     for step, (s, t) in enumerate(coefficients):
         params = jax.tree.map(lambda w, a, b, s=s, t=t: w + s * a + t * b, final["params"], u, v)
-        run.append(Subject("resnet8", MODEL, {**final, "params": params}, 10 * step, Path(workdir)))
+        run.append(ModelSnapshot("resnet8", MODEL, {**final, "params": params}, 10 * step, Path(workdir)))
     return run
 
 
@@ -87,9 +87,9 @@ def test_the_plane_of_a_planar_run_reconstructs_every_checkpoint():
     plane = path_plane(run)
     final = run[-1].variables["params"]
     first, second = plane.directions
-    for subject, (a, b) in zip(run, plane.coordinates, strict=True):
+    for snapshot, (a, b) in zip(run, plane.coordinates, strict=True):
         moved = jax.tree.map(lambda w, u, v, a=a, b=b: w + a * u + b * v, final, first, second)
-        chex.assert_trees_all_close(moved, subject.variables["params"], atol=2e-5)
+        chex.assert_trees_all_close(moved, snapshot.variables["params"], atol=2e-5)
     chex.assert_trees_all_close(plane.in_plane, np.ones(5), atol=1e-6)
     flat = [np.concatenate([x.ravel() for x in jax.tree.leaves(d)]) for d in plane.directions]
     assert np.dot(flat[0], flat[1]) == pytest.approx(0.0, abs=1e-6) and np.linalg.norm(flat[0]) == pytest.approx(1.0)
@@ -111,8 +111,8 @@ def test_trajectory_contours_are_direct_evaluations_on_the_plane():
 
 
 def test_interpolation_ends_are_the_two_models():
-    first = Subject("resnet8", MODEL, trained_like(2))
-    second = Subject("resnet8", MODEL, trained_like(3))
+    first = ModelSnapshot("resnet8", MODEL, trained_like(2))
+    second = ModelSnapshot("resnet8", MODEL, trained_like(3))
     images, labels = smooth_images(6, seed=6), jnp.arange(6)
     line = interpolation(first, second, images, labels, np.linspace(0, 1, 5))
     assert line["loss"][0] == pytest.approx(eval_loss(first.variables, images, labels), rel=1e-5)
@@ -121,7 +121,7 @@ def test_interpolation_ends_are_the_two_models():
     assert line["loss"][2] == pytest.approx(eval_loss(middle, images, labels), rel=1e-4)
     chord = (line["loss"][0] + line["loss"][-1]) / 2
     assert line["barrier"] >= line["loss"][2] - chord - 1e-6 and line["barrier"] >= 0
-    other = Subject("plain8", create_model("plain8"), second.variables)
+    other = ModelSnapshot("plain8", create_model("plain8"), second.variables)
     with pytest.raises(ValueError, match="different models"):
         interpolation(first, other, images, labels, [0.0, 1.0])
 

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from resnet_jax.analysis.common import Subject, line_styles, pyplot, save_figure, write_csv, write_json
+from resnet_jax.analysis.common import ModelSnapshot, line_styles, pyplot, save_figure, write_csv, write_json
 
 # The names under which `ResidualBlock` sows its values (models/blocks.py): its output y, its branch F(x)
 # and its shortcut's value s(x) (blocks with a skip connection only). Read only through these.
@@ -181,16 +181,18 @@ def block_statistics(model: nn.Module, variables: dict[str, Any], images: jax.Ar
     )
 
 
-def block_cka(subjects: Sequence[Subject], images: jax.Array, batch_size: int) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Minibatch CKA between every pair of block outputs of all ``subjects`` together, (L, L) with L the sum of
-    their blocks in the order of ``subjects``, and each subject's mean `branch_to_skip` per block; every model
+def block_cka(
+    snapshots: Sequence[ModelSnapshot], images: jax.Array, batch_size: int
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Minibatch CKA between every pair of block outputs of all ``snapshots`` together, (L, L) with L the sum of
+    their blocks in the order of ``snapshots``, and each snapshot's mean `branch_to_skip` per block; every model
     sees the same minibatches of ``images``, so any two of them compare."""
     count = check_batching(len(images), batch_size)
     accumulator = MinibatchCKA()
-    ratio_sums: list[Any] = [0.0] * len(subjects)
+    ratio_sums: list[Any] = [0.0] * len(snapshots)
     for start in range(0, count, batch_size):
         batch = images[start : start + batch_size]
-        statistics = [block_statistics(s.model, s.variables, batch) for s in subjects]
+        statistics = [block_statistics(s.model, s.variables, batch) for s in snapshots]
         accumulator.add(jnp.concatenate([grams for grams, _ in statistics]))
         ratios = [np.asarray(r, np.float64).sum(1) for _, r in statistics]
         ratio_sums = [total + part for total, part in zip(ratio_sums, ratios, strict=True)]
@@ -200,25 +202,25 @@ def block_cka(subjects: Sequence[Subject], images: jax.Array, batch_size: int) -
 # --- the analysis --------------------------------------------------------------------------------------------
 
 
-def cka_report(subjects: Sequence[Subject], images: jax.Array, batch_size: int = 256) -> dict[str, Any]:
-    """`block_cka` of ``subjects`` split into one CKA matrix per subject (its blocks against each other) and one
-    per pair of subjects (the first one's blocks as rows), with the numbers that sum them up."""
-    names = [block_names(s.model, s.variables, images) for s in subjects]
-    matrix, ratios = block_cka(subjects, images, batch_size)
+def cka_report(snapshots: Sequence[ModelSnapshot], images: jax.Array, batch_size: int = 256) -> dict[str, Any]:
+    """`block_cka` of ``snapshots`` split into one CKA matrix per snapshot (its blocks against each other) and one
+    per pair of snapshots (the first one's blocks as rows), with the numbers that sum them up."""
+    names = [block_names(s.model, s.variables, images) for s in snapshots]
+    matrix, ratios = block_cka(snapshots, images, batch_size)
     bounds = np.cumsum([0, *map(len, names)])
 
     def part(i: int, j: int) -> np.ndarray:
         return matrix[bounds[i] : bounds[i + 1], bounds[j] : bounds[j + 1]]
 
     runs = []
-    for index, (subject, blocks) in enumerate(zip(subjects, names, strict=True)):
+    for index, (snapshot, blocks) in enumerate(zip(snapshots, names, strict=True)):
         own = part(index, index)
         runs.append(
             {
-                "label": subject.label,
-                "model": subject.name,
-                "step": subject.step,
-                "workdir": str(subject.workdir) if subject.workdir else None,
+                "label": snapshot.label,
+                "model": snapshot.name,
+                "step": snapshot.step,
+                "workdir": str(snapshot.workdir) if snapshot.workdir else None,
                 "blocks": blocks,
                 # CKA of each block with the next: near 1 where later blocks refine what earlier ones computed
                 "adjacent_cka": float(np.mean(np.diag(own, 1))) if len(blocks) > 1 else None,
@@ -228,7 +230,7 @@ def cka_report(subjects: Sequence[Subject], images: jax.Array, batch_size: int =
             }
         )
     pairs = []
-    for i, j in itertools.combinations(range(len(subjects)), 2):
+    for i, j in itertools.combinations(range(len(snapshots)), 2):
         cross = part(i, j)
         matched = float(np.mean(np.diag(cross))) if cross.shape[0] == cross.shape[1] else None
         pairs.append({"labels": [runs[i]["label"], runs[j]["label"]], "matched_block_cka": matched, "cka": cross})
@@ -236,9 +238,9 @@ def cka_report(subjects: Sequence[Subject], images: jax.Array, batch_size: int =
 
 
 def analyze_cka(
-    subjects: Sequence[Subject], images: jax.Array, out: str | Path, *, batch_size: int = 256
+    snapshots: Sequence[ModelSnapshot], images: jax.Array, out: str | Path, *, batch_size: int = 256
 ) -> dict[str, Any]:
-    """`cka_report` of ``subjects`` on ``images`` (in minibatches of ``batch_size``); writes cka.json,
+    """`cka_report` of ``snapshots`` on ``images`` (in minibatches of ``batch_size``); writes cka.json,
     cka_branch.csv, cka.png (the heatmaps) and cka_branch.png (||F|| / ||s|| per block) to ``out``."""
     used = check_batching(len(images), batch_size)  # a bad batch size fails before anything compiles
     out = Path(out)
@@ -251,7 +253,7 @@ def analyze_cka(
             "representations": "every block's output, flattened",
             "branch_to_skip": "||F(x)|| / ||s(x)|| per example, mean over examples (none for plain blocks)",
         },
-        **cka_report(subjects, images, batch_size),
+        **cka_report(snapshots, images, batch_size),
     }
     rows = [
         {"label": run["label"], "depth": depth + 1, "block": block, "branch_to_skip": ratio}
@@ -268,7 +270,7 @@ def analyze_cka(
 
 
 def plot_cka(report: dict[str, Any], path: Path) -> Path:
-    """One heatmap per subject (its blocks against each other) and per pair of subjects, on one colour scale."""
+    """One heatmap per snapshot (its blocks against each other) and per pair of snapshots, on one colour scale."""
     plt = pyplot()
     panels = [(run["label"], run["label"], run["cka"]) for run in report["runs"]]
     panels += [(*pair["labels"], pair["cka"]) for pair in report["pairs"]]
@@ -292,7 +294,7 @@ def plot_cka(report: dict[str, Any], path: Path) -> Path:
 
 
 def plot_branch_to_skip(runs: list[dict[str, Any]], path: Path) -> Path:
-    """||F(x)|| / ||s(x)|| against block depth, log scale, one curve per subject with skips."""
+    """||F(x)|| / ||s(x)|| against block depth, log scale, one curve per snapshot with skips."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     shown = [run for run in runs if any(r is not None for r in run["branch_to_skip"])]

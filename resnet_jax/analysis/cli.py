@@ -341,7 +341,7 @@ def _tool_args(pairs: list[str]) -> dict[str, list[str]]:
 
 def _load(args: argparse.Namespace) -> tuple[list, Any, str, str | None]:
     """The subjects, the batch of images, and the data set's name and folder."""
-    from resnet_jax.analysis.common import init_subject, load_images, run_subjects
+    from resnet_jax.analysis.common import init_snapshot, load_images, run_snapshots
 
     models, runs = args.model, args.checkpoint
     if not models and not runs:
@@ -355,7 +355,7 @@ def _load(args: argparse.Namespace) -> tuple[list, Any, str, str | None]:
         raise ValueError("--init and --all-checkpoints pick the checkpoints of --checkpoint runs; give a run.")
     if args.examples < 1:
         raise ValueError(f"--examples {args.examples}: analyse at least one image.")
-    subjects = [s for run in runs for s in run_subjects(run, args.all_checkpoints, args.init)]
+    subjects = [s for run in runs for s in run_snapshots(run, args.all_checkpoints, args.init)]
     paired = zip(models, runs, strict=True) if runs and models else ()
     for name, run in paired:
         trained = next(s.name for s in subjects if s.workdir == Path(run))
@@ -371,7 +371,7 @@ def _load(args: argparse.Namespace) -> tuple[list, Any, str, str | None]:
             )
     batch = load_images(dataset, args.split, data_dir, count=args.examples, size=args.input_size)
     if not runs:
-        subjects = [init_subject(name, batch.images.shape[1:], batch.num_classes, args.seed) for name in models]
+        subjects = [init_snapshot(name, batch.images.shape[1:], batch.num_classes, args.seed) for name in models]
     return subjects, batch, dataset, data_dir
 
 

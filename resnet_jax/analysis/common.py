@@ -30,8 +30,9 @@ from resnet_jax.train.steps import create_train_state
 
 
 @dataclasses.dataclass(frozen=True)
-class Subject:
-    """A model and its variables: at initialisation (step 0) or from one checkpoint of a training run."""
+class ModelSnapshot:
+    """A model and its variables at one step of training: at initialisation (step 0) or from one checkpoint of a
+    training run. Every analysis takes a list of them."""
 
     name: str  # the model's name, e.g. "resnet20"
     model: ResNet
@@ -42,17 +43,18 @@ class Subject:
 
     @property
     def label(self) -> str:
+        """How reports and plots name it, e.g. "resnet20 init" or "resnet20 step 500"."""
         return f"{self.name} step {self.step}" if self.workdir else f"{self.name} init"
 
 
-def init_subject(name: str, image_shape: Sequence[int], num_classes: int = 10, seed: int = 0) -> Subject:
+def init_snapshot(name: str, image_shape: Sequence[int], num_classes: int = 10, seed: int = 0) -> ModelSnapshot:
     """``name`` at initialisation, initialised exactly as training initialises it (same seed, same call)."""
     conv = model_conv(jax.default_backend(), "jit", 1, len(available_cores()))
     model = create_model(name, num_classes=num_classes, conv=conv)
-    return Subject(name, model, _variables(create_train_state(model, optax.identity(), tuple(image_shape), seed)))
+    return ModelSnapshot(name, model, _variables(create_train_state(model, optax.identity(), tuple(image_shape), seed)))
 
 
-def run_subjects(workdir: str | Path, all_steps: bool = False, init: bool = False) -> list[Subject]:
+def run_snapshots(workdir: str | Path, all_steps: bool = False, init: bool = False) -> list[ModelSnapshot]:
     """The latest checkpoint of the run in ``workdir`` or, with ``all_steps``, every checkpoint it keeps; with
     ``init``, its initialisation (step 0) first: the same seed and call that the run started from."""
     workdir = Path(workdir)
@@ -64,17 +66,17 @@ def run_subjects(workdir: str | Path, all_steps: bool = False, init: bool = Fals
     checkpoints = Checkpoints(workdir, every_steps=1, keep_latest=1, async_save=False)
     steps = sorted(checkpoints.manager.all_steps()) if all_steps else [checkpoints.latest_step()]
     checkpoints.close()
-    subjects = []
+    snapshots = []
     for step in steps or [None]:  # no checkpoint: load_run says what to do
         model, state, config = load_run(workdir, step)
-        subjects.append(Subject(config.model, model, _variables(state), int(state.step), workdir, config))
+        snapshots.append(ModelSnapshot(config.model, model, _variables(state), int(state.step), workdir, config))
     if init:  # the image shape only sets the input channels, as in `load_run`
         image_shape = data.load_source(
             config.dataset, config.eval_split, config.data_dir, config.get("download", True)
         ).image_shape
         initial = create_train_state(model, optax.identity(), image_shape, config.seed)
-        subjects.insert(0, Subject(config.model, model, _variables(initial), 0, workdir, config))
-    return subjects
+        snapshots.insert(0, ModelSnapshot(config.model, model, _variables(initial), 0, workdir, config))
+    return snapshots
 
 
 class Batch(NamedTuple):

@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from resnet_jax.analysis.common import Subject, pyplot, write_json
+from resnet_jax.analysis.common import ModelSnapshot, pyplot, write_json
 
 SUMMARY_KEYS = ("shape", "channels", "activity")  # what features.json keeps of each stage (not the maps)
 
@@ -70,20 +70,22 @@ def feature_maps(model: nn.Module, variables: dict[str, Any], images: jax.Array,
 
 
 def analyze_features(
-    subjects: Sequence[Subject], images: jax.Array, out: str | Path, *, top: int = 3
+    snapshots: Sequence[ModelSnapshot], images: jax.Array, out: str | Path, *, top: int = 3
 ) -> dict[str, Any]:
-    """`feature_maps` of every subject on the same ``images``; writes features.json (per stage: the shape, the
-    most active channels and their activities) and one PNG per subject, features_<n>_<label>.png, to ``out``."""
+    """`feature_maps` of every snapshot on the same ``images``; writes features.json (per stage: the shape, the
+    most active channels and their activities) and one PNG per snapshot, features_<n>_<label>.png, to ``out``."""
     if top < 1:
         raise ValueError(f"top={top}: show at least one channel per stage.")
     out = Path(out)
     runs, files = [], []
-    for index, subject in enumerate(subjects, start=1):
-        stages = feature_maps(subject.model, subject.variables, images, top)
-        slug = re.sub(r"[^A-Za-z0-9]+", "_", subject.label).strip("_")
-        files.append(plot_feature_maps(stages, np.asarray(images), out / f"features_{index}_{slug}.png", subject.label))
+    for index, snapshot in enumerate(snapshots, start=1):
+        stages = feature_maps(snapshot.model, snapshot.variables, images, top)
+        slug = re.sub(r"[^A-Za-z0-9]+", "_", snapshot.label).strip("_")
+        files.append(
+            plot_feature_maps(stages, np.asarray(images), out / f"features_{index}_{slug}.png", snapshot.label)
+        )
         summary = {name: {key: stage[key] for key in SUMMARY_KEYS} for name, stage in stages.items()}
-        runs.append({"label": subject.label, "model": subject.name, "step": subject.step, "stages": summary})
+        runs.append({"label": snapshot.label, "model": snapshot.name, "step": snapshot.step, "stages": summary})
     report = {
         "settings": {
             "input_shape": list(images.shape[1:]),

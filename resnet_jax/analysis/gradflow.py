@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from resnet_jax.analysis.common import Subject, line_styles, pyplot, save_figure, write_json
+from resnet_jax.analysis.common import ModelSnapshot, line_styles, pyplot, save_figure, write_json
 from resnet_jax.analysis.interception import Call, Target, intercept
 from resnet_jax.models.blocks import ResidualBlock
 from resnet_jax.train.steps import cross_entropy
@@ -93,20 +93,20 @@ def _norm(tree: Any) -> float:
 
 
 def analyze_gradflow(
-    subjects: Sequence[Subject], images: jax.Array, labels: jax.Array, out: str | Path
+    snapshots: Sequence[ModelSnapshot], images: jax.Array, labels: jax.Array, out: str | Path
 ) -> dict[str, Any]:
-    """`gradient_norms` of every subject on one batch; writes gradflow.json and gradflow.png to ``out``."""
+    """`gradient_norms` of every snapshot on one batch; writes gradflow.json and gradflow.png to ``out``."""
     out = Path(out)
     runs = []
-    for subject in subjects:
-        norms = gradient_norms(subject.model, subject.variables, images, labels)
+    for snapshot in snapshots:
+        norms = gradient_norms(snapshot.model, snapshot.variables, images, labels)
         blocks = norms["blocks"]
         runs.append(
             {
-                "label": subject.label,
-                "model": subject.name,
-                "step": subject.step,
-                "workdir": str(subject.workdir) if subject.workdir else None,
+                "label": snapshot.label,
+                "model": snapshot.name,
+                "step": snapshot.step,
+                "workdir": str(snapshot.workdir) if snapshot.workdir else None,
                 # < 1: the gradient shrinks from the last block back to the first
                 "first_to_last_block_ratio": blocks[0]["output_grad"] / blocks[-1]["output_grad"],
                 **norms,

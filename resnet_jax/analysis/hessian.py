@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from resnet_jax.analysis.common import Subject, line_styles, pyplot, save_figure, write_csv, write_json
+from resnet_jax.analysis.common import ModelSnapshot, line_styles, pyplot, save_figure, write_csv, write_json
 from resnet_jax.train.steps import cross_entropy
 
 # A Lanczos vector that keeps less than this share of its norm after orthogonalisation against the earlier ones
@@ -240,7 +240,7 @@ SUMMARY_KEYS = ("lambda_max", "lambda_min", "negative_ratio", "trace", "trace_st
 
 
 def analyze_hessian(
-    subjects: Sequence[Subject],
+    snapshots: Sequence[ModelSnapshot],
     images: jax.Array,
     labels: jax.Array,
     out: str | Path,
@@ -253,19 +253,19 @@ def analyze_hessian(
     chunk_size: int | None = None,
     broadening: float = 0.01,
 ) -> dict[str, Any]:
-    """`spectrum` of every subject's loss Hessian on one batch (the same starts and probes for all), its density
-    broadened by ``broadening`` times the widest spectral range of all subjects (one sigma, so that densities
+    """`spectrum` of every snapshot's loss Hessian on one batch (the same starts and probes for all), its density
+    broadened by ``broadening`` times the widest spectral range of all snapshots (one sigma, so that densities
     compare); writes hessian.json, hessian.csv, hessian_density.png and hessian_top.png to ``out``."""
     check_settings(steps, runs, probes, top_k)  # before anything compiles
     if broadening <= 0:
         raise ValueError(f"broadening={broadening}: the density's Gaussian width must be positive.")
     out = Path(out)
     reports = []
-    for subject in subjects:
+    for snapshot in snapshots:
         began = time.perf_counter()
-        hessian = loss_hessian(subject.model, subject.variables, images, labels, chunk_size)
+        hessian = loss_hessian(snapshot.model, snapshot.variables, images, labels, chunk_size)
         found = spectrum(hessian, steps=steps, runs=runs, probes=probes, top_k=top_k, seed=seed)
-        reports.append({**_identity(subject), **found, "seconds": time.perf_counter() - began})
+        reports.append({**_identity(snapshot), **found, "seconds": time.perf_counter() - began})
     sigma = broadening * max(max(r["lambda_max"] - r["lambda_min"] for r in reports), np.finfo(np.float32).eps)
     for report in reports:
         report["density_grid"], report["density"] = spectral_density(report["nodes"], report["weights"], sigma)
@@ -292,17 +292,17 @@ def analyze_hessian(
     return {**result, "files": [str(path) for path in files]}
 
 
-def _identity(subject: Subject) -> dict[str, Any]:
+def _identity(snapshot: ModelSnapshot) -> dict[str, Any]:
     return {
-        "label": subject.label,
-        "model": subject.name,
-        "step": subject.step,
-        "workdir": str(subject.workdir) if subject.workdir else None,
+        "label": snapshot.label,
+        "model": snapshot.name,
+        "step": snapshot.step,
+        "workdir": str(snapshot.workdir) if snapshot.workdir else None,
     }
 
 
 def plot_density(reports: list[dict[str, Any]], path: Path) -> Path:
-    """The eigenvalue densities on a log scale (Ghorbani et al. 2019, Fig. 1), one curve per subject."""
+    """The eigenvalue densities on a log scale (Ghorbani et al. 2019, Fig. 1), one curve per snapshot."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.8))
     for report, style in zip(reports, line_styles(reports), strict=True):

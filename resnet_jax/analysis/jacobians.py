@@ -28,7 +28,7 @@ import numpy as np
 
 from resnet_jax.analysis.blocks import Block, block_parts, capture_blocks
 from resnet_jax.analysis.common import (
-    Subject,
+    ModelSnapshot,
     line_styles,
     pyplot,
     save_figure,
@@ -351,7 +351,7 @@ def end_to_end_singular_values(model: nn.Module, variables: dict[str, Any], imag
 
 
 def analyze_jacobians(
-    subjects: Sequence[Subject],
+    snapshots: Sequence[ModelSnapshot],
     images: jax.Array,
     out: str | Path,
     *,
@@ -359,39 +359,39 @@ def analyze_jacobians(
     jacobians: BlockJacobians | None = None,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Every block of every subject: matrix-free estimates on ``images`` (each example's Jacobian, averaged),
+    """Every block of every snapshot: matrix-free estimates on ``images`` (each example's Jacobian, averaged),
     exact Jacobians and estimator errors on the first of ``exact_images`` (small, e.g. 8x8), the chain rule
     and the end-to-end spectrum. Writes jacobian.json, jacobian_blocks.csv, jacobian_depth.png and
     jacobian_spectrum.png to ``out`` and returns the JSON's content."""
     out = Path(out)
     jacobians = jacobians or BlockJacobians()
     reports = []
-    for subject in subjects:
+    for snapshot in snapshots:
         seconds = {}
         began = time.perf_counter()
         blocks = []
-        for block in capture_blocks(subject.model, subject.variables, images):
+        for block in capture_blocks(snapshot.model, snapshot.variables, images):
             estimates = jacobians.estimate(block, np.random.default_rng([seed, 1, block.info.depth]))
             blocks.append(_block_row(block, estimates))
         seconds["estimates"] = time.perf_counter() - began
         if exact_images is not None:
             began = time.perf_counter()
-            small = capture_blocks(subject.model, subject.variables, exact_images[:1])
+            small = capture_blocks(snapshot.model, snapshot.variables, exact_images[:1])
             for row, block in zip(blocks, small, strict=True):
                 row["exact"] = exact_block_report(block, jacobians, np.random.default_rng([seed, 2, block.info.depth]))
             seconds["exact"] = time.perf_counter() - began
         began = time.perf_counter()
-        chain = chain_rule_check(subject.model, subject.variables, images, np.random.default_rng([seed, 3]))
+        chain = chain_rule_check(snapshot.model, snapshot.variables, images, np.random.default_rng([seed, 3]))
         seconds["chain_rule"] = time.perf_counter() - began
         began = time.perf_counter()
-        singular = end_to_end_singular_values(subject.model, subject.variables, images[0])
+        singular = end_to_end_singular_values(snapshot.model, snapshot.variables, images[0])
         seconds["end_to_end"] = time.perf_counter() - began
         reports.append(
             {
-                "label": subject.label,
-                "model": subject.name,
-                "step": subject.step,
-                "workdir": str(subject.workdir) if subject.workdir else None,
+                "label": snapshot.label,
+                "model": snapshot.name,
+                "step": snapshot.step,
+                "workdir": str(snapshot.workdir) if snapshot.workdir else None,
                 "blocks": blocks,
                 "chain_rule": chain,
                 "end_to_end": _spread(singular),
@@ -487,7 +487,7 @@ def _csv_row(report: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
 
 
 def plot_depth(reports: list[dict[str, Any]], path: Path) -> Path:
-    """Largest singular value of J_F (left) and of J (right) against block depth, one line per subject, log scale."""
+    """Largest singular value of J_F (left) and of J (right) against block depth, one line per snapshot, log scale."""
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for report, style in zip(reports, line_styles(reports), strict=True):
@@ -503,7 +503,7 @@ def plot_depth(reports: list[dict[str, Any]], path: Path) -> Path:
 
 
 def plot_spectra(reports: list[dict[str, Any]], path: Path) -> Path:
-    """The non-zero singular values of d pre_logits / d input, largest first, one line per subject, log scale."""
+    """The non-zero singular values of d pre_logits / d input, largest first, one line per snapshot, log scale."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for report, style in zip(reports, line_styles(reports), strict=True):

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from resnet_jax.analysis.common import Subject, line_styles, pyplot, save_figure, write_csv, write_json
+from resnet_jax.analysis.common import ModelSnapshot, line_styles, pyplot, save_figure, write_csv, write_json
 from resnet_jax.train.steps import cross_entropy
 
 NONCONVEX_RATIO = 0.05  # |lambda_min| / max |lambda| above which a negative curvature counts
@@ -142,28 +142,28 @@ def nonconvex_fraction(loss: np.ndarray, step: float) -> float:
 
 
 def landscape(
-    subject: Subject, images: jax.Array, labels: jax.Array, resolution: int = 21, seed: int = 0, chunk: int = 1
+    snapshot: ModelSnapshot, images: jax.Array, labels: jax.Array, resolution: int = 21, seed: int = 0, chunk: int = 1
 ) -> dict[str, Any]:
-    """The 2-D grid of loss and accuracy of one subject, its 1-D curve (the b = 0 row) and its summary numbers."""
+    """The 2-D grid of loss and accuracy of one snapshot, its 1-D curve (the b = 0 row) and its summary numbers."""
     axis = grid_axis(resolution)
     a, b = np.meshgrid(axis, axis, indexing="ij")
     points = np.stack([a.ravel(), b.ravel()], axis=-1)
     began = time.perf_counter()
-    directions = random_directions(subject.variables["params"], seed)
-    loss, accuracy = grid_metrics(subject.model, subject.variables, directions, points, images, labels, chunk)
+    directions = random_directions(snapshot.variables["params"], seed)
+    loss, accuracy = grid_metrics(snapshot.model, snapshot.variables, directions, points, images, labels, chunk)
     seconds = time.perf_counter() - began
     loss, accuracy = loss.reshape(resolution, resolution), accuracy.reshape(resolution, resolution)
     middle = resolution // 2
     return {
-        "label": subject.label,
-        "model": subject.name,
-        "step": subject.step,
-        "workdir": str(subject.workdir) if subject.workdir else None,
+        "label": snapshot.label,
+        "model": snapshot.name,
+        "step": snapshot.step,
+        "workdir": str(snapshot.workdir) if snapshot.workdir else None,
         "center_loss": float(loss[middle, middle]),
         "center_accuracy": float(accuracy[middle, middle]),
         "min_loss": float(loss.min()),
         "max_loss": float(loss.max()),
-        "basin_fraction": basin_fraction(loss, subject.model.num_classes),
+        "basin_fraction": basin_fraction(loss, snapshot.model.num_classes),
         "nonconvex_fraction": nonconvex_fraction(loss, float(axis[1] - axis[0])),
         "seconds": seconds,
         "axis": axis,
@@ -178,7 +178,7 @@ SUMMARY_KEYS = ("center_loss", "center_accuracy", "max_loss", "basin_fraction", 
 
 
 def analyze_landscape(
-    subjects: Sequence[Subject],
+    snapshots: Sequence[ModelSnapshot],
     images: jax.Array,
     labels: jax.Array,
     out: str | Path,
@@ -187,12 +187,12 @@ def analyze_landscape(
     seed: int = 0,
     chunk: int = 1,
 ) -> dict[str, Any]:
-    """`landscape` of every subject along the same seed's directions; writes landscape.json, landscape.csv,
+    """`landscape` of every snapshot along the same seed's directions; writes landscape.json, landscape.csv,
     landscape_1d.png, landscape_contour.png and landscape_surface.png to ``out`` and returns the JSON's content
     with the files written."""
     grid_axis(resolution)  # a bad grid fails before anything compiles
     out = Path(out)
-    runs = [landscape(subject, images, labels, resolution, seed, chunk) for subject in subjects]
+    runs = [landscape(snapshot, images, labels, resolution, seed, chunk) for snapshot in snapshots]
     report = {
         "settings": {
             "input_shape": list(images.shape[1:]),
@@ -228,7 +228,7 @@ def _csv_rows(run: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def plot_curves(runs: list[dict[str, Any]], path: Path) -> Path:
-    """Loss (log scale) and accuracy along d1, one curve per subject."""
+    """Loss (log scale) and accuracy along d1, one curve per snapshot."""
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for run, style in zip(runs, line_styles(runs), strict=True):
@@ -250,7 +250,7 @@ def _clipped(runs: list[dict[str, Any]]) -> tuple[list[np.ndarray], np.ndarray]:
 
 
 def plot_contours(runs: list[dict[str, Any]], path: Path) -> Path:
-    """Loss contours on the plane, one panel per subject side by side, on the same levels."""
+    """Loss contours on the plane, one panel per snapshot side by side, on the same levels."""
     plt = pyplot()
     surfaces, levels = _clipped(runs)
     fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 4.6), squeeze=False)
@@ -266,7 +266,7 @@ def plot_contours(runs: list[dict[str, Any]], path: Path) -> Path:
 
 
 def plot_surfaces(runs: list[dict[str, Any]], path: Path) -> Path:
-    """The loss surface in 3-D, one panel per subject side by side, on the same vertical scale."""
+    """The loss surface in 3-D, one panel per snapshot side by side, on the same vertical scale."""
     plt = pyplot()
     surfaces, levels = _clipped(runs)
     fig = plt.figure(figsize=(5.5 * len(runs), 5))

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from resnet_jax.analysis.blocks import BlockInfo, capture_blocks
-from resnet_jax.analysis.common import Subject, line_styles, pyplot, save_figure, write_csv, write_json
+from resnet_jax.analysis.common import ModelSnapshot, line_styles, pyplot, save_figure, write_csv, write_json
 from resnet_jax.analysis.interception import BLOCK, SKIP, Call, intercept
 
 # --- deleting blocks -----------------------------------------------------------------------------------------
@@ -170,8 +170,8 @@ def check_lesion_settings(draws: int, batch_size: int) -> None:
         raise ValueError(f"batch_size={batch_size} (--batch-size): evaluate at least one image per call.")
 
 
-def lesion_subject(
-    subject: Subject,
+def lesion_snapshot(
+    snapshot: ModelSnapshot,
     images: jax.Array,
     labels: jax.Array,
     evaluate: LesionEval,
@@ -181,11 +181,11 @@ def lesion_subject(
     """Baseline, single deletions, and for residual nets random deletions of k shape-preserving blocks and
     random reorderings (1 to as many swaps as there are swappable blocks), ``draws`` per k and per swap count."""
     began = time.perf_counter()
-    infos = block_infos(subject.model, subject.variables, images)
+    infos = block_infos(snapshot.model, snapshot.variables, images)
     n = len(infos)
     residual = infos[0].kind != "plain"
 
-    def error(delete: Sequence[bool], variables: dict[str, Any] = subject.variables) -> float:
+    def error(delete: Sequence[bool], variables: dict[str, Any] = snapshot.variables) -> float:
         return evaluate.error(variables, images, labels, delete)
 
     baseline = error([False] * n)
@@ -200,12 +200,12 @@ def lesion_subject(
         for info in infos
     ]
     report = {
-        "label": subject.label,
-        "model": subject.name,
-        "step": subject.step,
-        "workdir": str(subject.workdir) if subject.workdir else None,
+        "label": snapshot.label,
+        "model": snapshot.name,
+        "step": snapshot.step,
+        "workdir": str(snapshot.workdir) if snapshot.workdir else None,
         "residual": residual,
-        "chance_error": 1 - 1 / subject.model.num_classes,
+        "chance_error": 1 - 1 / snapshot.model.num_classes,
         "baseline_error": baseline,
         "single": single,
     }
@@ -224,7 +224,7 @@ def lesion_subject(
             {
                 "order": order,
                 "kendall_tau": kendall_tau(order),
-                "error": error([False] * n, reordered_variables(subject.variables, infos, order)),
+                "error": error([False] * n, reordered_variables(snapshot.variables, infos, order)),
             }
             for order in orders
         ]
@@ -233,7 +233,7 @@ def lesion_subject(
 
 
 def analyze_lesions(
-    subjects: Sequence[Subject],
+    snapshots: Sequence[ModelSnapshot],
     images: jax.Array,
     labels: jax.Array,
     out: str | Path,
@@ -242,18 +242,18 @@ def analyze_lesions(
     batch_size: int = 250,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """`lesion_subject` for every subject on the same test images. Writes lesion.json and, for each study that
-    has results (single; random and reorder need a residual subject), lesion_<study>.csv and .png to ``out``;
+    """`lesion_snapshot` for every snapshot on the same test images. Writes lesion.json and, for each study that
+    has results (single; random and reorder need a residual snapshot), lesion_<study>.csv and .png to ``out``;
     returns the JSON's content."""
     check_lesion_settings(draws, batch_size)
     out = Path(out)
     programs: dict[nn.Module, LesionEval] = {}
     reports = []
-    for index, subject in enumerate(subjects):
-        if subject.model not in programs:  # checkpoints of one model share its program
-            programs[subject.model] = LesionEval(subject.model, batch_size)
+    for index, snapshot in enumerate(snapshots):
+        if snapshot.model not in programs:  # checkpoints of one model share its program
+            programs[snapshot.model] = LesionEval(snapshot.model, batch_size)
         rng = np.random.default_rng([seed, index])
-        reports.append(lesion_subject(subject, images, labels, programs[subject.model], draws, rng))
+        reports.append(lesion_snapshot(snapshot, images, labels, programs[snapshot.model], draws, rng))
     residual = [r for r in reports if r["residual"]]
     studies = {"single": (reports, plot_single), "random": (residual, plot_random), "reorder": (residual, plot_reorder)}
     tables = {study: _rows(studied, study) for study, (studied, _) in studies.items()}

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from resnet_jax.analysis.common import Subject, line_styles, pyplot, save_figure, write_csv, write_json
+from resnet_jax.analysis.common import ModelSnapshot, line_styles, pyplot, save_figure, write_csv, write_json
 from resnet_jax.analysis.interception import BRANCH, SKIP, Call, intercept
 from resnet_jax.train.steps import cross_entropy
 
@@ -224,7 +224,7 @@ def check_path_settings(samples: int, batch_size: int, images: int, chunk: int, 
 
 
 def analyze_paths(
-    subjects: Sequence[Subject],
+    snapshots: Sequence[ModelSnapshot],
     images: jax.Array,
     labels: jax.Array,
     out: str | Path,
@@ -235,32 +235,32 @@ def analyze_paths(
     fraction: float = 0.9,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Path-length distribution and gradient by path length of every residual subject (plain ones are listed
+    """Path-length distribution and gradient by path length of every residual snapshot (plain ones are listed
     under ``skipped``): ``samples`` measurements per length, each on a random batch of ``batch_size`` of the
     ``images``. Writes paths.json, paths.csv and paths.png to ``out`` and returns the JSON's content."""
     check_path_settings(samples, batch_size, len(images), chunk, fraction)
-    residual = [s for s in subjects if getattr(s.model, "skip_connections", True)]
-    skipped = [s for s in subjects if not getattr(s.model, "skip_connections", True)]
+    residual = [s for s in snapshots if getattr(s.model, "skip_connections", True)]
+    skipped = [s for s in snapshots if not getattr(s.model, "skip_connections", True)]
     if not residual:
         raise ValueError("Only plain nets given: they have no skips, hence no paths. Add a residual model.")
     out = Path(out)
     reports = []
     programs: dict[nn.Module, PathGradients] = {}
-    for index, subject in enumerate(residual):
+    for index, snapshot in enumerate(residual):
         began = time.perf_counter()
-        if subject.model not in programs:  # checkpoints of one model share its program
-            programs[subject.model] = PathGradients(subject.model, chunk)
-        program = programs[subject.model]
-        n = _count_blocks(subject.model, subject.variables, images)
+        if snapshot.model not in programs:  # checkpoints of one model share its program
+            programs[snapshot.model] = PathGradients(snapshot.model, chunk)
+        program = programs[snapshot.model]
+        n = _count_blocks(snapshot.model, snapshot.variables, images)
         rng = np.random.default_rng([seed, index])
         gates, lengths = sample_gates(n, samples, rng)
-        norms = program(subject.variables, images, labels, gates, batch_size, rng)
+        norms = program(snapshot.variables, images, labels, gates, batch_size, rng)
         reports.append(
             {
-                "label": subject.label,
-                "model": subject.name,
-                "step": subject.step,
-                "workdir": str(subject.workdir) if subject.workdir else None,
+                "label": snapshot.label,
+                "model": snapshot.name,
+                "step": snapshot.step,
+                "workdir": str(snapshot.workdir) if snapshot.workdir else None,
                 "blocks": n,
                 **summarize_lengths(n, lengths, norms, fraction),
                 "seconds": time.perf_counter() - began,

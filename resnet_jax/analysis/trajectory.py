@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from resnet_jax.analysis.common import Subject, line_styles, pyplot, save_figure, write_csv, write_json
+from resnet_jax.analysis.common import ModelSnapshot, line_styles, pyplot, save_figure, write_csv, write_json
 from resnet_jax.analysis.landscape import CLIP_LOSS, grid_metrics
 from resnet_jax.train.steps import cross_entropy
 
@@ -73,7 +73,7 @@ def plane_axes(coordinates: np.ndarray, resolution: int, margin: float) -> tuple
     return axes[0], axes[1]
 
 
-def check_run(checkpoints: Sequence[Subject]) -> None:
+def check_run(checkpoints: Sequence[ModelSnapshot]) -> None:
     """Refuse a path that PCA cannot span or that mixes models, before anything runs."""
     if len(checkpoints) < MIN_CHECKPOINTS:
         raise ValueError(
@@ -85,13 +85,13 @@ def check_run(checkpoints: Sequence[Subject]) -> None:
         raise ValueError("The checkpoints of one path must be of one model; give the checkpoints of one run.")
 
 
-def run_label(subject: Subject) -> str:
-    """The subject's label with its run's folder name: two seeds' runs have the same model and steps."""
-    return f"{subject.workdir.name}: {subject.label}" if subject.workdir else subject.label
+def run_label(snapshot: ModelSnapshot) -> str:
+    """The snapshot's label with its run's folder name: two seeds' runs have the same model and steps."""
+    return f"{snapshot.workdir.name}: {snapshot.label}" if snapshot.workdir else snapshot.label
 
 
-def _structure(subject: Subject) -> tuple[nn.Module, str]:
-    return subject.model, str(jax.tree.map(np.shape, subject.variables))
+def _structure(snapshot: ModelSnapshot) -> tuple[nn.Module, str]:
+    return snapshot.model, str(jax.tree.map(np.shape, snapshot.variables))
 
 
 # --- a run's path over the loss ------------------------------------------------------------------------------
@@ -107,7 +107,7 @@ class PathPlane(NamedTuple):
     distance_to_final: np.ndarray  # (checkpoints,) ||theta_i - theta_final||
 
 
-def path_plane(checkpoints: Sequence[Subject]) -> PathPlane:
+def path_plane(checkpoints: Sequence[ModelSnapshot]) -> PathPlane:
     """The PCA plane of the path of one run's ``checkpoints`` (in training order, the last one final)."""
     check_run(checkpoints)
     flat, unravel = ravel_pytree(checkpoints[-1].variables["params"])
@@ -120,7 +120,7 @@ def path_plane(checkpoints: Sequence[Subject]) -> PathPlane:
 
 
 def trajectory(
-    checkpoints: Sequence[Subject],
+    checkpoints: Sequence[ModelSnapshot],
     images: jax.Array,
     labels: jax.Array,
     resolution: int = 15,
@@ -152,7 +152,7 @@ def trajectory(
 
 
 def interpolation(
-    first: Subject, second: Subject, images: jax.Array, labels: jax.Array, alphas: Sequence[float]
+    first: ModelSnapshot, second: ModelSnapshot, images: jax.Array, labels: jax.Array, alphas: Sequence[float]
 ) -> dict[str, Any]:
     """Loss and accuracy (BN in inference mode) of (1 - alpha) v_first + alpha v_second, parameters and running
     statistics, for every alpha; and the barrier: the largest rise of the loss over the straight line between
@@ -201,17 +201,17 @@ def _interpolation_metrics(
 # --- the analysis ---------------------------------------------------------------------------------------------
 
 
-def group_runs(subjects: Sequence[Subject]) -> list[list[Subject]]:
-    """The subjects as runs, in the order given: those of one workdir together (by label where there is none),
+def group_runs(snapshots: Sequence[ModelSnapshot]) -> list[list[ModelSnapshot]]:
+    """The snapshots as runs, in the order given: those of one workdir together (by label where there is none),
     each run's checkpoints in training order."""
-    runs: dict[str, list[Subject]] = {}
-    for subject in subjects:
-        runs.setdefault(str(subject.workdir) if subject.workdir else subject.label, []).append(subject)
+    runs: dict[str, list[ModelSnapshot]] = {}
+    for snapshot in snapshots:
+        runs.setdefault(str(snapshot.workdir) if snapshot.workdir else snapshot.label, []).append(snapshot)
     return [sorted(run, key=lambda s: s.step) for run in runs.values()]
 
 
 def analyze_trajectory(
-    subjects: Sequence[Subject],
+    snapshots: Sequence[ModelSnapshot],
     images: jax.Array,
     labels: jax.Array,
     out: str | Path,
@@ -221,10 +221,10 @@ def analyze_trajectory(
     chunk: int = 1,
     alphas: Sequence[float] = tuple(np.linspace(0.0, 1.0, 11)),
 ) -> dict[str, Any]:
-    """The `trajectory` of every run among ``subjects`` (their checkpoints, e.g. --init --all-checkpoints) and
+    """The `trajectory` of every run among ``snapshots`` (their checkpoints, e.g. --init --all-checkpoints) and
     the `interpolation` between the final weights of every two runs of one model (e.g. two seeds); writes
     trajectory.json, trajectory.csv, trajectory.png and, with two such runs, interpolation.png to ``out``."""
-    runs = group_runs(subjects)
+    runs = group_runs(snapshots)
     for run in runs:  # a short or mixed run fails before anything compiles
         check_run(run)
     if resolution < 2 or margin < 0:
