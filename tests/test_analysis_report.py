@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from idx_files import idx_folder_fixture
 
-from resnet_jax.analysis.cli import REPORT_TOOLS
+from resnet_jax.analysis.tools import TOOLS
 from resnet_jax.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -58,9 +58,11 @@ def test_all_writes_every_analysis_and_one_page_that_shows_them(idx_dir, tmp_pat
     out = tmp_path / "report"
     assert main(all_command(idx_dir, out)) == 0
     printed = capsys.readouterr().out
-    assert [f"[{i}/6] analyze {tool}" in printed for i, tool in enumerate(REPORT_TOOLS, 1)] == [True] * 6
+    names = [tool.name for tool in TOOLS]
+    assert names == ["jacobian", "gradflow", "paths", "lesion", "landscape", "degradation"]
+    assert [f"[{i}/6] analyze {name}" in printed for i, name in enumerate(names, 1)] == [True] * 6
     page, markdown = (out / "index.html").read_text(), (out / "index.md").read_text()
-    for tool in REPORT_TOOLS:
+    for tool in names:
         images = sorted((out / tool).glob("*.png"))
         assert images, f"{tool} drew nothing"
         for image in images:  # every plot of every analysis is on both pages, by a path relative to the page

@@ -11,8 +11,11 @@
 - `hessian`: the loss Hessian's top eigenvalues, trace and eigenvalue density (Lanczos, Hutchinson, SLQ).
 - `trajectory`: a run's path in its PCA plane over the loss (Li et al. 2018), and interpolation of solutions.
 - `feature_maps`: every stage's output as images, channel means and the most active channels.
-- `report`: the page of `analyze all`, with every analysis's finding, tables and plots.
-- `common`: models and variables (init or checkpoint), real image batches, JSON/CSV/PNG output.
+- `common`: model snapshots (init or checkpoint), real image batches, JSON/CSV/PNG output.
+- `interception`: the one way the analyses record or rewrite a block's parts (branch, skip) in a forward pass.
+- `tools`: the table of analysis tools (options, run, report section) that the command line is built from;
+  its docstring is the recipe for adding one.
+- `cli`: ``resnet-jax analyze TOOL|all``; `report`: the page of ``analyze all``.
 
 The modules are imported on use (``from resnet_jax.analysis.jacobians import analyze_jacobians``), so
 that the ``resnet-jax`` command line loads none of them until an analysis runs.
