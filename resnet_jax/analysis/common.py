@@ -46,6 +46,15 @@ class ModelSnapshot:
         """How reports and plots name it, e.g. "resnet20 init" or "resnet20 step 500"."""
         return f"{self.name} step {self.step}" if self.workdir else f"{self.name} init"
 
+    def report_fields(self) -> dict[str, Any]:
+        """What every analysis's report says of it: label, model, step and run folder."""
+        return {
+            "label": self.label,
+            "model": self.name,
+            "step": self.step,
+            "workdir": str(self.workdir) if self.workdir else None,
+        }
+
 
 def init_snapshot(name: str, image_shape: Sequence[int], num_classes: int = 10, seed: int = 0) -> ModelSnapshot:
     """``name`` at initialisation, initialised exactly as training initialises it (same seed, same call)."""

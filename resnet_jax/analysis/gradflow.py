@@ -103,10 +103,7 @@ def analyze_gradflow(
         blocks = norms["blocks"]
         runs.append(
             {
-                "label": snapshot.label,
-                "model": snapshot.name,
-                "step": snapshot.step,
-                "workdir": str(snapshot.workdir) if snapshot.workdir else None,
+                **snapshot.report_fields(),
                 # < 1: the gradient shrinks from the last block back to the first
                 "first_to_last_block_ratio": blocks[0]["output_grad"] / blocks[-1]["output_grad"],
                 **norms,

@@ -350,6 +350,42 @@ def end_to_end_singular_values(model: nn.Module, variables: dict[str, Any], imag
 # --- the whole analysis and its files ------------------------------------------------------------
 
 
+def snapshot_jacobians(
+    snapshot: ModelSnapshot,
+    images: jax.Array,
+    exact_images: jax.Array | None,
+    jacobians: BlockJacobians,
+    seed: int,
+) -> dict[str, Any]:
+    """One snapshot's part of `analyze_jacobians`, with the time each of its steps took."""
+    seconds = {}
+    began = time.perf_counter()
+    blocks = []
+    for block in capture_blocks(snapshot.model, snapshot.variables, images):
+        estimates = jacobians.estimate(block, np.random.default_rng([seed, 1, block.info.depth]))
+        blocks.append(_block_row(block, estimates))
+    seconds["estimates"] = time.perf_counter() - began
+    if exact_images is not None:
+        began = time.perf_counter()
+        small = capture_blocks(snapshot.model, snapshot.variables, exact_images[:1])
+        for row, block in zip(blocks, small, strict=True):
+            row["exact"] = exact_block_report(block, jacobians, np.random.default_rng([seed, 2, block.info.depth]))
+        seconds["exact"] = time.perf_counter() - began
+    began = time.perf_counter()
+    chain = chain_rule_check(snapshot.model, snapshot.variables, images, np.random.default_rng([seed, 3]))
+    seconds["chain_rule"] = time.perf_counter() - began
+    began = time.perf_counter()
+    singular = end_to_end_singular_values(snapshot.model, snapshot.variables, images[0])
+    seconds["end_to_end"] = time.perf_counter() - began
+    return {
+        **snapshot.report_fields(),
+        "blocks": blocks,
+        "chain_rule": chain,
+        "end_to_end": _spread(singular),
+        "seconds": seconds,
+    }
+
+
 def analyze_jacobians(
     snapshots: Sequence[ModelSnapshot],
     images: jax.Array,
@@ -365,39 +401,7 @@ def analyze_jacobians(
     jacobian_spectrum.png to ``out`` and returns the JSON's content."""
     out = Path(out)
     jacobians = jacobians or BlockJacobians()
-    reports = []
-    for snapshot in snapshots:
-        seconds = {}
-        began = time.perf_counter()
-        blocks = []
-        for block in capture_blocks(snapshot.model, snapshot.variables, images):
-            estimates = jacobians.estimate(block, np.random.default_rng([seed, 1, block.info.depth]))
-            blocks.append(_block_row(block, estimates))
-        seconds["estimates"] = time.perf_counter() - began
-        if exact_images is not None:
-            began = time.perf_counter()
-            small = capture_blocks(snapshot.model, snapshot.variables, exact_images[:1])
-            for row, block in zip(blocks, small, strict=True):
-                row["exact"] = exact_block_report(block, jacobians, np.random.default_rng([seed, 2, block.info.depth]))
-            seconds["exact"] = time.perf_counter() - began
-        began = time.perf_counter()
-        chain = chain_rule_check(snapshot.model, snapshot.variables, images, np.random.default_rng([seed, 3]))
-        seconds["chain_rule"] = time.perf_counter() - began
-        began = time.perf_counter()
-        singular = end_to_end_singular_values(snapshot.model, snapshot.variables, images[0])
-        seconds["end_to_end"] = time.perf_counter() - began
-        reports.append(
-            {
-                "label": snapshot.label,
-                "model": snapshot.name,
-                "step": snapshot.step,
-                "workdir": str(snapshot.workdir) if snapshot.workdir else None,
-                "blocks": blocks,
-                "chain_rule": chain,
-                "end_to_end": _spread(singular),
-                "seconds": seconds,
-            }
-        )
+    reports = [snapshot_jacobians(snapshot, images, exact_images, jacobians, seed) for snapshot in snapshots]
     report = {
         "settings": {
             "input_shape": list(images.shape[1:]),

@@ -155,10 +155,7 @@ def landscape(
     loss, accuracy = loss.reshape(resolution, resolution), accuracy.reshape(resolution, resolution)
     middle = resolution // 2
     return {
-        "label": snapshot.label,
-        "model": snapshot.name,
-        "step": snapshot.step,
-        "workdir": str(snapshot.workdir) if snapshot.workdir else None,
+        **snapshot.report_fields(),
         "center_loss": float(loss[middle, middle]),
         "center_accuracy": float(accuracy[middle, middle]),
         "min_loss": float(loss.min()),

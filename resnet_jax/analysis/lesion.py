@@ -200,10 +200,7 @@ def lesion_snapshot(
         for info in infos
     ]
     report = {
-        "label": snapshot.label,
-        "model": snapshot.name,
-        "step": snapshot.step,
-        "workdir": str(snapshot.workdir) if snapshot.workdir else None,
+        **snapshot.report_fields(),
         "residual": residual,
         "chance_error": 1 - 1 / snapshot.model.num_classes,
         "baseline_error": baseline,

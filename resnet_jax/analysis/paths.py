@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -223,6 +223,32 @@ def check_path_settings(samples: int, batch_size: int, images: int, chunk: int, 
         raise ValueError(f"fraction={fraction} (--fraction): the share of the gradient must be in (0, 1].")
 
 
+SUMMARY_KEYS = ("blocks", "effective_range", "expected_length", "mean_path_length", "paths_in_range", "gain_per_branch")
+
+
+def snapshot_paths(
+    snapshot: ModelSnapshot,
+    measure: Callable[..., np.ndarray],
+    images: jax.Array,
+    labels: jax.Array,
+    samples: int,
+    fraction: float,
+    rng: np.random.Generator,
+) -> dict[str, Any]:
+    """One snapshot's part of `analyze_paths`: ``samples`` gate vectors per path length, their gradient norms by
+    ``measure`` (a `PathGradients` with its batch size and random batches set), and what they say."""
+    began = time.perf_counter()
+    n = _count_blocks(snapshot.model, snapshot.variables, images)
+    gates, lengths = sample_gates(n, samples, rng)
+    norms = measure(snapshot.variables, images, labels, gates)
+    return {
+        **snapshot.report_fields(),
+        "blocks": n,
+        **summarize_lengths(n, lengths, norms, fraction),
+        "seconds": time.perf_counter() - began,
+    }
+
+
 def analyze_paths(
     snapshots: Sequence[ModelSnapshot],
     images: jax.Array,
@@ -247,25 +273,11 @@ def analyze_paths(
     reports = []
     programs: dict[nn.Module, PathGradients] = {}
     for index, snapshot in enumerate(residual):
-        began = time.perf_counter()
         if snapshot.model not in programs:  # checkpoints of one model share its program
             programs[snapshot.model] = PathGradients(snapshot.model, chunk)
-        program = programs[snapshot.model]
-        n = _count_blocks(snapshot.model, snapshot.variables, images)
         rng = np.random.default_rng([seed, index])
-        gates, lengths = sample_gates(n, samples, rng)
-        norms = program(snapshot.variables, images, labels, gates, batch_size, rng)
-        reports.append(
-            {
-                "label": snapshot.label,
-                "model": snapshot.name,
-                "step": snapshot.step,
-                "workdir": str(snapshot.workdir) if snapshot.workdir else None,
-                "blocks": n,
-                **summarize_lengths(n, lengths, norms, fraction),
-                "seconds": time.perf_counter() - began,
-            }
-        )
+        measure = partial(programs[snapshot.model], batch_size=batch_size, rng=rng)
+        reports.append(snapshot_paths(snapshot, measure, images, labels, samples, fraction, rng))
     files = [out / "paths.json", out / "paths.csv", out / "paths.png"]
     report = {
         "settings": {
@@ -278,17 +290,7 @@ def analyze_paths(
             "forward": "BN in inference mode (running statistics)",
             "gradient": "||dL/d images||, Frobenius over the batch, L = mean cross-entropy",
         },
-        "summary": {
-            r["label"]: {
-                "blocks": r["blocks"],
-                "effective_range": r["effective_range"],
-                "expected_length": r["expected_length"],
-                "mean_path_length": r["mean_path_length"],
-                "paths_in_range": r["paths_in_range"],
-                "gain_per_branch": r["gain_per_branch"],
-            }
-            for r in reports
-        },
+        "summary": {r["label"]: {key: r[key] for key in SUMMARY_KEYS} for r in reports},
         "skipped": {s.label: "plain net: no skips, no paths" for s in skipped},
         "models": reports,
         "files": [str(path) for path in files],
