@@ -193,9 +193,9 @@ def line_styles(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def single_threaded_blas() -> Iterator[None]:
     """Run numpy's LAPACK calls (the exact spectra) on one thread, then restore the thread count.
 
-    On a small CPU machine shared with other jobs, OpenBLAS threads that wait for a free core make a
-    1,024 x 1,024 SVD 10-30x slower (measured 1-9 s against 0.3-0.6 s on 2 busy cores). Acts on the
-    OpenBLAS that numpy wheels bundle; other BLAS builds are left as they are.
+    On a small CPU machine shared with other jobs, OpenBLAS threads that wait for a free core make an SVD
+    of a block Jacobian many times slower than one thread is. Acts on the OpenBLAS that numpy wheels
+    bundle; other BLAS builds are left as they are.
     """
     library = next(iter(glob.glob(str(Path(np.__file__).parent.parent / "numpy.libs" / "*openblas*"))), None)
     names = ("scipy_openblas_get_num_threads64_", "scipy_openblas_set_num_threads64_")

@@ -129,9 +129,9 @@ def lanczos(
     full projection Q^T (J^T J) Q. A block Jacobian such as D(I + J_F) with a small J_F has its singular
     values packed near 1: the Krylov space runs out within a few steps, and what is left of a new vector
     after orthogonalisation is round-off, neither orthogonal nor meaningful (a tridiagonal recurrence fed
-    with it reported 3.2 for a Jacobian of norm 1.01). The iteration stops there for that example (zero
-    vectors), so the Ritz values stay those of an orthonormal basis and never exceed the true ones. The
-    vectors are flat, (B, n): XLA compiles the loop about twice as fast as on image-shaped vectors.
+    with it reports singular values well above the Jacobian's norm). The iteration stops there for that
+    example (zero vectors), so the Ritz values stay those of an orthonormal basis and never exceed the true
+    ones. The vectors are flat, (B, n): XLA compiles the loop faster than on image-shaped vectors.
     """
     batch, shape = start.shape[0], start.shape
     start = start.reshape(batch, -1)
@@ -191,8 +191,8 @@ class BlockJacobians:
     one compiled program, with the module closed over and the variables, input and random vectors as
     arguments, serves them all. ``iterations`` Lanczos steps and ``probes`` Rademacher probes (Hutchinson
     and the identity check share them) per block, for both J and J_F. The random vectors are drawn on the
-    host: at these sizes jax's PRNG takes longer to compile than all the rest. The defaults keep the
-    estimates within 2-3% of exact values on the blocks we checked (20 and 20 reached 5% on some).
+    host: at these sizes jax's PRNG takes longer to compile than all the rest. The tests hold the defaults'
+    estimates to 5% of the exact values; fewer steps and probes trade accuracy for time.
     """
 
     def __init__(self, iterations: int = 30, probes: int = 64, top_k: int = 3) -> None:
@@ -271,7 +271,7 @@ def exact_block_report(block: Block, jacobians: BlockJacobians, rng: np.random.G
     estimates = jacobians.estimate(single, rng)
     report: dict[str, Any] = {f"{name}_deviation": value for name, value in deviations.items()}
     for part, name in (("output", "J"), ("branch", "F")):
-        with single_threaded_blas():  # float64: OpenBLAS's float32 SVD is another 10x slower
+        with single_threaded_blas():  # float64: OpenBLAS's float32 SVD is the slower one
             singular = np.linalg.svd(matrices[part].astype(np.float64), compute_uv=False)
         exact_top, estimated_top = singular[: jacobians.top_k], estimates[f"sv_{name}"][0]
         exact_fro = float(np.sqrt(np.sum(singular**2)))
