@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -79,4 +80,4 @@ def test_gradflow_draws_one_curve_per_checkpoint_from_initialisation(tmp_path, c
     # step 0 is the run's own initialisation: the one `resnet-jax train` started from
     initial = run_snapshots(run, init=True)[0]
     fresh = init_snapshot("resnet8", (28, 28, 1), seed=config.seed)
-    assert jax.tree.all(jax.tree.map(np.array_equal, initial.variables, fresh.variables))
+    chex.assert_trees_all_equal(initial.variables, fresh.variables)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -217,7 +218,7 @@ def test_estimates_are_per_example_and_compiled_once_per_structure():
     jacobians = BlockJacobians(iterations=20, probes=8, top_k=1)
     estimates = [jacobians.estimate(block, np.random.default_rng(0)) for block in blocks[:3]]
     assert len(jacobians.structures) == 2  # stage1/block0 and stage1/block1 share one program
-    assert estimates[1]["sv_J"].shape == (3, 1) and estimates[1]["fro_F"].shape == (3,)
+    chex.assert_shape([estimates[1]["sv_J"], estimates[1]["fro_F"]], [(3, 1), (3,)])
     with single_threaded_blas():
         exact = [np.linalg.norm(jacobians.exact(blocks[1], e)[0]["output"].astype(float), ord=2) for e in range(3)]
     assert np.ptp(exact) > 0.02 * max(exact)  # the examples' Jacobians differ ...
@@ -253,7 +254,8 @@ def test_end_to_end_singular_values_match_a_forward_mode_jacobian(conv):
     )
     expected = np.linalg.svd(np.asarray(jacobian, np.float64).reshape(64, -1), compute_uv=False)
     np.testing.assert_allclose(singular, expected, rtol=1e-4, atol=1e-6 * expected[0])
-    assert singular.shape == (64,) and np.all(np.diff(singular) <= 0)
+    chex.assert_shape(singular, (64,))
+    assert np.all(np.diff(singular) <= 0)
 
 
 # --- the subcommand --------------------------------------------------------------------------------

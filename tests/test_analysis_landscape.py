@@ -7,6 +7,7 @@ import json
 import math
 from functools import partial
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -61,7 +62,7 @@ def test_directions_have_the_weights_filter_norms_and_ignore_rank_one_tensors(sn
     params = snapshot.variables["params"]
     direction = filter_normalized_direction(params, jax.random.key(7))
     other = filter_normalized_direction(params, jax.random.key(8))
-    assert jax.tree.structure(direction) == jax.tree.structure(params)  # no batch_stats: they stay as they are
+    chex.assert_trees_all_equal_shapes_and_dtypes(direction, params)  # no batch_stats: they stay as they are
     ranks = []
     paths = jax.tree_util.tree_leaves_with_path(params)
     leaves = zip(paths, jax.tree.leaves(direction), jax.tree.leaves(other), strict=True)
@@ -154,7 +155,8 @@ def test_analyze_landscape_writes_grids_and_plots(tmp_path, capsys):
     assert [r["label"] for r in report["summary"]] == ["resnet8 init", "plain8 init"]
     assert report["settings"] | {"examples": 8, "resolution": 3, "input_shape": [8, 8, 1]} == report["settings"]
     for run in report["runs"]:
-        assert np.asarray(run["loss"]).shape == (3, 3) and run["loss"][1][1] == run["center_loss"]
+        chex.assert_shape(np.asarray(run["loss"]), (3, 3))
+        assert run["loss"][1][1] == run["center_loss"]
         assert run["min_loss"] <= run["center_loss"] <= run["max_loss"]
     with (out / "landscape.csv").open() as f:
         rows = list(csv.DictReader(f))

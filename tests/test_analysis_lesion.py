@@ -7,6 +7,7 @@ import functools
 import json
 from functools import partial
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -106,7 +107,7 @@ def test_reordering_runs_the_swapped_blocks_in_their_new_places():
     infos = block_infos(model, variables, images)
     assert swap_groups(infos) == [[0, 1]]  # stages 2 and 3 have one shape-preserving block each
     same = reordered_variables(variables, infos, range(6))
-    assert jax.tree.all(jax.tree.map(np.array_equal, same, variables))
+    chex.assert_trees_all_equal(same, variables)
     no_deletion = jnp.zeros(6, bool)
     np.testing.assert_array_equal(
         lesioned_logits(model, same, images, no_deletion), lesioned_logits(model, variables, images, no_deletion)

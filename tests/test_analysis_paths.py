@@ -10,6 +10,7 @@ import json
 import math
 from fractions import Fraction
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -162,7 +163,8 @@ def test_one_compiled_program_serves_every_path_length_and_sample():
 
 def test_sampled_gates_pass_exactly_k_branches_and_the_other_skips():
     gates, lengths = sample_gates(9, samples=50, rng=np.random.default_rng(0))
-    assert gates.shape == (500, 9, 2) and np.bincount(lengths).tolist() == [50] * 10
+    chex.assert_shape(gates, (500, 9, 2))
+    assert np.bincount(lengths).tolist() == [50] * 10
     assert np.array_equal(gates[:, :, 0].sum(axis=1), lengths)
     assert np.array_equal(gates[:, :, 0] + gates[:, :, 1], np.ones((500, 9)))
     chosen = gates[lengths == 1, :, 0].argmax(axis=1)
