@@ -44,7 +44,7 @@ def test_hooks_that_run_the_call_change_nothing_and_see_every_part_in_forward_or
 
 
 def test_a_zero_skip_makes_the_residual_net_its_plain_counterpart():
-    """resnet8 with option A has no shortcut parameters: with every skip's value replaced by zeros it computes
+    """resnet8 (shortcut "A": pads) has no shortcut parameters: with every skip's value replaced by zeros it computes
     exactly what plain8 computes with the same variables."""
     model, variables, images = _setup("resnet8")
     plain = create_model("plain8")

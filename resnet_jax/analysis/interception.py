@@ -33,7 +33,7 @@ class Target(NamedTuple):
 
 BLOCK = Target(ResidualBlock)  # a whole block: its output y
 BRANCH = Target(Branch)  # a block's residual branch F
-SKIP = Target(ResidualBlock, "_shortcut")  # the skip's value: the input itself, its pad (option A) or projection
+SKIP = Target(ResidualBlock, "_shortcut")  # the skip's value: the input itself, its pad or its projection
 SHORTCUT_MODULE = Target((PadShortcut, ProjectionShortcut))  # the skip's submodule, where it has one
 
 

@@ -498,8 +498,11 @@ def add_degradation_arguments(p: argparse.ArgumentParser) -> None:
 def check_degradation(args: argparse.Namespace) -> None:
     from resnet_jax.analysis.degradation import check_depths
     from resnet_jax.train.config import load_config
+    from resnet_jax.train.runs import check_config
 
-    check_depths(load_config(args.config, args.overrides))
+    config = load_config(args.config, args.overrides)
+    check_depths(config)
+    check_config(config)
 
 
 def run_degradation(args: argparse.Namespace) -> Report:
