@@ -217,10 +217,7 @@ def cka_report(snapshots: Sequence[ModelSnapshot], images: jax.Array, batch_size
         own = part(index, index)
         runs.append(
             {
-                "label": snapshot.label,
-                "model": snapshot.name,
-                "step": snapshot.step,
-                "workdir": str(snapshot.workdir) if snapshot.workdir else None,
+                **snapshot.report_fields(),
                 "blocks": blocks,
                 # CKA of each block with the next: near 1 where later blocks refine what earlier ones computed
                 "adjacent_cka": float(np.mean(np.diag(own, 1))) if len(blocks) > 1 else None,

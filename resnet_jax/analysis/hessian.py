@@ -265,7 +265,7 @@ def analyze_hessian(
         began = time.perf_counter()
         hessian = loss_hessian(snapshot.model, snapshot.variables, images, labels, chunk_size)
         found = spectrum(hessian, steps=steps, runs=runs, probes=probes, top_k=top_k, seed=seed)
-        reports.append({**_identity(snapshot), **found, "seconds": time.perf_counter() - began})
+        reports.append({**snapshot.report_fields(), **found, "seconds": time.perf_counter() - began})
     sigma = broadening * max(max(r["lambda_max"] - r["lambda_min"] for r in reports), np.finfo(np.float32).eps)
     for report in reports:
         report["density_grid"], report["density"] = spectral_density(report["nodes"], report["weights"], sigma)
@@ -290,15 +290,6 @@ def analyze_hessian(
         plot_top_eigenvalues(reports, out / "hessian_top.png"),
     ]
     return {**result, "files": [str(path) for path in files]}
-
-
-def _identity(snapshot: ModelSnapshot) -> dict[str, Any]:
-    return {
-        "label": snapshot.label,
-        "model": snapshot.name,
-        "step": snapshot.step,
-        "workdir": str(snapshot.workdir) if snapshot.workdir else None,
-    }
 
 
 def plot_density(reports: list[dict[str, Any]], path: Path) -> Path:
