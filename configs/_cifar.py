@@ -3,7 +3,7 @@
 SGD, momentum 0.9, weight decay 1e-4, batch 128, lr 0.1 divided by 10 at 32k and 48k iterations,
 stop at 64k; trained on 45k images (the other 5k are the paper's validation set), pad-4 random crop
 and horizontal flip. Per-channel normalisation replaces the paper's per-pixel mean subtraction.
-On a GPU, add `--config.data_on_device=True --config.steps_per_call=10` (README, "Data").
+On a GPU, add `--config.data_on_device=True --config.steps_per_call=10` (docs/training.md).
 """
 
 import ml_collections

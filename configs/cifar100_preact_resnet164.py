@@ -4,8 +4,7 @@
 
 Same recipe as configs/cifar10_preact_resnet164.py, 100 classes.
 Expected: 24.33% error (He et al. 2016): final test_accuracy about 0.757.
-Time: not yet measured on a GPU; about 52 hours on 2 CPU cores (estimated from the measured ResNet-20
-step rate scaled by multiply-adds): use a GPU.
+Time: not measured; about 52 hours on 2 CPU cores (estimated): use a GPU.
 """
 
 from configs import cifar10_preact_resnet164

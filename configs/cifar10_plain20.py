@@ -2,9 +2,8 @@
 
     resnet-jax train --config configs/cifar10_plain20.py --workdir runs/cifar10_plain20
 
-Expected: about 8.2% error (Li et al. 2018 report 8.18% without skip connections; He et al.
-2015 Fig. 6 shows it only as a curve): final test_accuracy about 0.92.
-Time: as cifar10_resnet20 (same layers): about 8.5 hours on 2 CPU cores; not yet measured on a GPU.
+Expected: about 8.2% error (Li et al. 2018: 8.18% without skip connections): final test_accuracy about 0.92.
+Time: not measured; as cifar10_resnet20 (same layers), about 8.5 hours on 2 CPU cores (estimated).
 """
 
 from configs import _cifar

@@ -3,8 +3,7 @@
     resnet-jax train --config configs/cifar10_resnet110.py --workdir runs/cifar10_resnet110
 
 Expected: 6.43% error best of 5, 6.61 +/- 0.16 mean (He et al. 2015, Table 6): final test_accuracy about 0.934.
-Time: not yet measured on a GPU; about 53 hours on 2 CPU cores (estimated from the measured ResNet-20
-step rate scaled by multiply-adds): use a GPU.
+Time: not measured; about 53 hours on 2 CPU cores (estimated): use a GPU.
 """
 
 from configs import _cifar

@@ -3,10 +3,8 @@
     resnet-jax train --config configs/cifar10_resnet20.py --workdir runs/cifar10_resnet20
 
 Expected: 8.75% error (He et al. 2015, Table 6): final test_accuracy about 0.912.
-Time: not yet measured on a GPU; about 8.5 hours on 2 CPU cores (64k steps x 128 images at ~270
-img/s, the measured ResNet-20 step rate scaled by multiply-adds). On a GPU add
-`--config.data_on_device=True --config.steps_per_call=10`: the host pipeline cannot keep up with this step
-there (README, "Data").
+Time: not measured; about 8.5 hours on 2 CPU cores (estimated). On a GPU add
+`--config.data_on_device=True --config.steps_per_call=10`: the host pipeline cannot keep up there.
 """
 
 from configs import _cifar

@@ -3,8 +3,7 @@
     resnet-jax train --config configs/cifar10_resnet56.py --workdir runs/cifar10_resnet56
 
 Expected: 6.97% error (He et al. 2015, Table 6): final test_accuracy about 0.930.
-Time: not yet measured on a GPU; about 26 hours on 2 CPU cores (estimated from the measured ResNet-20
-step rate scaled by multiply-adds).
+Time: not measured; about 26 hours on 2 CPU cores (estimated).
 """
 
 from configs import _cifar

@@ -2,11 +2,10 @@
 
     resnet-jax train --config configs/cifar10_wrn28_10.py --workdir runs/cifar10_wrn28_10
 
-Recipe of the paper: 200 epochs of the 50k training images at batch 128 (78,000 steps), SGD with
-Nesterov momentum 0.9, weight decay 5e-4, lr 0.1 multiplied by 0.2 at epochs 60, 120 and 160,
-pad-4 crop and flip.
+The paper's recipe: 200 epochs of the 50k images at batch 128 (78,000 steps), Nesterov momentum 0.9, weight decay 5e-4,
+lr 0.1 times 0.2 at epochs 60, 120 and 160, pad-4 crop and flip.
 Expected: 4.00% error (the paper, no dropout): final test_accuracy about 0.960.
-Time: not yet measured on a GPU; weeks on a CPU (5.25 GMACs per image): use a GPU.
+Time: not measured; weeks on a CPU (5.25 GMACs per image): use a GPU.
 """
 
 from configs import _cifar

@@ -2,21 +2,13 @@
 Fashion-MNIST, one short recipe, sized for a 2-core CPU.
 
     resnet-jax analyze degradation --config configs/degradation_fashion_mnist.py --out analysis/degradation
-
-trains plain8, plain20, resnet8 and resnet20 (each in OUT/runs/<model>, resumed if rerun) and plots
-their training and test error side by side. One of its runs alone:
-
     resnet-jax train --config configs/degradation_fashion_mnist.py --config.model=plain20 --workdir runs/plain20
 
-Expected (seed 0, measured): late training error (mean of the second half of training) plain 8: 16.96%,
-20: 17.88% (worse with depth); resnet 8: 17.95%, 20: 17.11% (better with depth): "degradation shown".
-Final test error plain8 17.6%, plain20 16.5%, resnet8 16.9%, resnet20 18.7%. The effect is about one
-point, no larger than what another seed may move: a demonstration of the measurement, not a proof.
---config.depths=(8,20,44) adds the 44-layer pair (about 10 more minutes): plain44 trains far worse
-(30.3%), but resnet44 also trails (21.0%): 300 steps (0.6 epochs) are too few for depth to pay even
-with shortcuts, and the verdict is "no degradation shown".
-Time: about 6-7 minutes on 2 idle CPU cores (estimated from the 9.2 CPU-minutes the four runs took;
-their wall time, 47 minutes, was on 2 cores shared with four other jobs).
+The first trains plain8, plain20, resnet8 and resnet20 (each in OUT/runs/<model>, resumed if rerun) and plots
+their training and test error; the second is one of its runs alone.
+Expected (seed 0): "degradation shown": plain nets' training error rises with depth and residual nets' falls,
+by about one point, no more than another seed may move (benchmarks/training-runs.md).
+Time: about 6-7 minutes on 2 CPU cores (estimated).
 """
 
 from configs import default

@@ -3,16 +3,10 @@
     resnet-jax train --config configs/imagenet_resnet50.py --workdir runs/imagenet_resnet50 \
         --config.data_dir=/path/to/tensorflow_datasets
 
-Needs imagenet2012 prepared by tfds (its manual download folder: see the README). Recipe: 90
-epochs, global batch 1024, lr 0.1 x batch / 256 with a linear warm-up over 5 epochs, divided by 10
-at epochs 30, 60 and 80, momentum 0.9, weight decay 1e-4, each block's last BN scale initialised to
-zero, inception-style random-resized crops and flips; evaluation on the 224 center crop of the image
-resized to 256.
-Expected: top-1 test_accuracy about 0.763 (Goyal et al. 2017: 23.74% error; torchvision's v1.5
-weights: 76.13%).
-Time: not measured end to end (no ImageNet here). The train step runs at 5,274 img/s on one H100 at batch
-256 per device (`resnet-jax bench --model resnet50 --batch 256 --precision bf16`): at that rate 90 epochs
-are about 6 hours of steps on one H100, if the host's JPEG decoding keeps up (not measured).
+Needs imagenet2012 prepared by tfds (docs/data.md). 90 epochs at global batch 1024, lr 0.1 x batch / 256 with a
+5-epoch linear warm-up, divided by 10 at epochs 30, 60 and 80; each block's last BN scale starts at zero.
+Expected: top-1 test_accuracy about 0.763 (Goyal et al. 2017: 23.74% error; torchvision's v1.5 weights: 76.13%).
+Time: not measured end to end; about 6 hours of train steps on one H100 (estimated from the bench's step).
 """
 
 from configs import default
