@@ -97,7 +97,7 @@ def commands_in(line: str, names: set[str]) -> list[tuple[str, ...]]:
 def page_commands(page: Path, names: set[str]) -> list[Command]:
     commands = []
     for info, body, first in code_blocks(page.read_text()):
-        if info == "python":
+        if info in ("python", "text"):  # code, or what a command printed
             continue
         lines = logical_lines(body, first)
         for index, (number, line) in enumerate(lines):
