@@ -558,7 +558,8 @@ def cka_section(report: Report, folder: Path, seconds: float) -> Section:
         for row in models
     )
     finding = f"Linear CKA of the block outputs (minibatch): {per_model}."
-    tables = {"Similarity of a model's blocks": models, "Blocks of two models against each other": pairs}
+    tables = {"Similarity of a model's blocks": models}
+    tables |= {"Blocks of two models against each other": pairs} if pairs else {}
     return Section("CKA: similarity of block outputs", folder, finding, tables, seconds)
 
 
@@ -624,8 +625,8 @@ def features_section(report: Report, folder: Path, seconds: float) -> Section:
     ]
     last = {row["subject"]: row["top channel activity"] for row in table}  # each subject's last stage
     finding = (
-        f"Feature maps of {report['settings']['examples']} image(s) per stage; the most active channel of the last "
-        "stage averages |activation| " + ", ".join(f"{subject} {value:.3g}" for subject, value in last.items()) + "."
+        f"Feature maps of {report['settings']['examples']} image(s) per stage. Mean |activation| of the last stage's "
+        "most active channel: " + ", ".join(f"{subject} {value:.3g}" for subject, value in last.items()) + "."
     )
     return Section(
         "Feature maps", folder, finding, {"Most active channel per stage (mean over images)": table}, seconds
@@ -789,10 +790,13 @@ def trajectory_section(report: Report, folder: Path, seconds: float) -> Section:
         for line in report["interpolations"]
     ]
     per_run = "; ".join(
-        f"{row['subject']}: {row['variance on PC1'] + row['variance on PC2']:.0%} on two directions" for row in runs
+        f"{row['subject']}: {row['variance on PC1'] + row['variance on PC2']:.0%} of the spread of its "
+        f"{row['checkpoints']} checkpoints, at least {row['least in plane']:.0%} of each one's distance to the end"
+        for row in runs
     )
-    finding = f"The share of the path's movement that its PCA plane shows: {per_run}."
-    tables = {"Paths in their PCA planes": runs, "Interpolation between final weights": lines}
+    finding = f"What the PCA plane of each path shows: {per_run}."
+    tables = {"Paths in their PCA planes": runs}
+    tables |= {"Interpolation between final weights": lines} if lines else {}
     return Section("Optimisation trajectory", folder, finding, tables, seconds)
 
 
