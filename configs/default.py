@@ -13,7 +13,9 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Model: any name of `resnet-jax models` (or a CIFAR depth), with ResNet attribute overrides.
     config.model = "resnet20"
-    config.model_overrides = ml_collections.ConfigDict({"zero_init_residual": False})
+    # drop_path_rate: stochastic depth (Huang et al. 2016), each residual branch dropped per example in training,
+    # linearly more often with depth up to this rate in the last block (e.g. 0.1; 0: none; residual nets only).
+    config.model_overrides = ml_collections.ConfigDict({"zero_init_residual": False, "drop_path_rate": 0.0})
     config.dtype = "float32"  # "bfloat16"/"float16": half compute, fp32 parameters and BN statistics
     # (float16 adds dynamic loss scaling)
 

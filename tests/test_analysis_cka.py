@@ -11,6 +11,7 @@ import chex
 import jax
 import numpy as np
 import pytest
+from idx_files import idx_folder_fixture
 from smooth_images import smooth_images
 
 from resnet_jax.analysis.blocks import block_parts, capture_blocks
@@ -28,6 +29,7 @@ from resnet_jax.analysis.cka import (
     unbiased_hsic,
 )
 from resnet_jax.analysis.common import ModelSnapshot
+from resnet_jax.cli import main
 from resnet_jax.models import create_model
 
 
@@ -180,3 +182,35 @@ def test_analyze_cka_writes_its_files_and_refuses_a_bad_batch_size_first(snapsho
     assert (tmp_path / "out" / "cka_branch.csv").read_text().count("\n") == 7  # header and 2 x 3 blocks
     for name in ("cka.png", "cka_branch.png"):
         assert (tmp_path / "out" / name).stat().st_size > 10_000, name
+
+
+idx_dir = idx_folder_fixture(num_train=8, num_test=16)
+
+
+def test_analyze_cka_compares_residual_with_plain_and_two_seeds(idx_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["analyze", "cka", "--model", "resnet8", "--model", "plain8", "--seeds", "2", "--data-dir", str(idx_dir)]
+    assert main([*args, "--examples", "16", "--batch-size", "8", "--input-size", "8", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "resnet8 init (seed 0) vs plain8 init (seed 0): CKA of matched blocks" in printed
+    report = json.loads((out / "cka.json").read_text())
+    assert report["settings"]["examples"] == 16 and report["settings"]["batch_size"] == 8
+    residual, other_seed, plain, _ = report["runs"]
+    assert all(r > 0 for r in residual["branch_to_skip"]) and plain["branch_to_skip"] == [None] * 3
+    chex.assert_trees_all_close(np.diag(residual["cka"]), np.ones(3), atol=1e-5)  # each block with itself
+    seeds = next(pair for pair in report["pairs"] if pair["labels"][1] == other_seed["label"])
+    assert seeds["labels"] == ["resnet8 init (seed 0)", "resnet8 init (seed 1)"]
+    assert 0 < seeds["matched_block_cka"] < 0.99  # two initialisations: related, not the same
+    assert len(report["pairs"]) == 6  # every two of the four
+    for name in ("cka.png", "cka_branch.png"):
+        assert (out / name).stat().st_size > 10_000, name
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [(["--batch-size", "3"], "batch_size=3"), (["--seeds", "2", "--checkpoint", "run"], "two seeds of trained")],
+)
+def test_analyze_cka_refuses_bad_settings_before_any_work(tmp_path, capsys, options, message):
+    assert main(["analyze", "cka", "--model", "resnet8", *options, "--out", str(tmp_path / "out")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

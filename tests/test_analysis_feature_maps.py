@@ -8,10 +8,12 @@ from functools import partial
 import jax
 import numpy as np
 import pytest
+from idx_files import make_idx_folder
 from smooth_images import smooth_images
 
 from resnet_jax.analysis.common import ModelSnapshot
 from resnet_jax.analysis.feature_maps import analyze_features, feature_maps, most_active_channels
+from resnet_jax.cli import main
 from resnet_jax.models import create_model
 
 
@@ -66,3 +68,20 @@ def test_analyze_features_writes_a_picture_per_model(snapshots, tmp_path):
     assert len(report["files"]) == 3
     with pytest.raises(ValueError, match="top=0"):
         analyze_features(snapshots, smooth_images(2), tmp_path / "bad", top=0)
+
+
+def test_analyze_features_draws_residual_and_plain_from_the_command_line(tmp_path, capsys):
+    data = tmp_path / "idx"
+    make_idx_folder(data, compressed=False, num_train=4, num_test=4)
+    out = tmp_path / "out"
+    args = ["analyze", "features", "--model", "resnet8", "--model", "plain8", "--data-dir", str(data)]
+    assert main([*args, "--examples", "2", "--top", "2", "--out", str(out)]) == 0
+    assert "2 model(s), 2 image(s)" in capsys.readouterr().out
+    report = json.loads((out / "features.json").read_text())
+    assert [run["label"] for run in report["runs"]] == ["resnet8 init", "plain8 init"]
+    assert report["runs"][0]["stages"]["c2"]["shape"] == [7, 7, 64]  # 28 x 28 images, stride 4
+    assert np.asarray(report["runs"][1]["stages"]["stem"]["channels"]).shape == (2, 2)
+    for name in ("features_1_resnet8_init.png", "features_2_plain8_init.png"):
+        assert (out / name).stat().st_size > 10_000, name
+    assert main(["analyze", "features", "--model", "resnet8", "--top", "0", "--out", str(tmp_path / "bad")]) == 2
+    assert "--top 0" in capsys.readouterr().err and not (tmp_path / "bad").exists()

@@ -81,3 +81,12 @@ def test_gradflow_draws_one_curve_per_checkpoint_from_initialisation(tmp_path, c
     initial = run_snapshots(run, init=True)[0]
     fresh = init_snapshot("resnet8", (28, 28, 1), seed=config.seed)
     chex.assert_trees_all_equal(initial.variables, fresh.variables)
+
+
+def test_a_model_with_stochastic_depth_is_measured_whole():
+    images = jax.random.normal(jax.random.key(1), (4, 8, 8, 1))
+    labels = jax.numpy.arange(4)
+    model = create_model("resnet8")
+    variables = model.init(jax.random.key(0), images, train=False)
+    whole = gradient_norms(model, variables, images, labels)
+    assert gradient_norms(create_model("resnet8", drop_path_rate=0.5), variables, images, labels) == whole

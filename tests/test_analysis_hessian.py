@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from idx_files import make_idx_folder
 from jax.flatten_util import ravel_pytree
 from smooth_images import smooth_images
 
@@ -23,6 +24,7 @@ from resnet_jax.analysis.hessian import (
     spectral_density,
     spectrum,
 )
+from resnet_jax.cli import main
 from resnet_jax.models import create_model
 from resnet_jax.train.steps import cross_entropy
 
@@ -206,3 +208,28 @@ def test_analyze_hessian_writes_its_files_and_refuses_bad_settings_first(tmp_pat
     assert (tmp_path / "out" / "hessian.csv").read_text().count("\n") == 3
     for name in ("hessian_density.png", "hessian_top.png"):
         assert (tmp_path / "out" / name).stat().st_size > 10_000, name
+
+
+def test_analyze_hessian_compares_residual_with_plain_from_the_command_line(tmp_path, capsys):
+    data = tmp_path / "idx"
+    make_idx_folder(data, compressed=False, num_train=8, num_test=4)
+    out = tmp_path / "out"
+    args = ["analyze", "hessian", "--model", "resnet8", "--model", "plain8", "--data-dir", str(data)]
+    args += ["--examples", "4", "--input-size", "8", "--steps", "4", "--runs", "1", "--probes", "2", "--top-k", "2"]
+    assert main([*args, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "resnet8 init: lambda_max" in printed and "plain8 init: lambda_max" in printed
+    report = json.loads((out / "hessian.json").read_text())
+    assert report["settings"]["examples"] == 4 and report["settings"]["lanczos_steps"] == 4
+    assert [len(run["top_eigenvalues"]) for run in report["runs"]] == [2, 2]
+    assert (out / "hessian_density.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [(["--top-k", "30"], "top_k=30"), (["--chunk-size", "3"], "--chunk-size 3 must divide"), (["--probes", "1"], "2")],
+)
+def test_analyze_hessian_refuses_bad_settings_before_any_work(tmp_path, capsys, options, message):
+    assert main(["analyze", "hessian", "--model", "resnet8", *options, "--out", str(tmp_path / "out")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -17,6 +17,9 @@ TINY_TOOLS = {  # each tool's smallest useful settings on 20 test images
     "paths": "--examples 8 --samples 2 --batch-size 4 --split test",
     "lesion": "--examples 20 --draws 1",
     "landscape": "--examples 8 --resolution 3 --split test",
+    "cka": "--examples 8 --batch-size 4",
+    "features": "--examples 2 --top 1",
+    "hessian": "--examples 4 --steps 3 --runs 1 --probes 2 --top-k 1 --split test",
 }
 TINY_DEGRADATION = {
     "depths": "(8,14)",
@@ -58,9 +61,20 @@ def test_all_writes_every_analysis_and_one_page_that_shows_them(idx_dir, tmp_pat
     out = tmp_path / "report"
     assert main(all_command(idx_dir, out)) == 0
     printed = capsys.readouterr().out
-    names = [tool.name for tool in TOOLS]
-    assert names == ["jacobian", "gradflow", "paths", "lesion", "landscape", "degradation"]
-    assert [f"[{i}/6] analyze {name}" in printed for i, name in enumerate(names, 1)] == [True] * 6
+    names = [tool.name for tool in TOOLS if tool.name != "trajectory"]  # it follows runs: given none, left out
+    assert names == [
+        "jacobian",
+        "gradflow",
+        "cka",
+        "features",
+        "paths",
+        "lesion",
+        "hessian",
+        "landscape",
+        "degradation",
+    ]
+    assert [f"[{i}/9] analyze {name}" in printed for i, name in enumerate(names, 1)] == [True] * 9
+    assert "analyze trajectory: left out" in printed
     page, markdown = (out / "index.html").read_text(), (out / "index.md").read_text()
     for tool in names:
         images = sorted((out / tool).glob("*.png"))
@@ -68,7 +82,8 @@ def test_all_writes_every_analysis_and_one_page_that_shows_them(idx_dir, tmp_pat
         for image in images:  # every plot of every analysis is on both pages, by a path relative to the page
             assert f"src='{tool}/{image.name}'" in page
             assert f"]({tool}/{image.name})" in markdown
-    for title in ("Block Jacobians", "Gradient flow", "Paths", "Lesions", "Loss landscape", "Degradation"):
+    titles = ("Block Jacobians", "Gradient flow", "CKA", "Feature maps", "Paths", "Lesions", "Hessian spectrum")
+    for title in (*titles, "Loss landscape", "Degradation"):
         assert f"<h2>{title}" in page and f"## {title}" in markdown
     assert "resnet8 init" in markdown and "plain8 init" in markdown  # the snapshots' rows in the tables
     assert "| plain8 init | 0 |" not in markdown  # plain nets get no paths row: they have no skips
@@ -77,9 +92,11 @@ def test_all_writes_every_analysis_and_one_page_that_shows_them(idx_dir, tmp_pat
 
 def test_skip_leaves_an_analysis_out(idx_dir, tmp_path, capsys):
     out = tmp_path / "report"
-    skips = [f"--skip={tool}" for tool in ("jacobian", "paths", "lesion", "landscape", "degradation")]
-    assert main(all_command(idx_dir, out, *skips)) == 0
-    assert "[1/1] analyze gradflow" in capsys.readouterr().out
+    others = ("jacobian", "cka", "features", "paths", "lesion", "hessian", "landscape", "degradation")
+    assert main(all_command(idx_dir, out, *(f"--skip={tool}" for tool in others))) == 0
+    printed = capsys.readouterr().out
+    assert "[1/1] analyze gradflow" in printed
+    assert "analyze trajectory: left out, it follows training runs" in printed  # given models, no runs
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["gradflow"]
     assert "## Gradient flow" in (out / "index.md").read_text()
 

@@ -273,7 +273,8 @@ def plot_cka(report: dict[str, Any], path: Path) -> Path:
     panels += [(*pair["labels"], pair["cka"]) for pair in report["pairs"]]
     columns = min(len(panels), 4)
     rows = -(-len(panels) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 4 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(5 * columns, 4.4 * rows), squeeze=False)
+    fig.subplots_adjust(wspace=0.45, hspace=0.4)  # room for each panel's own axis labels (two models' names)
     for ax in axes.ravel()[len(panels) :]:
         ax.axis("off")
     for ax, (first, second, cka) in zip(axes.ravel(), panels, strict=False):

@@ -16,7 +16,7 @@ NAMES = tuple(tool.name for tool in TOOLS)
 
 def add_analyze_command(commands: Any) -> None:
     """Add ``analyze`` and its subcommands to the ``resnet-jax`` subparsers ``commands``."""
-    analyze = commands.add_parser("analyze", help="block Jacobians and gradient flow of models and checkpoints")
+    analyze = commands.add_parser("analyze", help="gradient-theory analyses of models and checkpoints")
     subcommands = analyze.add_subparsers(dest="tool", required=True, metavar="NAME")
     for tool in TOOLS:
         p = subcommands.add_parser(tool.name, help=tool.help, description=tool.description, epilog=tool.epilog)
@@ -93,6 +93,9 @@ def plan_all(args: argparse.Namespace, out: Path) -> list[tuple[Tool, argparse.N
     planned = []
     for tool in TOOLS:
         if tool.name in args.skip:
+            continue
+        if tool.needs_checkpoints and not args.checkpoint:
+            print(f"analyze {tool.name}: left out, it follows training runs (give --checkpoint DIR)")
             continue
         argv = [*tool.options_in_all(args), *options.get(tool.name, []), "--out", str(out / tool.name)]
         tool_args = tool.parser().parse_args(argv)

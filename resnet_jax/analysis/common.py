@@ -4,6 +4,7 @@ a batch of real images, and the files it leaves behind (JSON, CSV, PNG).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import csv
 import ctypes
@@ -40,11 +41,14 @@ class ModelSnapshot:
     step: int = 0
     workdir: Path | None = None  # the training run it comes from, if any
     config: ml_collections.ConfigDict | None = None  # that run's config (dataset, seed, ...)
+    tag: str = ""  # what tells it from a snapshot of the same model and step: its run folder, its seed
 
     @property
     def label(self) -> str:
-        """How reports and plots name it, e.g. "resnet20 init" or "resnet20 step 500"."""
-        return f"{self.name} step {self.step}" if self.workdir else f"{self.name} init"
+        """How reports and plots name it, e.g. "resnet20 init", "resnet20 step 500" or, tagged with its run
+        folder, "resnet20 step 500 (seed1)"."""
+        label = f"{self.name} step {self.step}" if self.workdir else f"{self.name} init"
+        return f"{label} ({self.tag})" if self.tag else label
 
     def report_fields(self) -> dict[str, Any]:
         """What every analysis's report says of it: label, model, step and run folder."""
@@ -86,6 +90,16 @@ def run_snapshots(workdir: str | Path, all_steps: bool = False, init: bool = Fal
         initial = create_train_state(model, optax.identity(), image_shape, config.seed)
         snapshots.insert(0, ModelSnapshot(config.model, model, _variables(initial), 0, workdir, config))
     return snapshots
+
+
+def tell_apart(snapshots: Sequence[ModelSnapshot]) -> list[ModelSnapshot]:
+    """``snapshots`` with those of one label (runs of one model with two seeds, at the same step) tagged with their
+    run folder's name, so that tables and legends tell them apart; the others as they are."""
+    counts = collections.Counter(s.label for s in snapshots)
+    return [
+        dataclasses.replace(s, tag=s.workdir.name) if counts[s.label] > 1 and s.workdir and not s.tag else s
+        for s in snapshots
+    ]
 
 
 class Batch(NamedTuple):

@@ -32,7 +32,10 @@ TAPPED = Target((ResidualBlock, nn.Conv, nn.Dense))
 
 def gradient_norms(model: nn.Module, variables: dict[str, Any], images: jax.Array, labels: jax.Array) -> dict[str, Any]:
     """The loss and, in forward order, per block and per layer: ||dL/d output|| and ||dL/d parameters||
-    (and per layer ||kernel||, for the relative size of an update)."""
+    (and per layer ||kernel||, for the relative size of an update). A model trained with stochastic depth is
+    measured whole: the gradients of the function its weights compute, not of one random draw of its blocks."""
+    if getattr(model, "drop_path_rate", 0.0):
+        model = model.clone(drop_path_rate=0.0)
     paths = _tapped_outputs(model, variables, images)
     zeros = {path: jnp.zeros(shape, dtype) for path, (shape, dtype, _) in paths.items()}
     loss, (param_grads, output_grads) = _loss_and_grads(model, variables, images, labels, zeros)

@@ -75,6 +75,8 @@ class Tool:
     # The options `analyze all` parses with this tool's parser (before its --tool-args), from its own arguments.
     options_in_all: Callable[[argparse.Namespace], list[str]] = snapshot_options_in_all
     takes_config_overrides: bool = False  # --config.KEY=VALUE: a training config (degradation)
+    # It follows training runs (trajectory): `analyze all` leaves it out when given no --checkpoint.
+    needs_checkpoints: bool = False
 
     def parser(self) -> argparse.ArgumentParser:
         """A parser of this tool's options alone (what `analyze all` reads --tool-args with)."""
@@ -141,10 +143,10 @@ class AnalysisInputs(NamedTuple):
 def load_inputs(args: argparse.Namespace) -> AnalysisInputs:
     """The snapshots (each --model at initialisation, or each --checkpoint run's checkpoints), the batch of
     images, and the output folder; a run that is not of its --model, or of another data set, is refused."""
-    from resnet_jax.analysis.common import init_snapshot, load_images, run_snapshots
+    from resnet_jax.analysis.common import init_snapshot, load_images, run_snapshots, tell_apart
 
     models, runs = requested_models(args), args.checkpoint
-    snapshots = [s for run in runs for s in run_snapshots(run, args.all_checkpoints, args.init)]
+    snapshots = tell_apart([s for run in runs for s in run_snapshots(run, args.all_checkpoints, args.init)])
     for name, run in zip(models, runs, strict=True) if runs and models else ():
         trained = next(s.name for s in snapshots if s.workdir == Path(run))
         if trained != name:
@@ -485,6 +487,338 @@ LANDSCAPE = Tool(
 )
 
 
+# --- cka ----------------------------------------------------------------------------------------------------
+
+
+def add_cka_arguments(p: argparse.ArgumentParser) -> None:
+    add_snapshot_arguments(p, examples=256)
+    p.add_argument("--batch-size", type=int, default=64, help="images per CKA minibatch, at least 4 (default 64)")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="initialise each --model from this many seeds (--seed, --seed + 1, ...): 2 compares two seeds of one "
+        "model (of trained models: give both runs as --checkpoint)",
+    )
+
+
+def check_cka(args: argparse.Namespace) -> None:
+    from resnet_jax.analysis.cka import check_batching
+
+    check_snapshot_request(args)
+    check_batching(args.examples, args.batch_size)
+    if args.seeds < 1 or (args.seeds > 1 and args.checkpoint):
+        raise ValueError(
+            f"--seeds {args.seeds}: give 1 or more seeds for models at initialisation only; two seeds of trained "
+            "models are two runs: --checkpoint RUN_SEED0 --checkpoint RUN_SEED1."
+        )
+
+
+def run_cka(args: argparse.Namespace) -> Report:
+    from resnet_jax.analysis.cka import analyze_cka
+    from resnet_jax.analysis.common import init_snapshot
+
+    inputs = load_inputs(args)
+    snapshots = inputs.snapshots
+    if args.seeds > 1:
+        shape, classes = inputs.batch.images.shape[1:], inputs.batch.num_classes
+        seeds = range(args.seed, args.seed + args.seeds)
+        snapshots = [
+            dataclasses.replace(init_snapshot(s.name, shape, classes, seed), tag=f"seed {seed}")
+            for s in snapshots
+            for seed in seeds
+        ]
+    report = analyze_cka(snapshots, inputs.batch.images, inputs.out, batch_size=args.batch_size)
+    print(f"{len(snapshots)} model(s) -> {inputs.out}")
+    for run in report["runs"]:
+        print(
+            f"{run['label']}: CKA of adjacent blocks {_number(run['adjacent_cka'])}, first to last block "
+            f"{run['first_last_cka']:.3f}, median ||F|| / ||skip|| {_number(_median(run['branch_to_skip']))}"
+        )
+    for pair in report["pairs"]:
+        print(f"{' vs '.join(pair['labels'])}: CKA of matched blocks {_number(pair['matched_block_cka'])}")
+    return report
+
+
+def cka_section(report: Report, folder: Path, seconds: float) -> Section:
+    models = [
+        {
+            "subject": run["label"],
+            "blocks": len(run["blocks"]),
+            "adjacent-block CKA": run["adjacent_cka"],
+            "first-last CKA": run["first_last_cka"],
+            "median ‖F‖ / ‖skip‖": _median(run["branch_to_skip"]),
+        }
+        for run in report["runs"]
+    ]
+    pairs = [{"pair": " vs ".join(p["labels"]), "matched-block CKA": p["matched_block_cka"]} for p in report["pairs"]]
+    per_model = "; ".join(
+        f"{row['subject']}: {_number(row['adjacent-block CKA'])} between neighbours, {row['first-last CKA']:.3f} "
+        "first to last"
+        for row in models
+    )
+    finding = f"Linear CKA of the block outputs (minibatch): {per_model}."
+    tables = {"Similarity of a model's blocks": models}
+    tables |= {"Blocks of two models against each other": pairs} if pairs else {}
+    return Section("CKA: similarity of block outputs", folder, finding, tables, seconds)
+
+
+def _median(values: list[float | None]) -> float | None:
+    """The median of the values that exist (plain blocks have no branch-to-skip ratio), or None."""
+    present = [v for v in values if v is not None]
+    return float(statistics.median(present)) if present else None
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+CKA = Tool(
+    name="cka",
+    help="linear CKA between every pair of block outputs, and each residual branch against its skip",
+    description="Minibatch linear CKA (Nguyen, Raghu & Kornblith 2021: the mean unbiased HSIC over minibatches "
+    "of --batch-size, in memory that does not grow with --examples) between the outputs of every two blocks, "
+    "BN in inference mode: within each model, and between every two models (residual against plain, two seeds "
+    "of one model: --seeds 2, or two --checkpoint runs). Also ||F(x)|| / ||s(x)|| per block, the size of the "
+    "residual branch against its skip (||F(x)|| / ||x|| for identity shortcuts), mean over the images. "
+    "Writes cka.json, cka_branch.csv, cka.png (the heatmaps) and cka_branch.png.",
+    add_arguments=add_cka_arguments,
+    check=check_cka,
+    run=run_cka,
+    section=cka_section,
+)
+
+
+# --- features -----------------------------------------------------------------------------------------------
+
+
+def add_features_arguments(p: argparse.ArgumentParser) -> None:
+    add_snapshot_arguments(p, examples=4)
+    p.add_argument("--top", type=int, default=3, help="most active channels shown per stage (default 3)")
+
+
+def check_features(args: argparse.Namespace) -> None:
+    check_snapshot_request(args)
+    if args.top < 1:
+        raise ValueError(f"--top {args.top}: show at least one channel per stage.")
+
+
+def run_features(args: argparse.Namespace) -> Report:
+    from resnet_jax.analysis.feature_maps import analyze_features
+
+    inputs = load_inputs(args)
+    report = analyze_features(inputs.snapshots, inputs.batch.images, inputs.out, top=args.top)
+    print(f"{len(inputs.snapshots)} model(s), {args.examples} image(s) -> {inputs.out}")
+    return report
+
+
+def features_section(report: Report, folder: Path, seconds: float) -> Section:
+    table = [
+        {
+            "subject": run["label"],
+            "stage": name,
+            "shape": stage["shape"],
+            "top channel activity": float(statistics.mean(row[0] for row in stage["activity"])),
+        }
+        for run in report["runs"]
+        for name, stage in run["stages"].items()
+    ]
+    last = {row["subject"]: row["top channel activity"] for row in table}  # each subject's last stage
+    finding = (
+        f"Feature maps of {report['settings']['examples']} image(s) per stage. Mean |activation| of the last stage's "
+        "most active channel: " + ", ".join(f"{subject} {value:.3g}" for subject, value in last.items()) + "."
+    )
+    return Section(
+        "Feature maps", folder, finding, {"Most active channel per stage (mean over images)": table}, seconds
+    )
+
+
+FEATURES = Tool(
+    name="features",
+    help="feature maps of every stage as images: channel means and the most active channels",
+    description="For each of --examples images (the first ones of --split) and each stage output (the stem's "
+    "and every stage's, BN in inference mode): the mean over channels and the --top channels with the largest "
+    "mean |activation|. Writes features.json (per stage: shape, top channels, their activities) and "
+    "features_<n>_<label>.png, one picture per model and checkpoint.",
+    add_arguments=add_features_arguments,
+    check=check_features,
+    run=run_features,
+    section=features_section,
+)
+
+
+# --- hessian ------------------------------------------------------------------------------------------------
+
+
+def add_hessian_arguments(p: argparse.ArgumentParser) -> None:
+    add_snapshot_arguments(p, examples=64, split="train")  # the training loss's curvature, as the optimiser sees
+    p.add_argument("--steps", type=int, default=20, help="Lanczos steps per run (default 20)")
+    p.add_argument("--runs", type=int, default=2, help="Lanczos runs from random starts, for the density (default 2)")
+    p.add_argument("--probes", type=int, default=10, help="Hutchinson probes for the trace (default 10)")
+    p.add_argument("--top-k", type=int, default=5, help="top eigenvalues to report (default 5)")
+    p.add_argument("--chunk-size", type=int, default=None, help="images per H v program (default: the whole batch)")
+    p.add_argument(
+        "--broadening", type=float, default=0.01, help="density's Gaussian width, share of the spectral range"
+    )
+
+
+def check_hessian(args: argparse.Namespace) -> None:
+    from resnet_jax.analysis.hessian import check_settings
+
+    check_snapshot_request(args)
+    check_settings(args.steps, args.runs, args.probes, args.top_k)
+    if args.chunk_size is not None and (args.chunk_size < 1 or args.examples % args.chunk_size):
+        raise ValueError(f"--chunk-size {args.chunk_size} must divide --examples {args.examples}.")
+    if args.broadening <= 0:
+        raise ValueError(f"--broadening {args.broadening}: the density's Gaussian width must be positive.")
+
+
+def run_hessian(args: argparse.Namespace) -> Report:
+    from resnet_jax.analysis.hessian import analyze_hessian
+
+    inputs = load_inputs(args)
+    settings = dict(steps=args.steps, runs=args.runs, probes=args.probes, top_k=args.top_k, seed=args.seed)
+    batch = inputs.batch
+    report = analyze_hessian(
+        inputs.snapshots,
+        batch.images,
+        batch.labels,
+        inputs.out,
+        **settings,
+        chunk_size=args.chunk_size,
+        broadening=args.broadening,
+    )
+    print(f"{len(inputs.snapshots)} model(s) -> {inputs.out}")
+    for row in report["summary"]:
+        print(
+            f"{row['label']}: lambda_max {row['lambda_max']:.4g}, lambda_min {row['lambda_min']:.4g}, trace "
+            f"{row['trace']:.4g} +- {row['trace_stderr']:.2g}"
+        )
+    return report
+
+
+def hessian_section(report: Report, folder: Path, seconds: float) -> Section:
+    table = summary_table(report["summary"])
+    per_model = "; ".join(
+        f"{row['label']}: lambda_max {row['lambda_max']:.3g}, trace {row['trace']:.3g}, |lambda_min| / lambda_max "
+        f"{_number(row['negative_ratio'])}"
+        for row in table
+    )
+    finding = f"Loss Hessian on one batch (BN in inference mode): {per_model}."
+    return Section("Hessian spectrum", folder, finding, {"Top eigenvalue, trace, negative curvature": table}, seconds)
+
+
+HESSIAN = Tool(
+    name="hessian",
+    help="the loss Hessian's top eigenvalues, trace and eigenvalue density (Lanczos, Hutchinson, SLQ)",
+    description="The Hessian of the mean cross-entropy of one fixed batch of --examples images (training "
+    "images by default; BN in inference mode) with respect to all parameters, through Hessian-vector products "
+    "(forward over reverse, one compiled program per model): --runs Lanczos runs of --steps from random starts "
+    "give the top eigenvalues and the eigenvalue density (stochastic Lanczos quadrature, Ghorbani et al. 2019), "
+    "--probes Hutchinson probes (deflated by the first run's basis) the trace. Along training: --checkpoint RUN "
+    "--init --all-checkpoints. Writes hessian.json, hessian.csv, hessian_density.png and hessian_top.png.",
+    add_arguments=add_hessian_arguments,
+    check=check_hessian,
+    run=run_hessian,
+    section=hessian_section,
+)
+
+
+# --- trajectory ---------------------------------------------------------------------------------------------
+
+
+def add_trajectory_arguments(p: argparse.ArgumentParser) -> None:
+    add_snapshot_arguments(p, examples=256, split="train")  # Li et al. plot the training loss
+    p.add_argument("--resolution", type=int, default=11, help="grid points per axis of the plane (default 11)")
+    p.add_argument("--margin", type=float, default=0.25, help="grid beyond the path, share of its extent per side")
+    p.add_argument("--chunk", type=int, default=1, help="grid points vectorised at once (default 1: fastest on CPU)")
+    p.add_argument(
+        "--interpolation-points", type=int, default=11, help="alphas in [0, 1] between two runs' final weights"
+    )
+    p.set_defaults(init=True, all_checkpoints=True)  # a path: every checkpoint a run keeps, from its start
+
+
+def check_trajectory(args: argparse.Namespace) -> None:
+    if not args.checkpoint:
+        raise ValueError("A trajectory follows training runs: give --checkpoint DIR (a `resnet-jax train` workdir).")
+    check_snapshot_request(args)
+    if args.resolution < 2 or args.margin < 0 or args.chunk < 1:
+        raise ValueError(
+            f"--resolution {args.resolution}, --margin {args.margin}, --chunk {args.chunk}: use a grid of 2 or more "
+            "points per axis, a margin >= 0 and a chunk of at least 1."
+        )
+    if args.interpolation_points < 2:
+        raise ValueError(f"--interpolation-points {args.interpolation_points}: use at least 2 (both ends).")
+
+
+def run_trajectory(args: argparse.Namespace) -> Report:
+    import numpy as np
+
+    from resnet_jax.analysis.trajectory import analyze_trajectory
+
+    inputs = load_inputs(args)
+    batch = inputs.batch
+    settings = dict(resolution=args.resolution, margin=args.margin, chunk=args.chunk)
+    alphas = tuple(np.linspace(0.0, 1.0, args.interpolation_points))
+    report = analyze_trajectory(inputs.snapshots, batch.images, batch.labels, inputs.out, **settings, alphas=alphas)
+    print(f"{len(report['runs'])} run(s) -> {inputs.out}")
+    for run in report["runs"]:
+        first, second = run["explained_variance"]
+        print(f"{run['label']}: {len(run['steps'])} checkpoints, PCA plane {first:.1%} + {second:.1%} of the variance")
+    for line in report["interpolations"]:
+        print(f"{' vs '.join(line['labels'])}: loss barrier {_number(line['barrier'])}")
+    return report
+
+
+def trajectory_section(report: Report, folder: Path, seconds: float) -> Section:
+    runs = [
+        {
+            "subject": run["label"],
+            "checkpoints": len(run["steps"]),
+            "variance on PC1": float(run["explained_variance"][0]),
+            "variance on PC2": float(run["explained_variance"][1]),
+            "least in plane": float(min(run["in_plane"][:-1])),
+        }
+        for run in report["runs"]
+    ]
+    lines = [
+        {
+            "pair": " vs ".join(line["labels"]),
+            "loss barrier": line["barrier"],
+            "highest loss on the line": float(max(line["loss"])),
+        }
+        for line in report["interpolations"]
+    ]
+    per_run = "; ".join(
+        f"{row['subject']}: {row['variance on PC1'] + row['variance on PC2']:.0%} of the spread of its "
+        f"{row['checkpoints']} checkpoints, at least {row['least in plane']:.0%} of each one's distance to the end"
+        for row in runs
+    )
+    finding = f"What the PCA plane of each path shows: {per_run}."
+    tables = {"Paths in their PCA planes": runs}
+    tables |= {"Interpolation between final weights": lines} if lines else {}
+    return Section("Optimisation trajectory", folder, finding, tables, seconds)
+
+
+TRAJECTORY = Tool(
+    name="trajectory",
+    help="a run's path over the loss in its PCA plane (Li et al. 2018), and interpolation between two solutions",
+    description="For each --checkpoint run: its initialisation and every checkpoint it keeps (at least 4 in "
+    "all; --config.keep_checkpoints while training), PCA of theta_i - theta_final, the path in the plane of the "
+    "first two directions over the loss contours on that plane (a --resolution^2 grid, --margin beyond the "
+    "path; --examples training images, BN in inference mode with the final running statistics). Between the "
+    "final weights of every two runs of one model (e.g. two seeds): the loss and accuracy at "
+    "--interpolation-points alphas, and the barrier. Writes trajectory.json, trajectory.csv, trajectory.png and "
+    "interpolation.png.",
+    epilog="Give runs: --checkpoint RUN (repeatable), with --model NAME for each if you like.",
+    add_arguments=add_trajectory_arguments,
+    check=check_trajectory,
+    run=run_trajectory,
+    section=trajectory_section,
+    needs_checkpoints=True,
+)
+
+
 # --- degradation --------------------------------------------------------------------------------------------
 
 
@@ -541,4 +875,15 @@ DEGRADATION = Tool(
 
 
 # What `analyze all` runs, in this order, each into OUT/<name>: the quick analyses first, training last.
-TOOLS: tuple[Tool, ...] = (JACOBIAN, GRADFLOW, PATHS, LESION, LANDSCAPE, DEGRADATION)
+TOOLS: tuple[Tool, ...] = (
+    JACOBIAN,
+    GRADFLOW,
+    CKA,
+    FEATURES,
+    PATHS,
+    LESION,
+    HESSIAN,
+    LANDSCAPE,
+    TRAJECTORY,
+    DEGRADATION,
+)

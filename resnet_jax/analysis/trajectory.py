@@ -86,8 +86,9 @@ def check_run(checkpoints: Sequence[ModelSnapshot]) -> None:
 
 
 def run_label(snapshot: ModelSnapshot) -> str:
-    """The snapshot's label with its run's folder name: two seeds' runs have the same model and steps."""
-    return f"{snapshot.workdir.name}: {snapshot.label}" if snapshot.workdir else snapshot.label
+    """The snapshot's label with its run's folder name (two seeds' runs have the same model and steps), unless
+    its tag already tells it apart."""
+    return f"{snapshot.workdir.name}: {snapshot.label}" if snapshot.workdir and not snapshot.tag else snapshot.label
 
 
 def _structure(snapshot: ModelSnapshot) -> tuple[nn.Module, str]:

@@ -52,10 +52,13 @@ class BatchParts:
         return cls(devices[0], count, ThreadPoolExecutor(count, thread_name_prefix="resnet-jax-step"))
 
     def split(self, local: dict[str, np.ndarray]) -> tuple[Batch, ...]:
-        """The batch ``local`` as ``count`` equal parts on the device."""
+        """The batch ``local`` as ``count`` equal parts on the device, each with its index as "part" (the train
+        step draws each part's stochastic-depth masks from it)."""
         size = len(next(iter(local.values()))) // self.count
         return tuple(
-            jax.device_put({k: v[i * size : (i + 1) * size] for k, v in local.items()}, self.device)
+            jax.device_put(
+                {**{k: v[i * size : (i + 1) * size] for k, v in local.items()}, "part": np.int32(i)}, self.device
+            )
             for i in range(self.count)
         )
 

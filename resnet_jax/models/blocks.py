@@ -195,6 +195,9 @@ class ResidualBlock(nn.Module):
     block sows its ``input``, the ``branch_output`` F, the shortcut's value ``skip`` (blocks with a
     skip connection) and its ``output``: y = relu(skip + branch_output), or skip + branch_output if
     preact. (A sown value cannot share the name of the submodule ``branch``.)
+
+    ``drop_path_rate`` > 0 with ``deterministic=False`` is stochastic depth (`drop_path`): the sown
+    ``branch_output`` is then the branch as dropped and rescaled, the one added to the skip.
     """
 
     branch: ModuleDef
@@ -205,12 +208,16 @@ class ResidualBlock(nn.Module):
     shortcut: str = "B"
     preact: bool = False
     skip_connection: bool = True
+    drop_path_rate: float = 0.0
+    deterministic: bool = True  # False in training: the branch is dropped at drop_path_rate
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         self.sow("intermediates", "input", x)
         branch_input = nn.relu(self.norm(name="preact_bn")(x)) if self.preact else x
         f = self.branch(name="branch")(branch_input)
+        if self.drop_path_rate > 0 and not self.deterministic:
+            f = drop_path(f, self.drop_path_rate, self.make_rng(DROP_PATH_RNG))
         self.sow("intermediates", "branch_output", f)
         y = f
         if self.skip_connection:
@@ -232,3 +239,20 @@ class ResidualBlock(nn.Module):
         if reshapes:
             return PadShortcut(self.features, self.strides, name="shortcut")(x)
         return x
+
+
+DROP_PATH_RNG = "drop_path"  # the rng stream of stochastic depth: apply(..., rngs={DROP_PATH_RNG: key})
+
+
+def drop_path(branch: jax.Array, rate: float, key: jax.Array) -> jax.Array:
+    """Stochastic depth (Huang et al. 2016): each example's residual branch dropped with probability ``rate``
+    and, where kept, scaled by 1 / (1 - rate), so that its expectation is the branch itself.
+
+    Huang et al. keep the branch as it is in training and scale it by the survival probability at test
+    time; scaling the kept branches in training instead ("inverted", as timm's DropPath does) computes
+    the same expectation and leaves the test-time model exactly the model without stochastic depth: a
+    checkpoint evaluates, exports, folds BN and is analysed with no knowledge of its training rate.
+    """
+    keep = 1.0 - rate
+    kept = jax.random.bernoulli(key, keep, (branch.shape[0],) + (1,) * (branch.ndim - 1))
+    return jnp.where(kept, branch / jnp.asarray(keep, branch.dtype), jnp.zeros((), branch.dtype))

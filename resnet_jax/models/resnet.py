@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from resnet_jax.models.blocks import (
+    DROP_PATH_RNG,
     BasicBranch,
     BatchNorm,
     BottleneckBranch,
@@ -56,17 +57,23 @@ class Stem(nn.Module):
 
 
 class Stage(nn.Module):
-    """``num_blocks`` residual blocks; the first one takes the stride and the change of width."""
+    """``num_blocks`` residual blocks; the first one takes the stride and the change of width.
+
+    ``block`` is called with each block's width, stride, name and ``depth``: its place among all the
+    blocks of the model (``first_block`` for this stage's first), which sets its stochastic depth.
+    """
 
     num_blocks: int
     width: int
     strides: int
     block: ModuleDef
+    first_block: int = 0
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         for i in range(self.num_blocks):
-            x = self.block(width=self.width, strides=self.strides if i == 0 else 1, name=f"block{i}")(x)
+            strides = self.strides if i == 0 else 1
+            x = self.block(width=self.width, strides=strides, depth=self.first_block + i, name=f"block{i}")(x)
         return x
 
 
@@ -90,6 +97,11 @@ class ResNet(nn.Module):
       se_reduction: add squeeze-and-excitation with this reduction to every block.
       zero_init_residual: start every residual branch at zero (last BN scale, or last conv in
         pre-activation branches), so each block starts as its shortcut.
+      drop_path_rate: stochastic depth (Huang et al. 2016) in training: block l of L drops its residual
+        branch, per example, with probability drop_path_rate * l / L (the linear rule: the last block at
+        drop_path_rate, the first almost never), kept branches scaled by 1 / (1 - rate) (`blocks.drop_path`
+        says why); ``apply(..., train=True)`` then needs ``rngs={"drop_path": key}``. 0: none. Plain
+        nets have no branch to drop.
       dtype: computation dtype (bfloat16/float16 for mixed precision); parameters stay param_dtype.
       conv: the conv module of every layer (given features, kernel_size, strides, padding, dtype, ...): `Conv`,
         or one computing the same function another way, e.g. `resnet_jax.cpu.conv.cpu_conv` for XLA:CPU.
@@ -110,6 +122,7 @@ class ResNet(nn.Module):
     stride_in_1x1: bool = False
     se_reduction: int | None = None
     zero_init_residual: bool = False
+    drop_path_rate: float = 0.0
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     conv: ModuleDef = Conv
@@ -130,7 +143,7 @@ class ResNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
-        self._check_input(x)
+        self._check_input(x, train)
         conv = partial(self.conv, dtype=self.dtype, param_dtype=self.param_dtype)
         norm = partial(self.norm, use_running_average=not train, dtype=self.dtype, param_dtype=self.param_dtype)
         branch = partial(
@@ -145,7 +158,9 @@ class ResNet(nn.Module):
             zero_init_last=self.zero_init_residual,
         )
 
-        def block(width: int, strides: int, name: str) -> ResidualBlock:
+        blocks = sum(self.stage_sizes)
+
+        def block(width: int, strides: int, depth: int, name: str) -> ResidualBlock:
             return ResidualBlock(
                 branch=partial(branch, width=width, strides=strides),
                 features=width * BRANCHES[self.block].expansion,
@@ -155,6 +170,8 @@ class ResNet(nn.Module):
                 shortcut=self.shortcut,
                 preact=self.preact,
                 skip_connection=self.skip_connections,
+                drop_path_rate=self.drop_path_rate * (depth + 1) / blocks,
+                deterministic=not train,
                 name=name,
             )
 
@@ -164,7 +181,8 @@ class ResNet(nn.Module):
         for i, (num_blocks, width, stride) in enumerate(
             zip(self.stage_sizes, self.stage_widths, self.stage_strides, strict=True)
         ):
-            x = Stage(num_blocks, width, 1 if i == 0 else 2, block, name=f"stage{i + 1}")(x)
+            first = sum(self.stage_sizes[:i])
+            x = Stage(num_blocks, width, 1 if i == 0 else 2, block, first, name=f"stage{i + 1}")(x)
             features[f"c{int(math.log2(stride))}"] = x
         if self.preact:
             x = nn.relu(norm(name="final_bn")(x))
@@ -173,7 +191,12 @@ class ResNet(nn.Module):
         logits = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name="head")(x)
         return logits.astype(jnp.float32), features
 
-    def _check_input(self, x: jax.Array) -> None:
+    def _check_input(self, x: jax.Array, train: bool) -> None:
+        if train and self.drop_path_rate > 0 and not self.has_rng(DROP_PATH_RNG):
+            raise ValueError(
+                f"drop_path_rate={self.drop_path_rate}: training drops residual branches at random; pass "
+                f"rngs={{'{DROP_PATH_RNG}': key}} to apply (the train step does), or apply with train=False."
+            )
         if x.ndim != 4:
             hint = " (add a channel axis: images[..., None])" if x.ndim == 3 else ""
             raise ValueError(
@@ -211,6 +234,13 @@ def validate_config(model: ResNet) -> None:
         fail(f"{len(sizes)} stage_sizes but {len(widths)} stage_widths; give one width per stage.")
     if model.num_classes < 1:
         fail(f"num_classes={model.num_classes}; it must be at least 1.")
+    if not 0.0 <= model.drop_path_rate < 1.0:
+        fail(f"drop_path_rate={model.drop_path_rate}; use a probability in [0, 1), e.g. 0.1 (0: no stochastic depth).")
+    if model.drop_path_rate > 0 and not model.skip_connections:
+        fail(
+            f"drop_path_rate={model.drop_path_rate} with skip_connections=False; stochastic depth drops residual "
+            "branches down to their skip, and a plain net has no skip: its whole block would be dropped. Use 0."
+        )
     if model.se_reduction is not None and model.se_reduction < 1:
         fail(f"se_reduction={model.se_reduction}; use a positive integer such as 16, or None.")
     if model.groups < 1:

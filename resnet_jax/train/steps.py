@@ -29,6 +29,7 @@ from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from resnet_jax.cpu.batch_parts import BatchParts, BatchPartsTrainStep
+from resnet_jax.models.blocks import DROP_PATH_RNG
 from resnet_jax.train.precision import DynamicLossScale, all_finite
 
 Batch = dict[str, jax.Array]
@@ -109,10 +110,11 @@ def step_gradients(state: TrainState, batch: Batch, label_smoothing: float = 0.0
     """The first half of `train_step`: gradients (loss-scaled, if the state has a scale), the batch's
     running statistics and the step's metrics, before any averaging over devices or batch parts."""
     scale = state.loss_scale
+    rngs = {DROP_PATH_RNG: drop_path_key(state.step, batch.get("part", 0))}  # unused by models without it
 
     def loss_fn(params: Any) -> tuple[jax.Array, tuple[jax.Array, jax.Array, Any]]:
         variables = {"params": params, "batch_stats": state.batch_stats}
-        (logits, _), updates = state.apply_fn(variables, batch["image"], train=True, mutable=["batch_stats"])
+        (logits, _), updates = state.apply_fn(variables, batch["image"], train=True, mutable=["batch_stats"], rngs=rngs)
         loss = cross_entropy(logits, batch["label"], label_smoothing).mean()
         scaled = loss if scale is None else loss * scale.scale
         return scaled, (loss, logits, updates["batch_stats"])
@@ -120,6 +122,15 @@ def step_gradients(state: TrainState, batch: Batch, label_smoothing: float = 0.0
     grads, (loss, logits, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
     labels = batch["label"] if batch["label"].ndim == 1 else jnp.argmax(batch["label"], -1)
     return grads, batch_stats, {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
+
+
+def drop_path_key(step: jax.Array, part: jax.Array | int) -> jax.Array:
+    """The key of a step's stochastic-depth masks (`resnet_jax.models.blocks.drop_path`) for one part of the
+    batch: a function of the step, so that a resumed run draws the masks it would have drawn, and of the part
+    (``batch["part"]``: the pmap device or batch part that holds these examples, which `compile_steps`'
+    ``put_batch`` sets), so that no two parts draw the same masks. (The run's seed, which sets its
+    initialisation and data order, is not in it: the masks of two seeds' step t fall on other examples.)"""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(0), step), part)
 
 
 def apply_step_gradients(
@@ -223,6 +234,7 @@ def compile_steps(mesh: Mesh, label_smoothing: float = 0.0, parallelism: str = "
 
         def put_batch(local: dict[str, np.ndarray]) -> Batch:
             rows = {k: v.reshape(local_devices, -1, *v.shape[1:]) for k, v in local.items()}
+            rows["part"] = np.arange(local_devices, dtype=np.int32) + jax.process_index() * local_devices
             return {k: jax.make_array_from_process_local_data(per_device, v) for k, v in rows.items()}
 
         train = jax.pmap(
