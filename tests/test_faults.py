@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -416,6 +417,28 @@ def test_an_unwritable_workdir_is_one_line_with_the_storage_exit_status(idx_dir,
     assert f"cannot write {blocker / 'run'} while creating the workdir" in one_line(capsys.readouterr().err)
 
 
+@functools.cache
+def can_mount_tmpfs() -> bool:
+    """Whether this machine lets a process mount a tmpfs of its own (user and mount namespaces)."""
+    probe = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"]
+    return shutil.which("unshare") is not None and subprocess.run(probe, capture_output=True).returncode == 0
+
+
+@pytest.mark.slow  # a process of its own; the in-process test above takes the same path
+@pytest.mark.skipif(not can_mount_tmpfs(), reason="needs user and mount namespaces for a read-only tmpfs")
+def test_a_workdir_on_a_read_only_mount_is_one_line_with_the_storage_exit_status(idx_dir, tmp_path):
+    mount = tmp_path / "read_only"
+    mount.mkdir()
+    script = 'mount -t tmpfs -o ro,size=1m tmpfs "$1" && shift && exec "$@"'
+    command = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script, "sh", str(mount)]
+    train = [sys.executable, "-m", "resnet_jax.cli", *train_command(mount / "run", tiny_args(idx_dir))]
+    done = subprocess.run([*command, *train], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == STORAGE_FAULT, done.stderr[-3000:]
+    assert "while creating the workdir (Read-only file system): it is on a read-only file system" in one_line(
+        done.stderr
+    )
+
+
 def test_eval_of_a_workdir_that_is_no_run_creates_nothing(tmp_path, capsys):
     assert main(["eval", "--workdir", str(tmp_path / "typo" / "run")]) == BAD_INPUT
     assert "No checkpoints/ folder in" in one_line(capsys.readouterr().err)
@@ -463,12 +486,6 @@ ls "$1/run/checkpoints" > "$1.kept"
 mount -o remount,size=8m "$1"
 "$2" -m resnet_jax.cli train --config configs/default.py --workdir "$1/run" "${@:3}" > "$1.out2" 2> "$1.err2"
 """
-
-
-def can_mount_tmpfs() -> bool:
-    """Whether this machine lets a process mount a tmpfs of its own (user and mount namespaces)."""
-    probe = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"]
-    return shutil.which("unshare") is not None and subprocess.run(probe, capture_output=True).returncode == 0
 
 
 @pytest.mark.slow  # two whole training runs

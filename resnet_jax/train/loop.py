@@ -74,8 +74,14 @@ class StopSignals:
 
     def __enter__(self) -> StopSignals:
         for signum in (signal.SIGTERM, signal.SIGINT):
-            self._previous[signum] = signal.signal(signum, self._handle)
+            self._previous[signum] = signal.getsignal(signum)
+        self.watch()
         return self
+
+    def watch(self) -> None:
+        """Handle the signals here (again): joining a multi-process job installs JAX's own SIGTERM handler."""
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._handle)
 
     def __exit__(self, *exc: object) -> None:
         for signum, handler in self._previous.items():
@@ -478,6 +484,7 @@ def train_and_evaluate(
     """
     with StopSignals() as stop:
         run = prepare_run(config, workdir)
+        stop.watch()
         try:
             return train_prepared(run, stop, callbacks)
         finally:
