@@ -56,5 +56,5 @@ def find_storage_error(error: BaseException) -> OSError | None:
             found = find_storage_error(inner)
             if found is not None:
                 return found
-        error = error.__cause__ or error.__context__
+        error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
     return None
