@@ -96,4 +96,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.stop_at_test_accuracy = 0.0
     config.checkpoint_every_steps = 500
     config.keep_checkpoints = 3  # the latest k, plus the best by test accuracy
+    # When every checkpoint of the workdir is damaged: False stops with what to do, True starts over at step 0.
+    config.start_over_if_corrupt = False
     return config

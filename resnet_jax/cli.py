@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -70,6 +72,8 @@ def convert(args: argparse.Namespace) -> None:
     if args.from_torch:
         if not (args.model and args.out):
             raise ValueError("--from-torch FILE needs --model NAME (the model the file holds) and --out DIR.")
+        if Path(args.out).exists() and not Path(args.out).is_dir():
+            raise ValueError(f"--out {args.out} is a file; give a new folder for the converted run.")
         config = load_config(args.config)
         config.dataset, config.eval_split = "imagenet2012", "validation"  # torchvision's weights: ImageNet
         for override in args.overrides:
@@ -82,7 +86,7 @@ def convert(args: argparse.Namespace) -> None:
     else:
         if not args.checkpoint:
             raise ValueError("--to-torch FILE needs --checkpoint DIR (a run or a `convert` output).")
-        path = transfer.export_torch_checkpoint(args.checkpoint, args.to_torch, args.step)
+        path = transfer.export_torch_checkpoint(args.checkpoint, output_file(args.to_torch, args.force), args.step)
         print(f"{args.checkpoint} -> {path} (a torchvision-layout state_dict)")
 
 
@@ -108,13 +112,13 @@ def features(args: argparse.Namespace) -> None:
     from resnet_jax.inference import checkpoint_inference, input_channels, load_images
 
     check_files(args.images)
+    out = output_file(args.out if args.out.suffix == ".npz" else args.out.with_name(f"{args.out.name}.npz"), args.force)
     inference, config = checkpoint_inference(args.checkpoint, args.step, args.batch_size)
     images = load_images(args.images, config, input_channels(inference), args.size, args.resize)
     arrays = inference.features(images, args.feature or None)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(args.out, paths=np.asarray([str(p) for p in args.images]), **arrays)
+    np.savez(out, paths=np.asarray([str(p) for p in args.images]), **arrays)
     shapes = ", ".join(f"{name} {value.shape}" for name, value in arrays.items())
-    print(f"{len(images)} image(s) -> {args.out}: {shapes}")
+    print(f"{len(images)} image(s) -> {out}: {shapes}")
 
 
 def check_files(paths: Sequence[str]) -> None:
@@ -122,6 +126,25 @@ def check_files(paths: Sequence[str]) -> None:
     missing = [p for p in paths if not Path(p).is_file()]
     if missing:
         raise FileNotFoundError(f"No such image file(s): {', '.join(missing)}.")
+
+
+def output_file(path: str | Path, force: bool) -> Path:
+    """``path`` checked before any work: not a folder, not an existing file unless ``force``, in a folder that can
+    be created and written."""
+    from resnet_jax.faults import StorageError, storage_error
+
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; give the name of the file to write.")
+    if path.exists() and not force:
+        raise ValueError(f"{path} exists; pass --force to overwrite it, or give another name.")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise storage_error(error, path.parent, "creating the output's folder") from None
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise StorageError(f"cannot write {path}: permission denied; choose a folder you can write to.")
+    return path
 
 
 def default_input_shape(model: ResNet) -> tuple[int, int, int]:
@@ -144,6 +167,10 @@ def add_image_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="images per compiled batch (default 32)")
     p.add_argument("--size", type=int, default=224, help="side of the central crop (default 224)")
     p.add_argument("--resize", type=int, default=256, help="shorter side before cropping (default 256)")
+
+
+def add_force_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--force", action="store_true", help="overwrite an existing output file")
 
 
 def add_train_and_eval_commands(commands: Any) -> None:
@@ -212,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default="configs/default.py", help="the run's recorded config (default %(default)s)")
     p.add_argument("--checkpoint", metavar="DIR", help="a run or convert output (with --to-torch)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    add_force_argument(p)
     p.set_defaults(run=convert, takes_config_overrides=True)
 
     p = commands.add_parser(
@@ -230,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
         f"NHWC array per feature, and the image paths). {PREPROCESSING}",
     )
     add_image_arguments(p)
-    p.add_argument("--out", type=Path, required=True, help="the .npz file to write")
+    p.add_argument("--out", type=Path, required=True, help="the .npz file to write (.npz is added if missing)")
+    add_force_argument(p)
     p.add_argument("--feature", action="append", default=[], help="e.g. c5 (repeatable; default: c2..c5, pre_logits)")
     p.set_defaults(run=features)
     add_analyze_command(commands)
@@ -246,23 +275,49 @@ def main(argv: Sequence[str] | None = None) -> int:
     takes_overrides = args.command == "train" or getattr(args, "takes_config_overrides", False)
     if unknown or (args.overrides and not takes_overrides):
         build_parser().error(f"unrecognised arguments: {' '.join(unknown or args.overrides)}")
-    from resnet_jax.data.download import DownloadError
-    from resnet_jax.extras import MissingExtraError
-    from resnet_jax.train.loop import TrainingInterruptedError
-
     try:
         result = args.run(args)
-    # Bad input, or what the user must fetch or install: one line that says what to do, no traceback.
-    except (ValueError, FileNotFoundError, DownloadError, MissingExtraError) as error:
-        print(f"resnet-jax {args.command}: error: {error}", file=sys.stderr)
-        return 2
-    except FloatingPointError as error:
-        print(f"resnet-jax {args.command}: error: {error}", file=sys.stderr)
-        return 1
-    except TrainingInterruptedError as stopped:
-        print(f"resnet-jax {args.command}: {stopped}", file=sys.stderr)
-        return 128 + stopped.signum  # the shell's convention for "ended by this signal"
+    except KeyboardInterrupt:  # Ctrl-C where no handler waits for it (before training, in other commands)
+        print(f"resnet-jax {args.command}: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except Exception as error:
+        status = exit_status(error)
+        if status is None:
+            raise
+        prefix = "" if status >= 128 else "error: "
+        print(f"resnet-jax {args.command}: {prefix}{error}", file=sys.stderr)
+        return status
     return result if isinstance(result, int) else 0  # `train --cpu-processes` returns its processes' status
+
+
+# Exit status by kind of fault: each is one line on stderr, without a traceback (docs/scale-and-faults.md).
+DIVERGED = 1  # a non-finite loss or parameters
+BAD_INPUT = 2  # a config, argument or file to change, or what the user must fetch or install
+CORRUPT_DATA = 65  # a damaged checkpoint or data file (sysexits' EX_DATAERR)
+STORAGE_FAULT = 74  # a full disk, a read-only or unwritable place (EX_IOERR)
+WORKDIR_IN_USE = 75  # another run holds the workdir: try again later (EX_TEMPFAIL)
+# 128 + N: stopped by signal N after saving a checkpoint, the shell's convention.
+
+
+def exit_status(error: Exception) -> int | None:
+    """The exit status of a fault that the command reports in one line; None for a bug (its traceback shows)."""
+    from resnet_jax.data.download import DownloadError
+    from resnet_jax.extras import MissingExtraError
+    from resnet_jax.faults import CorruptDataError, StorageError, WorkdirInUseError, find_storage_error
+    from resnet_jax.train.loop import TrainingInterruptedError
+
+    if isinstance(error, TrainingInterruptedError):
+        return 128 + error.signum
+    if find_storage_error(error) is not None:  # whatever wraps it: a ValueError of tensorstore, say
+        return STORAGE_FAULT
+    kinds = [
+        (FloatingPointError, DIVERGED),
+        (CorruptDataError, CORRUPT_DATA),
+        (StorageError, STORAGE_FAULT),
+        (WorkdirInUseError, WORKDIR_IN_USE),
+        ((ValueError, FileNotFoundError, DownloadError, MissingExtraError), BAD_INPUT),
+    ]
+    return next((status for kind, status in kinds if isinstance(error, kind)), None)
 
 
 if __name__ == "__main__":

@@ -112,9 +112,30 @@ def read_image(path: str | Path, channels: int = 3) -> Image.Image:
         raise FileNotFoundError(f"No image file {path}.")
     try:
         with Image.open(path) as image:
-            return image.convert("RGB" if channels == 3 else "L")
-    except (UnidentifiedImageError, OSError) as error:
-        raise ValueError(f"{path} is not an image that PIL can read (JPEG, PNG, ...): {error}") from error
+            return to_8_bits(image, path).convert("RGB" if channels == 3 else "L")
+    except Image.DecompressionBombError as error:
+        raise ValueError(f"{path} is too large to decode safely ({error}); downscale it first.") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, EOFError) as error:  # what PIL's decoders raise
+        raise ValueError(f"{path} is not an image that PIL can read (JPEG, PNG, ...): {error}") from None
+
+
+def to_8_bits(image: Image.Image, path: Path) -> Image.Image:
+    """``image`` with 8-bit channels, scaled by its bit depth: PIL's own conversion of a 16-bit greyscale PNG
+    ("I;16", or "I" as PNGs open) clips every value above 255, so that a photo becomes nearly white."""
+    from PIL import Image
+
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N") or (image.mode == "I" and image.format in ("PNG", "TIFF")):
+        pixels = np.asarray(image, dtype=np.float64)
+        if pixels.min() < 0 or pixels.max() > 65535:
+            raise ValueError(
+                f"{path} has values outside 16 bits ({pixels.min():g}..{pixels.max():g}); save it as 8 or 16 bits."
+            )
+        return Image.fromarray(np.round(pixels / 257).astype(np.uint8), "L")
+    if image.mode in ("I", "F"):
+        raise ValueError(
+            f"{path} holds {image.mode!r} pixels (32-bit), whose range is unknown; save it as 8 or 16 bits."
+        )
+    return image
 
 
 def preprocess(

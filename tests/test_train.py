@@ -21,7 +21,7 @@ from idx_files import idx_folder_fixture
 
 from resnet_jax.cli import main
 from resnet_jax.data import BatchSettings, load_source
-from resnet_jax.train.checkpoint import Checkpoints
+from resnet_jax.train.checkpoint import DIGEST, Checkpoints, state_digest
 from resnet_jax.train.config import REQUIRED_KEYS, load_config, read_saved_config
 from resnet_jax.train.loop import Callback, evaluate, next_stop, train_and_evaluate
 from resnet_jax.train.optim import create_optimizer, learning_rate_schedule
@@ -503,7 +503,7 @@ def test_checkpoints_keep_the_latest_and_the_best(tmp_path):
     reopened = Checkpoints(tmp_path, every_steps=1, keep_latest=2, async_save=False)
     assert reopened.best_step() == 2  # the ranking survives a restart
     state, meta = reopened.restore({"w": jax.ShapeDtypeStruct((3,), jnp.float32)})
-    assert meta == {"step": 5} and float(state["w"][0]) == 5.0
+    assert meta == {"step": 5, DIGEST: state_digest(state)} and float(state["w"][0]) == 5.0  # checked on restore
     for step in (6, 7):
         save(reopened, step, 0.1)
     reopened.close()

@@ -177,7 +177,7 @@ def test_init_from_refuses_another_model_structure_or_folder(pretrained, idx_dir
     with pytest.raises(ValueError, match="another structure than this model"):
         init_from_checkpoint(state, config)
     config = small_config(idx_dir, init_from=str(idx_dir))
-    with pytest.raises(FileNotFoundError, match="holds no checkpoints/ folder"):
+    with pytest.raises(FileNotFoundError, match="No checkpoints/ folder in"):
         init_from_checkpoint(state, config)
 
 

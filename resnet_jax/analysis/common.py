@@ -76,11 +76,11 @@ def run_snapshots(workdir: str | Path, all_steps: bool = False, init: bool = Fal
             f"{workdir} is not a training workdir (it has no checkpoints/ folder); pass the --workdir of a "
             "`resnet-jax train` run."
         )
-    checkpoints = Checkpoints(workdir, every_steps=1, keep_latest=1, async_save=False)
-    steps = sorted(checkpoints.manager.all_steps()) if all_steps else [checkpoints.latest_step()]
+    checkpoints = Checkpoints(workdir, every_steps=1, keep_latest=1, async_save=False, read_only=True)
+    steps = sorted(checkpoints.manager.all_steps()) if all_steps else []
     checkpoints.close()
     snapshots = []
-    for step in steps or [None]:  # no checkpoint: load_run says what to do
+    for step in steps or [None]:  # the newest good checkpoint (load_run skips damaged ones), or what to do
         model, state, config = load_run(workdir, step)
         snapshots.append(ModelSnapshot(config.model, model, _variables(state), int(state.step), workdir, config))
     if init:  # the image shape only sets the input channels, as in `load_run`

@@ -70,7 +70,7 @@ def finished_run(run: ml_collections.ConfigDict, workdir: Path) -> bool:
     added (and a `resnet-jax train` run of the same config, moved into OUT/runs, counts too)."""
     if not (workdir / "checkpoints").is_dir():
         return False
-    checkpoints = Checkpoints(workdir, every_steps=1, keep_latest=1, async_save=False)
+    checkpoints = Checkpoints(workdir, every_steps=1, keep_latest=1, async_save=False, read_only=True)
     step = checkpoints.latest_step()
     saved = checkpoints.read_meta(step)["config"] if step is not None else None
     checkpoints.close()

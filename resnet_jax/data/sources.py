@@ -31,6 +31,7 @@ from resnet_jax.data.download import (
 )
 from resnet_jax.data.imagenet import StreamSource, load_imagenet
 from resnet_jax.extras import require
+from resnet_jax.faults import CorruptDataError
 
 # Where the Debian package `dataset-fashion-mnist` puts the four IDX files.
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -73,6 +74,11 @@ def load_source(
         base, rows = parse_split(split)
         seed = synthetic_args.pop("seed", 0)
         return _take(synthetic(**synthetic_args, seed=(seed, zlib.crc32(base.encode()))), rows)
+    if data_dir and not Path(data_dir).is_dir() and (dataset == "imagenet2012" or not download):
+        raise FileNotFoundError(
+            f"data_dir {data_dir} is not a folder: give the folder that holds {dataset}"
+            + ("." if dataset == "imagenet2012" else ", or allow downloading into it (--config.download=true).")
+        )
     if dataset == "imagenet2012":
         return load_imagenet(split, data_dir)
     if dataset in IDX_DATASETS and not (data_dir and _holds_tfds(Path(data_dir), dataset)):
@@ -172,7 +178,13 @@ def load_idx_folder(
 def read_idx(path: str | Path) -> np.ndarray:
     """Parse one IDX file of unsigned bytes: magic 0x0000 0x08 NDIM, NDIM big-endian uint32 sizes, then the data."""
     path = Path(path)
-    data = (gzip.open if path.suffix == ".gz" else open)(path, "rb").read()
+    try:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as file:
+            data = file.read()
+    except (EOFError, zlib.error, gzip.BadGzipFile) as error:
+        raise CorruptDataError(
+            f"{path} is damaged ({type(error).__name__}: {error}); delete it to download it again, or fetch a new copy."
+        ) from None
     if len(data) < 4 or data[:2] != b"\0\0":
         raise ValueError(f"{path} is not an IDX file (its first two bytes must be zero).")
     dtype_code, ndim = data[2], data[3]
@@ -181,7 +193,10 @@ def read_idx(path: str | Path) -> np.ndarray:
     header = 4 + 4 * ndim
     shape = tuple(int(d) for d in np.frombuffer(data[4:header], dtype=">u4"))
     if len(shape) != ndim or len(data) - header != math.prod(shape):
-        raise ValueError(f"{path} is truncated or corrupt: its header says shape {shape}, its size disagrees.")
+        raise CorruptDataError(
+            f"{path} is truncated or corrupt: its header says shape {shape}, its size disagrees; delete it to "
+            "download it again, or fetch a new copy."
+        )
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
 
 

@@ -26,6 +26,7 @@ import numpy as np
 from flax import traverse_util
 
 from resnet_jax.extras import require
+from resnet_jax.faults import CorruptDataError
 from resnet_jax.models.registry import create_model
 from resnet_jax.models.resnet import ResNet
 
@@ -154,16 +155,24 @@ def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"No weights file {path}.")
+    damaged = f"{path} is damaged or not a weights file (it does not read as one); fetch or save it again"
     if path.suffix == ".safetensors":
-        return dict(require("safetensors.numpy").load_file(path))
+        try:
+            return dict(require("safetensors.numpy").load_file(path))
+        except Exception as error:  # safetensors' SafetensorError and the OSErrors of a truncated file
+            raise CorruptDataError(f"{damaged} ({error}).") from None
     torch = require("torch")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        if "Unsupported global" not in str(error):  # bytes that are no pickle at all
+            raise CorruptDataError(f"{damaged}.") from None
         raise ValueError(
             f"{path} holds more than tensors, so torch.load(weights_only=True) refuses it (it may be a whole pickled "
             "model). Save the weights alone: torch.save(model.state_dict(), FILE)."
         ) from error
+    except (RuntimeError, EOFError, ValueError) as error:  # a truncated zip archive, an empty file
+        raise CorruptDataError(f"{damaged} ({str(error).split('.')[0]}).") from None
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         entries = sorted(state)[:SHOWN] if isinstance(state, Mapping) else type(state).__name__
         raise ValueError(

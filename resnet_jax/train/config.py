@@ -7,11 +7,13 @@ The experiments of configs/ are shipped with the package (as the top-level ``con
 from __future__ import annotations
 
 import ast
+import contextlib
 import copy
 import difflib
 import functools
 import importlib.util
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -45,15 +47,38 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ml_collectio
     root = str(path.resolve().parent.parent)
     if root not in sys.path:
         sys.path.insert(0, root)
-    spec = importlib.util.spec_from_file_location(f"_resnet_jax_config_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = run_config_file(path)
     missing = [k for k in REQUIRED_KEYS if k not in config]
     if missing:
         raise ValueError(f"Config {str(path)!r} lacks the keys {missing}; start it from configs/default.py.")
     for override in overrides:
         apply_override(config, override)
+    return config
+
+
+def run_config_file(path: Path) -> ml_collections.ConfigDict:
+    """``get_config()`` of the experiment file ``path``; a file that does not run, or does not return a config,
+    is one line naming the file and the line at fault."""
+    spec = importlib.util.spec_from_file_location(f"_resnet_jax_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as error:
+        raise ValueError(f"Config {str(path)!r} line {error.lineno}: {error.msg}; fix the file.") from None
+    except Exception as error:
+        raise ValueError(
+            f"Config {str(path)!r} fails to load ({type(error).__name__}: {error}); fix the file."
+        ) from None
+    if not callable(getattr(module, "get_config", None)):
+        raise ValueError(f"Config {str(path)!r} has no get_config() function; start it from configs/default.py.")
+    try:
+        config = module.get_config()
+    except Exception as error:
+        raise ValueError(
+            f"get_config() of {str(path)!r} raised {type(error).__name__}: {error}; fix the file."
+        ) from None
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ValueError(f"get_config() of {str(path)!r} returned {type(config).__name__}, not a ConfigDict.")
     return config
 
 
@@ -112,8 +137,8 @@ def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
     value = _parse(text, current)
     try:
         node[leaf] = value
-    except TypeError as error:
-        raise ValueError(f"--config.{key}={text}: {error}") from None
+    except TypeError:
+        raise ValueError(f"--config.{key}={text}: expected a {type(current).__name__} value, as {current!r}.") from None
 
 
 def _parse(text: str, current: object) -> object:
@@ -124,8 +149,13 @@ def _parse(text: str, current: object) -> object:
             return False
         raise ValueError(f"Expected true or false, got {text!r}.")
     try:
-        value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
+        with warnings.catch_warnings():  # "1abc" warns of an invalid literal: it is a bare word, a string
+            warnings.simplefilter("ignore", SyntaxWarning)
+            value = ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        if isinstance(current, float):
+            with contextlib.suppress(ValueError):
+                return float(text)  # nan, inf: parsed, so that the range checks can name them
         return text  # a bare word: a string
     if isinstance(current, float) and isinstance(value, int):
         return float(value)

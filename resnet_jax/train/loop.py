@@ -6,7 +6,7 @@
     state, metrics = feed(state, 1)  # one call of the train step
     test_metrics = evaluate_state(run.steps, state, run.test_source, run.batches)
     save_checkpoint(run, start.step + 1, state, run_meta(config, start.step + 1))
-    run.checkpoints.close()  # waits for the save
+    close_run(run)  # waits for the save and releases the workdir
 
 A run lives in its workdir: checkpoints/, metrics.jsonl, tensorboard/ and curves.png. Starting
 again on the same workdir resumes from the latest readable checkpoint, with the data stream at the
@@ -35,9 +35,10 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from resnet_jax import data
+from resnet_jax.faults import CorruptDataError
 from resnet_jax.models import ResNet
 from resnet_jax.train import distributed, transfer
-from resnet_jax.train.checkpoint import ACCURACY, Checkpoints
+from resnet_jax.train.checkpoint import ACCURACY, CORRUPT_FOLDER, Checkpoints
 from resnet_jax.train.feed import DeviceFeed, HostFeed, create_feed
 from resnet_jax.train.optim import create_optimizer, learning_rate_schedule
 from resnet_jax.train.reporting import MetricsLog, Progress, format_duration, plot_curves
@@ -51,6 +52,7 @@ from resnet_jax.train.runs import (
     run_meta,
 )
 from resnet_jax.train.steps import Metrics, Steps, TrainState, compile_steps, create_train_state, make_mesh
+from resnet_jax.train.workdir import WorkdirLock, hold_workdir
 
 Feed = HostFeed | DeviceFeed
 
@@ -72,8 +74,14 @@ class StopSignals:
 
     def __enter__(self) -> StopSignals:
         for signum in (signal.SIGTERM, signal.SIGINT):
-            self._previous[signum] = signal.signal(signum, self._handle)
+            self._previous[signum] = signal.getsignal(signum)
+        self.watch()
         return self
+
+    def watch(self) -> None:
+        """Handle the signals here (again): joining a multi-process job installs JAX's own SIGTERM handler."""
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._handle)
 
     def __exit__(self, *exc: object) -> None:
         for signum, handler in self._previous.items():
@@ -128,18 +136,20 @@ class Run:
     steps_per_epoch: int
     target_accuracy: float  # 0: train every step
     checkpoints: Checkpoints
+    lock: WorkdirLock  # one run per workdir: held from `prepare_run` until `close_run`
     progress: Progress
     began: float  # time.perf_counter() when this process began the run
 
 
 @dataclasses.dataclass(frozen=True)
 class Start:
-    """Where a run starts: its first step, the wall time it ran before (a resumed run's clock goes on), and the
-    test accuracy it reached before, as its checkpoint records them."""
+    """Where a run starts: its first step, the wall time it ran before (a resumed run's clock goes on), the
+    test accuracy it reached before and the test metrics of its step, as its checkpoint records them."""
 
     step: int = 0
     elapsed_s: float = 0.0
     reached: dict[str, float] | None = None
+    test_metrics: dict[str, float] | None = None  # of the checkpoint's step, if it was evaluated
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,8 +177,9 @@ def use_compilation_cache(directory: str) -> None:
 
 
 def prepare_run(config: ml_collections.ConfigDict, workdir: str | Path) -> Run:
-    """Join the job, check ``config``, load its data and build its model, optimizer and steps (compiled when first
-    called). Every check of the inputs happens here, before anything compiles."""
+    """Join the job, check ``config``, load its data, take the workdir (`hold_workdir`) and build its model,
+    optimizer and steps (compiled when first called). Every check of the inputs happens here, before anything
+    compiles. `close_run` releases what it holds."""
     began = time.perf_counter()
     distributed.initialize(config)
     use_compilation_cache(config.get("compilation_cache_dir", ""))
@@ -179,6 +190,14 @@ def prepare_run(config: ml_collections.ConfigDict, workdir: str | Path) -> Run:
     steps_per_epoch = data.steps_per_epoch(train_source.num_examples, config.batch_size)
     schedule = learning_rate_schedule(config, steps_per_epoch)
     mesh = make_mesh()
+    lock = hold_workdir(workdir)  # before anything in the workdir is read or written, and before any compile
+    try:
+        checkpoints = Checkpoints(
+            workdir, every_steps=config.checkpoint_every_steps, keep_latest=config.keep_checkpoints
+        )
+    except BaseException:
+        lock.release()
+        raise
     return Run(
         config=config,
         workdir=Path(workdir),
@@ -192,9 +211,8 @@ def prepare_run(config: ml_collections.ConfigDict, workdir: str | Path) -> Run:
         steps=compile_steps(mesh, config.label_smoothing, config.parallelism, config.batch_parts),
         steps_per_epoch=steps_per_epoch,
         target_accuracy=config.get("stop_at_test_accuracy", 0.0),
-        checkpoints=Checkpoints(
-            workdir, every_steps=config.checkpoint_every_steps, keep_latest=config.keep_checkpoints
-        ),
+        checkpoints=checkpoints,
+        lock=lock,
         progress=Progress(config.num_train_steps, 0, config.batch_size, enabled=writes_files()),
         began=began,
     )
@@ -210,18 +228,37 @@ def create_state(run: Run) -> TrainState:
 
 
 def restore_checkpoint(run: Run, state: TrainState) -> tuple[TrainState, dict[str, Any]] | None:
-    """The state (shaped like ``state``) and meta of the workdir's latest readable checkpoint; None if it has none.
-    A workdir that holds a run of another model or data set is refused."""
-    config = run.config
+    """The state (shaped like ``state``) and meta of the workdir's newest checkpoint that passes its check; None if
+    it has none. Damaged ones are set aside in ``corrupt_checkpoints/``.
 
-    def same_run(meta: dict) -> None:
+    A workdir that holds a run of another model or data set is refused. So is one whose every checkpoint is damaged
+    (now or at an earlier start): starting again at step 0 would silently throw the run away, so it takes
+    ``start_over_if_corrupt=True``.
+    """
+    config, checkpoints = run.config, run.checkpoints
+
+    def read(step: int) -> tuple[TrainState, dict[str, Any]]:
+        meta = checkpoints.read_meta(step)
         if (meta["model"], meta["dataset"]) != (config.model, config.dataset):
             raise ValueError(
                 f"{run.workdir} holds a run of {meta['model']} on {meta['dataset']}, not {config.model} on "
                 f"{config.dataset}; choose another --workdir."
             )
+        return checkpoints.restore(state, step)
 
-    return run.checkpoints.restore_latest_valid(state, same_run)
+    try:
+        found = checkpoints.newest_readable(read, set_aside=True)
+    except CorruptDataError:  # every one was damaged, and is now set aside: said below
+        found = None
+    set_aside = checkpoints.directory.parent / CORRUPT_FOLDER
+    if found is None and set_aside.is_dir() and any(set_aside.iterdir()):
+        if not config.get("start_over_if_corrupt", False):
+            raise CorruptDataError(
+                f"{run.workdir} has no readable checkpoint, only damaged ones (set aside in {set_aside}). Restore a "
+                "copy of the checkpoints, or start the run over at step 0 with --config.start_over_if_corrupt=true."
+            )
+        run.progress.message(f"every checkpoint was damaged (kept in {set_aside}): starting over at step 0")
+    return None if found is None else found[1]
 
 
 def initial_state(run: Run) -> tuple[TrainState, Start]:
@@ -238,7 +275,7 @@ def initial_state(run: Run) -> tuple[TrainState, Start]:
         run.progress.message(note)
     if not run.config.get("bn_update", True):
         state = state.replace(apply_fn=transfer.frozen_bn(run.model))
-    start = Start(int(state.step), meta.get("elapsed_s", 0.0), meta.get("reached"))
+    start = Start(int(state.step), meta.get("elapsed_s", 0.0), meta.get("reached"), meta.get("test_metrics"))
     return run.steps.put_state(state), start
 
 
@@ -268,17 +305,21 @@ def evaluate_state(steps: Steps, state: TrainState, source: data.Source, setting
 def check_finite(records: list[dict[str, Any]], first_step: int, checkpoints: Checkpoints) -> None:
     """Stop on a non-finite loss or parameters (fp16 steps skipped by loss scaling excepted).
 
-    Runs before every checkpoint, so the checkpoint it names as the last good one is finite.
+    Runs before every checkpoint, so the checkpoint it names as the last good one (saved by this run, or restored
+    and checked against its digest) is finite.
     """
     for offset, record in enumerate(records):
         if record["finite"] < 1:
-            last = checkpoints.latest_step()
-            where = f"step {last} in {checkpoints.directory} (left intact)" if last is not None else "none yet"
+            good = checkpoints.last_good
+            where = (
+                f"step {good} in {checkpoints.directory} (left intact); training resumes from it"
+                if good is not None
+                else "none yet; training starts again at step 0"
+            )
             raise FloatingPointError(
                 f"Training diverged at step {first_step + offset + 1}: the loss (now {record['loss']}) or the "
-                f"parameters are no longer finite. Last good checkpoint: "
-                f"{where}. Lower the learning rate, add warm-up or gradient clipping, and run again: training "
-                "resumes from that checkpoint."
+                f"parameters are no longer finite. Last good checkpoint: {where}. Lower the learning rate, add "
+                "warm-up or gradient clipping, and run again."
             )
 
 
@@ -408,9 +449,11 @@ def train_steps(
             halt = any([bool(callback.on_evaluation(step, state, test_metrics)) for callback in callbacks])
         signum = stop.agreed()
         halt |= window.stop_requested
+        run.checkpoints.check_saves(waiting=False)  # a save that failed in the background stops training here
         if step == end or reached or halt or signum is not None or run.checkpoints.manager.should_save(step):
             window.fetch(step)  # every step before a checkpoint is checked
-            meta = run_meta(config, step, elapsed_s(run, start), **({"reached": reached} if reached else {}))
+            extra = ({"reached": reached} if reached else {}) | ({"test_metrics": test_metrics} if evaluated else {})
+            meta = run_meta(config, step, elapsed_s(run, start), **extra)
             save_checkpoint(run, step, state, meta, test_metrics["accuracy"] if evaluated else None)
         if reached:
             run.progress.message(reached_message(reached, run.target_accuracy, run.steps_per_epoch))
@@ -418,7 +461,7 @@ def train_steps(
         if halt or window.stop_requested:
             run.progress.message(f"a callback stopped the run after step {step}; saved a checkpoint")
             break
-        if signum is not None:  # the caller's `finally` waits for the checkpoint before this propagates
+        if signum is not None and step < end:  # the caller's `finally` waits for the checkpoint before this propagates
             raise TrainingInterruptedError(
                 f"{signal.Signals(signum).name} received: stopped after step {step} and saved a checkpoint in "
                 f"{run.checkpoints.directory}. Run the same command to resume.",
@@ -433,29 +476,54 @@ def train_and_evaluate(
     """Train ``config`` in ``workdir`` (resuming if it holds a checkpoint); return the final state and its test
     metrics.
 
-    Raises `TrainingInterruptedError` after checkpointing when SIGTERM/SIGINT arrives, and FloatingPointError on a
-    non-finite loss. Every check of the inputs happens before anything compiles. ``callbacks`` watch the steps
-    and evaluations, and may stop the run early (`Callback`).
+    Raises `TrainingInterruptedError` after checkpointing when SIGTERM/SIGINT arrives (from the start: one that
+    arrives while the run is prepared stops it before it trains), FloatingPointError on a non-finite loss,
+    `resnet_jax.faults.WorkdirInUseError` if another run holds the workdir, and `resnet_jax.faults.StorageError`
+    when a checkpoint cannot be written. Every check of the inputs happens before anything compiles.
+    ``callbacks`` watch the steps and evaluations, and may stop the run early (`Callback`).
     """
-    run = prepare_run(config, workdir)
+    with StopSignals() as stop:
+        run = prepare_run(config, workdir)
+        stop.watch()
+        try:
+            return train_prepared(run, stop, callbacks)
+        finally:
+            close_run(run)
+
+
+def train_prepared(run: Run, stop: StopSignals, callbacks: Sequence[Callback]) -> TrainResult:
+    """`train_and_evaluate` once `prepare_run` has made ``run``: restore, train, evaluate, plot."""
     state, start = initial_state(run)
+    if stop.received is not None:
+        raise TrainingInterruptedError(
+            f"{signal.Signals(stop.received).name} received before training began: nothing was trained or saved. "
+            "Run the same command to start.",
+            stop.received,
+        )
     end = end_step(run, start)
-    feed = create_feed(config, run.train_source, run.steps, run.mesh, start.step)
+    feed = create_feed(run.config, run.train_source, run.steps, run.mesh, start.step)
     log = MetricsLog(run.workdir, enabled=writes_files(), start_step=start.step)
     announce(run, feed)
     try:
-        with StopSignals() as stop:
-            state, test_metrics = train_steps(run, state, start, end, feed, log, stop, callbacks)
+        state, test_metrics = train_steps(run, state, start, end, feed, log, stop, callbacks)
     finally:
-        run.checkpoints.close()
+        run.checkpoints.close()  # waits for the last save: raises if it failed
         log.close()
-    if not test_metrics:  # resumed a finished run: evaluate it again
-        test_metrics = evaluate_state(run.steps, state, run.test_source, run.batches)
+    if not test_metrics:  # a finished run again: its checkpoint's metrics, else evaluate it
+        test_metrics = start.test_metrics or evaluate_state(run.steps, state, run.test_source, run.batches)
     if writes_files():
         curves = plot_curves(run.workdir)
         run.progress.message(f"done in {format_duration(time.perf_counter() - run.began)}; curves in {curves}")
         print(f"final test_accuracy={test_metrics['accuracy']:.4f} test_loss={test_metrics['loss']:.4f}")
     return TrainResult(single_copy(run, state), test_metrics)
+
+
+def close_run(run: Run) -> None:
+    """Wait for the run's checkpoints to be written and release its workdir."""
+    try:
+        run.checkpoints.close()
+    finally:
+        run.lock.release()
 
 
 def evaluate(workdir: str | Path, step: int | None = None) -> dict[str, float]:

@@ -7,6 +7,8 @@ The training loop builds on this module; transfer learning, inference, analysis 
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ import numpy as np
 from resnet_jax import data
 from resnet_jax.cpu.conv import model_conv
 from resnet_jax.cpu.processes import available_cores
+from resnet_jax.faults import CorruptDataError
 from resnet_jax.models import ResNet, create_model
 from resnet_jax.train.checkpoint import Checkpoints
 from resnet_jax.train.config import read_saved_config
@@ -51,10 +54,46 @@ def batch_settings(config: ml_collections.ConfigDict) -> data.BatchSettings:
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Everything about ``config`` that can be checked without its data, so that a mistake fails before anything
     loads, compiles or writes a file. `check_feed` checks the rest once the data is loaded."""
+    check_numbers(config)
     check_batch_sizes(config)
     check_target_accuracy(config)
     check_steps_per_call(config)
     batch_settings(config)  # checks its values
+
+
+# The valid range of each numeric key, as a test and in words. Counts must be whole numbers, and every value finite.
+COUNTS = ("num_train_steps", "log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints")
+WHOLE_NUMBERS = (*COUNTS, "warmup_steps", "crop_padding", "seed")
+RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
+    **{key: (lambda v: v >= 1, "a whole number >= 1") for key in COUNTS},
+    "learning_rate": (lambda v: v > 0, "a number > 0, e.g. 0.1"),
+    "momentum": (lambda v: 0 <= v < 1, "in [0, 1), e.g. 0.9"),
+    "weight_decay": (lambda v: v >= 0, ">= 0, e.g. 1e-4"),
+    "grad_clip_norm": (lambda v: v >= 0, ">= 0 (0: no clipping)"),
+    "label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "lr_decay_factor": (lambda v: v > 0, "a number > 0, e.g. 0.1"),
+    "warmup_steps": (lambda v: v >= 0, "a whole number >= 0"),
+    "warmup_start_learning_rate": (lambda v: v >= 0, ">= 0"),
+    "random_erasing": (lambda v: 0 <= v <= 1, "a fraction in [0, 1]"),
+    "mixup_alpha": (lambda v: v >= 0, ">= 0 (0: no mixup)"),
+    "crop_padding": (lambda v: v >= 0, "a whole number >= 0 (0: no cropping)"),
+    "seed": (lambda v: 0 <= v < 2**32, "a whole number in [0, 2**32)"),
+}
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def check_numbers(config: ml_collections.ConfigDict) -> None:
+    """Every numeric key of ``config`` in its valid range (`RANGES`), and ``dtype`` one of `DTYPES`: checked before
+    anything loads, since a zero interval or a negative learning rate fails only later, or trains to nonsense."""
+    for key, (valid, words) in RANGES.items():
+        if key not in config:
+            continue
+        value = config[key]
+        number = isinstance(value, int) or (isinstance(value, float) and key not in WHOLE_NUMBERS)
+        if isinstance(value, bool) or not number or not math.isfinite(value) or not valid(value):
+            raise ValueError(f"{key}={value!r} is out of range: give {words} (--config.{key}=VALUE).")
+    if config.get("dtype", "float32") not in DTYPES:
+        raise ValueError(f"dtype={config.dtype!r} is not a training dtype: give one of {', '.join(DTYPES)}.")
 
 
 def check_batch_sizes(config: ml_collections.ConfigDict) -> None:
@@ -136,10 +175,28 @@ def run_meta(config: ml_collections.ConfigDict, step: int, elapsed_s: float = 0.
 
 
 def load_run(workdir: str | Path, step: int | None = None) -> tuple[ResNet, TrainState, ml_collections.ConfigDict]:
-    """The model, train state and config of the checkpoint at ``step`` (default: the latest) of a run."""
-    checkpoints = Checkpoints(workdir, every_steps=1, keep_latest=1, async_save=False)
-    if checkpoints.latest_step() is None:
-        raise FileNotFoundError(f"No checkpoint in {checkpoints.directory}; train first with `resnet-jax train`.")
+    """The model, train state and config of the checkpoint at ``step`` of a run, checked against its digest.
+
+    Without ``step``, the newest checkpoint that passes the check: a damaged one is skipped with a warning (and
+    left in place: reading a run changes nothing in it). A damaged ``step`` raises `CorruptDataError`.
+    """
+    checkpoints = Checkpoints(workdir, every_steps=1, keep_latest=1, async_save=False, read_only=True)
+    try:
+        if not checkpoints.steps():
+            raise FileNotFoundError(f"No checkpoint in {checkpoints.directory}; train first with `resnet-jax train`.")
+        if step is None:
+            return checkpoints.newest_readable(lambda newest: _load_step(checkpoints, newest), set_aside=False)[1]
+        try:
+            return _load_step(checkpoints, step)
+        except CorruptDataError as error:
+            raise CorruptDataError(
+                f"{error}; choose another of its steps with --step (kept: {checkpoints.steps()})"
+            ) from None
+    finally:
+        checkpoints.close()
+
+
+def _load_step(checkpoints: Checkpoints, step: int) -> tuple[ResNet, TrainState, ml_collections.ConfigDict]:
     meta = checkpoints.read_meta(step)
     config = read_saved_config(meta["config"])
     num_classes, image_shape = meta.get("num_classes"), meta.get("image_shape")
@@ -150,5 +207,4 @@ def load_run(workdir: str | Path, step: int | None = None) -> tuple[ResNet, Trai
     tx = create_optimizer(config, learning_rate_schedule(config, steps_per_epoch=1))  # fixes the state's structure
     abstract = jax.eval_shape(lambda: create_train_state(model, tx, tuple(image_shape), config.seed))
     state, _ = checkpoints.restore(abstract, step)
-    checkpoints.close()
     return model, state, config

@@ -44,16 +44,15 @@ STEM_KERNEL = ("stem", "conv", "kernel")
 def read_variables(workdir: str | Path, step: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """The ``params`` and ``batch_stats`` of the checkpoint at ``step`` (default: the latest) in ``workdir``, and its
     meta (model, dataset, config, step). Reads any checkpoint whatever its optimizer or number of devices."""
-    if not (Path(workdir) / "checkpoints").is_dir():
-        raise FileNotFoundError(
-            f"{workdir} holds no checkpoints/ folder; give the --out of `resnet-jax convert` or the --workdir of a "
-            "`resnet-jax train` run."
-        )
-    checkpoints = Checkpoints(workdir, every_steps=1, keep_latest=1, async_save=False)
+    checkpoints = Checkpoints(workdir, every_steps=1, keep_latest=1, async_save=False, read_only=True)
+
+    def read(at: int) -> tuple[dict, dict]:
+        return checkpoints.read_state(at), checkpoints.read_meta(at)
+
     try:
-        if checkpoints.latest_step() is None:
+        if not checkpoints.steps():
             raise FileNotFoundError(f"No checkpoint in {checkpoints.directory}.")
-        state, meta = checkpoints.read_state(step), checkpoints.read_meta(step)
+        state, meta = read(step) if step is not None else checkpoints.newest_readable(read, set_aside=False)[1]
     finally:
         checkpoints.close()
     return {"params": state["params"], "batch_stats": state["batch_stats"]}, meta
