@@ -15,6 +15,7 @@ from test_deploy_fold import trained_variables
 
 from resnet_jax import create_model
 from resnet_jax.cli import main
+from resnet_jax.deploy.bench import InferenceRow, markdown_table
 from resnet_jax.deploy.export import CheckImages, export_servable
 from resnet_jax.deploy.formats import FORMATS, ExportError
 from resnet_jax.deploy.servable import Servable, fold_for_serving
@@ -144,3 +145,27 @@ def test_a_format_whose_extra_is_missing_names_the_pip_install(fmt, module, run,
     assert error.startswith(f"resnet-jax export: error: {module} is not installed")
     assert error.endswith("need it: pip install 'resnet-jax[export]'\n")
     assert not (tmp_path / "model").exists()
+
+
+def test_the_inference_table_gives_each_engine_its_speed_relative_to_jax() -> None:
+    rows = [
+        InferenceRow("resnet20", 32, 1, "jax", 2.0, 500.0, None),
+        InferenceRow("resnet20", 32, 1, "onnxruntime", 1.0, 1000.0, 1_000_000),
+        InferenceRow("resnet20", 32, 32, "jax", 32.0, 1000.0, None),
+        InferenceRow("resnet20", 32, 32, "onnxruntime", 16.0, 2000.0, 1_000_000),
+    ]
+    assert markdown_table(rows).splitlines()[2:] == [
+        "| resnet20 32x32 | 1 | 2.00 ms (1.00x) | 1.00 ms (2.00x) |",
+        "| resnet20 32x32 | 32 | 1000 img/s (1.00x) | 2000 img/s (2.00x) |",
+    ]
+
+
+@pytest.mark.slow
+def test_bench_inference_times_every_engine(tmp_path: Path, capsys) -> None:
+    assert (
+        main(["bench", "--inference", "--model", "resnet8", "--batch", "2", "--repeats", "1", "--out", str(tmp_path)])
+        == 0
+    )
+    (results,) = tmp_path.glob("*-inference.json")
+    engines = {row["engine"] for row in json.loads(results.read_text())["rows"]}
+    assert engines == {"jax", "jax_folded", "onnxruntime", "tflite", "tflite_int8", "torch_eager"}

@@ -52,13 +52,20 @@ class CheckImages:
 
 
 def export_servable(
-    servable: Servable, fmt: str, out: str | Path, check: CheckImages, *, force: bool = False
+    servable: Servable,
+    fmt: str,
+    out: str | Path,
+    check: CheckImages,
+    *,
+    reference: Servable | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Write ``servable`` in format ``fmt`` to ``out``, run it in its runtime on ``check.images``, and write
-    ``out``.json; returns that JSON's contents. Raises `ExportError` if the artifact does not compute the model."""
+    ``out``.json; returns that JSON's contents. Raises `ExportError` if the artifact does not compute the logits of
+    ``reference`` (default: ``servable`` itself; e.g. the model before its batch norm was folded)."""
     out = Path(out)
     check_destination(fmt, out, force)
-    expected = np.asarray(jax.jit(servable.function())(check.images))
+    expected = np.asarray(jax.jit((reference or servable).function())(check.images))
     _remove(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_artifact(servable, fmt, out, check.representative)
@@ -100,8 +107,9 @@ def export_checkpoint(
     raw_input: bool = False,
     num_check_images: int = 256,
 ) -> dict[str, Any]:
-    """Export the checkpoint at ``step`` (default: the latest) of a run, batch norm folded, checked on the first
-    ``num_check_images`` test images of its data set. ``raw_input`` puts the preprocessing in the artifact."""
+    """Export the checkpoint at ``step`` (default: the latest) of a run, batch norm folded, checked against the
+    unfolded model on the first ``num_check_images`` test images of its data set. ``raw_input`` puts the
+    preprocessing in the artifact."""
     check_destination(fmt, Path(out), force)
     model, state, config = load_run(workdir, step)
     variables = {"params": state.params, "batch_stats": state.batch_stats}
@@ -129,7 +137,7 @@ def export_checkpoint(
         labels=np.asarray(test.labels[:num_check_images]),
         representative=servable_images(servable, train.images[:200]),
     )
-    return export_servable(fold_for_serving(servable), fmt, out, check, force=force)
+    return export_servable(fold_for_serving(servable), fmt, out, check, reference=servable, force=force)
 
 
 def servable_images(servable: Servable, stored: np.ndarray) -> np.ndarray:

@@ -35,6 +35,8 @@ def run_in_fresh_process(fmt: str, path: Path, *batches: np.ndarray) -> list[np.
         done = subprocess.run([*command, *(str(f) for pair in files for f in pair)], capture_output=True, text=True)
         if done.returncode != 0:
             last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+            if done.returncode < 0:  # killed by a signal: the runtime itself crashed
+                last = f"the runtime crashed (signal {-done.returncode}) after {last!r}"
             raise ExportError(f"The {fmt} artifact {path} does not run in its runtime: {last}")
         return [np.load(outputs) for _, outputs in files]
 
