@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from resnet_jax.analysis.cli import add_analyze_command
 from resnet_jax.bench.cli import add_bench_command
 from resnet_jax.cpu.host_memory import keep_freed_host_memory
+from resnet_jax.deploy.cli import add_export_command
 
 if TYPE_CHECKING:
     from resnet_jax.models import ResNet
@@ -264,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=features)
     add_analyze_command(commands)
     add_bench_command(commands)
+    add_export_command(commands)
     return parser
 
 

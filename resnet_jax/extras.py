@@ -16,6 +16,9 @@ EXTRAS = {
     "tensorflow_datasets": ("tfds", "the tfds data sets (CIFAR-10, CIFAR-100, ImageNet)"),
     "torch": ("torch", "PyTorch weight files (resnet-jax convert) and the PyTorch rows of resnet-jax bench"),
     "safetensors": ("torch", "PyTorch weight files (resnet-jax convert)"),
+    "jax2onnx": ("export", "ONNX export (resnet-jax export --format onnx)"),
+    "onnxruntime": ("export", "ONNX models (resnet-jax export --format onnx, resnet-jax bench --inference)"),
+    "ai_edge_litert": ("export", "TFLite models (resnet-jax export --format tflite, resnet-jax bench --inference)"),
 }
 
 
@@ -23,8 +26,14 @@ class MissingExtraError(ImportError):
     """An optional dependency is not installed; the message names the extra that installs it."""
 
 
-def require(module: str) -> ModuleType:
-    """``import module``, or a `MissingExtraError` naming the ``pip install 'resnet-jax[EXTRA]'`` that provides it."""
+# Extras that share a module with another: what they need it for, where `require` is told which one asks.
+SHARED = {"export": "TF SavedModel and TFLite export (resnet-jax export)"}
+
+
+def require(module: str, extra: str | None = None) -> ModuleType:
+    """``import module``, or a `MissingExtraError` naming the ``pip install 'resnet-jax[EXTRA]'`` that provides it.
+
+    ``extra`` names the extra that asks, where it is not the module's own (TensorFlow for ``export``)."""
     top = module.partition(".")[0]
     if top not in EXTRAS:
         raise ValueError(f"{module!r} is not an optional dependency; the optional ones are {', '.join(EXTRAS)}.")
@@ -33,7 +42,7 @@ def require(module: str) -> ModuleType:
     except ImportError as error:
         if error.name is None or error.name.partition(".")[0] != top:
             raise  # the package is there but broken (a dependency of its own is missing): its own error says more
-        extra, purpose = EXTRAS[top]
+        extra, purpose = (extra, SHARED[extra]) if extra else EXTRAS[top]
         raise MissingExtraError(
             f"{top} is not installed, and {purpose} need it: pip install 'resnet-jax[{extra}]'", name=top
         ) from None

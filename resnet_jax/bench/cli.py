@@ -62,6 +62,14 @@ def add_bench_command(commands: Any) -> None:
     p.add_argument("--repeats", type=int, default=3, help="rounds of JAX and torch in turn (default 3)")
     p.add_argument("--no-input", action="store_true", help="skip the input-pipeline rows")
     p.add_argument("--out", default=RESULTS_DIR, help=f"folder of the JSON results (default {RESULTS_DIR})")
+    p.add_argument(
+        "--inference",
+        action="store_true",
+        help="instead: eval-mode latency (batch 1) and throughput of JAX, folded JAX, ONNX Runtime, TFLite float32 "
+        "and int8 and PyTorch side by side, for resnet20 at 32x32 (batch 1, 32, 128) and resnet50 at 224x224 "
+        "(batch 1, 32), or --model/--image-size/--batch; --repeats rounds (needs the [export] and [torch] extras)",
+    )
+    p.add_argument("--torch-compile", action="store_true", help="with --inference, also a torch.compile row")
     add_row_arguments(p)
     p.set_defaults(run=run_bench, takes_config_overrides=True)
 
@@ -129,6 +137,8 @@ def run_bench(args: argparse.Namespace) -> None:
     from resnet_jax.bench.jax_side import check_xla_options, parse_xla_options
 
     settings = Settings(args.steps, args.warmup, args.repeats)  # checks the numbers before anything runs
+    if args.inference:
+        return bench_inference(args)
     xla_options = [parse_xla_options(text) for text in args.xla_options or []]
     if args.config is not None:
         return bench_config(args, settings, xla_options)
@@ -175,6 +185,19 @@ def run_bench(args: argparse.Namespace) -> None:
         skipped += input_skipped
         print(*map(report.input_line, inputs), sep="\n")
     finish(rows, inputs, skipped, settings, args.out, epochs=epochs)
+
+
+def bench_inference(args: argparse.Namespace) -> None:
+    """``--inference``: every engine's forward pass (`resnet_jax.deploy.bench`)."""
+    from resnet_jax.deploy.bench import DEFAULT_CASES, run_inference_bench
+    from resnet_jax.models import create_model
+
+    cases = list(DEFAULT_CASES)
+    if args.model or args.image_size or args.batch:
+        name = args.model or "resnet20"
+        size = args.image_size or (224 if create_model(name).stem == "imagenet" else 32)
+        cases = [(name, size, tuple(args.batch or (1, 32)))]
+    run_inference_bench(cases, args.repeats, args.torch_compile, args.out, invoked_command())
 
 
 def check_suite_rows(args: argparse.Namespace, cases: list[Case], platform: str, run_epochs: bool) -> int:

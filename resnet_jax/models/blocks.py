@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 ModuleDef = Any
 
@@ -168,7 +169,8 @@ class PadShortcut(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = x[:, :: self.strides, :: self.strides, :]
+        # A strided slice, not x[:, ::s, ::s]: with a symbolic batch size (exported models) indexing becomes a gather.
+        x = lax.slice(x, (0, 0, 0, 0), x.shape, (1, self.strides, self.strides, 1))
         return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, self.features - x.shape[-1])))
 
 

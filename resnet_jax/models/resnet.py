@@ -52,7 +52,10 @@ class Stem(nn.Module):
         if not self.preact:
             x = nn.relu(self.norm(name="bn")(x))
         if imagenet:
-            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+            # Padding by -inf and an unpadded pool: the values of max_pool's own padding, in the form that every
+            # exporter reads (jax2onnx drops a padding given to max_pool).
+            x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+            x = nn.max_pool(x, window_shape=(3, 3), strides=(2, 2))
         return x
 
 

@@ -1,0 +1,124 @@
+"""Batch norm folded into the convolutions: an inference model with no ``batch_stats``.
+
+In eval mode a batch norm is a per-channel affine map, ``y = (x - mean) / sqrt(var + eps) * gamma + beta``, so
+where it directly follows a conv it folds into that conv: the kernel's output channels scale by
+``s = gamma / sqrt(var + eps)`` and the conv gains the bias ``beta - mean * s``. A norm whose input is not a
+conv's output cannot fold into one: in pre-activation blocks the norm reads the sum of the block's branch and
+shortcut (``preact_bn``) and the last stage's output (``final_bn``), and a ReLU stands between it and the next
+conv. Those stay, as the per-channel affine map alone (`AffineNorm`), which is cheaper than a batch norm (no
+statistics, square root or division at run time).
+
+Which conv a norm follows is read off the names every block uses: ``bn`` follows ``conv`` and ``bnK`` follows
+``convK`` in the same module (stem, branch, projection shortcut).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from resnet_jax.models import ResNet
+from resnet_jax.models.blocks import Conv
+
+Variables = dict[str, Any]
+
+
+class AffineNorm(nn.Module):
+    """A folded batch norm that no conv could absorb: ``x * scale + bias`` per channel.
+
+    Takes the arguments `ResNet` gives its norm (``use_running_average``, ``scale_init``, ...) and ignores the
+    ones that only a batch norm needs. A norm folded into its conv has no parameters: it is the identity.
+    """
+
+    use_running_average: bool = True
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    scale_init: Callable = nn.initializers.ones
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if not self.has_variable("params", "scale"):
+            return x
+        scale = self.param("scale", self.scale_init, (x.shape[-1],), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],), self.param_dtype)
+        return x * scale.astype(self.dtype) + bias.astype(self.dtype)
+
+
+def folded_model(model: ResNet) -> ResNet:
+    """``model``'s architecture with biased convs and `AffineNorm` norms: what `fold_batch_norm` variables run in.
+
+    The conv is the plain `Conv` (``lax.conv_general_dilated``), the form every exporter and runtime reads.
+    """
+    return model.clone(conv=partial(Conv, use_bias=True), norm=AffineNorm)
+
+
+def fold_batch_norm(model: ResNet, variables: Variables) -> tuple[ResNet, Variables]:
+    """The inference model and variables of a trained ``model``: every batch norm folded into the conv before it
+    (or, where none is, into a per-channel affine map). Its logits equal ``model``'s in eval mode.
+
+    ``variables`` holds ``params`` and ``batch_stats``; the result holds ``params`` alone.
+    """
+    if "batch_stats" not in variables:
+        raise ValueError(
+            "These variables have no batch_stats: they are folded already, or belong to a model without batch norm."
+        )
+    epsilon = float(model.norm(use_running_average=True).epsilon)
+    params = jax.tree.map(np.asarray, jax.device_get(variables["params"]))
+    stats = jax.tree.map(np.asarray, jax.device_get(variables["batch_stats"]))
+    return folded_model(model), {"params": _fold_module(params, stats, epsilon)}
+
+
+def _fold_module(params: dict[str, Any], stats: dict[str, Any], epsilon: float) -> dict[str, Any]:
+    """One module's folded parameters: its convs absorb their norms; submodules fold recursively."""
+    folded: dict[str, Any] = {}
+    for name, value in params.items():
+        if name in stats and "mean" in stats[name]:
+            continue  # a norm: folded below
+        if _is_conv(name, value):
+            folded[name] = _with_bias(value)
+        elif isinstance(value, dict) and "kernel" not in value:
+            folded[name] = _fold_module(value, stats.get(name, {}), epsilon)
+        else:
+            folded[name] = value
+    for name, norm_stats in stats.items():
+        if "mean" not in norm_stats:
+            continue
+        scale, shift = _norm_affine(params.get(name, {}), norm_stats, epsilon)
+        conv = _conv_of(name)
+        if conv in folded and _is_conv(conv, params[conv]):
+            kernel, bias = folded[conv]["kernel"], folded[conv]["bias"]
+            dtype = kernel.dtype
+            folded[conv] = {"kernel": (kernel * scale).astype(dtype), "bias": (bias * scale + shift).astype(dtype)}
+        else:
+            dtype = norm_stats["mean"].dtype
+            folded[name] = {"scale": scale.astype(dtype), "bias": shift.astype(dtype)}
+    return folded
+
+
+def _is_conv(name: str, value: Any) -> bool:
+    return name.startswith("conv") and isinstance(value, dict) and getattr(value.get("kernel"), "ndim", 0) == 4
+
+
+def _with_bias(conv: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    kernel = conv["kernel"]
+    return {"kernel": kernel, "bias": conv.get("bias", np.zeros(kernel.shape[-1], kernel.dtype))}
+
+
+def _conv_of(norm_name: str) -> str:
+    """The conv a norm follows in the same module: ``bn`` -> ``conv``, ``bn2`` -> ``conv2``."""
+    return "conv" + norm_name.removeprefix("bn") if norm_name.startswith("bn") else ""
+
+
+def _norm_affine(norm_params: dict[str, Any], stats: dict[str, Any], epsilon: float) -> tuple[np.ndarray, np.ndarray]:
+    """The eval-mode batch norm as ``x * scale + shift``, computed in float64 so that folding adds no error."""
+    mean, var = stats["mean"].astype(np.float64), stats["var"].astype(np.float64)
+    gamma = norm_params.get("scale", np.ones_like(mean)).astype(np.float64)
+    beta = norm_params.get("bias", np.zeros_like(mean)).astype(np.float64)
+    scale = gamma / np.sqrt(var + epsilon)
+    return scale, beta - mean * scale

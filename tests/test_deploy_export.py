@@ -1,0 +1,171 @@
+"""Export: every format round-trips (written, reloaded in its own runtime in a fresh process, the same logits as
+JAX), and `resnet-jax export` on a run's checkpoint writes the artifact and the JSON that describes it."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from idx_files import make_idx_folder
+from test_deploy_fold import trained_variables
+
+from resnet_jax import create_model
+from resnet_jax.cli import main
+from resnet_jax.deploy.bench import InferenceRow, markdown_table
+from resnet_jax.deploy.export import CheckImages, export_servable
+from resnet_jax.deploy.formats import FORMATS, ExportError
+from resnet_jax.deploy.servable import Servable, fold_for_serving
+from resnet_jax.deploy.verify import agreement, check_agreement, run_in_fresh_process
+from resnet_jax.train.config import load_config
+from resnet_jax.train.loop import train_and_evaluate
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def servable(name: str, image_shape: tuple[int, int, int], **overrides) -> Servable:
+    model = create_model(name, num_classes=10, **overrides)
+    images = np.zeros((1, *image_shape), np.float32)
+    return Servable(
+        model=model,
+        variables=trained_variables(model, images),
+        name=name,
+        input_shape=image_shape,
+        mean=(0.5,) * image_shape[2],
+        std=(0.25,) * image_shape[2],
+        class_names=tuple(f"class {i}" for i in range(10)),
+    )
+
+
+def check_images(shape: tuple[int, int, int], count: int = 6) -> CheckImages:
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(count, *shape)).astype(np.float32)
+    return CheckImages(images=images, labels=None, representative=images)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_resnet20_round_trips_in_every_format(fmt: str, tmp_path: Path) -> None:
+    folded = fold_for_serving(servable("resnet20", (32, 32, 3)))
+    check = check_images((32, 32, 3))
+    out = tmp_path / f"resnet20.{fmt}"
+
+    meta = export_servable(folded, fmt, out, check)
+
+    written = json.loads((tmp_path / f"resnet20.{fmt}.json").read_text())
+    assert written == meta
+    assert meta["format"] == fmt and meta["model"] == "resnet20" and meta["batch_norm"] == "folded into the convs"
+    assert meta["input"]["shape"] == [None, 32, 32, 3] and meta["class_names"][3] == "class 3"
+    assert meta["size_bytes"] > 100_000  # resnet20's 270k parameters, in int8 or float32
+    measured = meta["agreement_with_jax"]
+    assert measured["images"] == 6
+    if fmt != "tflite_int8":
+        assert measured["max_relative_error"] < 1e-4 and measured["top1_agreement"] == 1.0
+    if fmt != "stablehlo":
+        return
+    # any batch size in a fresh process: more than were checked (export checked them and one image alone)
+    images = np.repeat(check.images, 2, axis=0)
+    expected = np.asarray(jax.jit(folded.function())(images))
+    (logits,) = run_in_fresh_process(fmt, out, images)
+    assert logits.shape == (len(images), 10)
+    np.testing.assert_allclose(logits, expected, atol=1e-4 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("fmt", ["stablehlo", "onnx", "tflite"])
+def test_imagenet_stem_bottleneck_path_round_trips(fmt: str, tmp_path: Path) -> None:
+    """resnet18's stem (7x7/2 conv, max-pool) and a bottleneck resnet50 cut to one block a stage, at 32x32."""
+    for name, overrides in (("resnet18", {}), ("resnet50", {"stage_sizes": (1, 1, 1, 1)})):
+        meta = export_servable(
+            fold_for_serving(servable(name, (32, 32, 3), **overrides)), fmt, tmp_path / name, check_images((32, 32, 3))
+        )
+        assert meta["agreement_with_jax"]["top1_agreement"] == 1.0
+
+
+def test_existing_output_and_unknown_formats_are_refused(tmp_path: Path) -> None:
+    out = tmp_path / "taken.onnx"
+    out.write_text("")
+    folded = fold_for_serving(servable("resnet20", (32, 32, 3), stage_sizes=(1, 1, 1)))
+    with pytest.raises(ValueError, match="add --force"):
+        export_servable(folded, "onnx", out, check_images((32, 32, 3)))
+    with pytest.raises(ValueError, match="choose one of stablehlo"):
+        export_servable(folded, "torchscript", tmp_path / "model.pt", check_images((32, 32, 3)))
+
+
+def test_the_check_rejects_logits_that_drift_or_flip_a_class() -> None:
+    expected = np.array([[1.0, 2.0, 0.0], [3.0, 0.5, 0.0]], np.float32)
+    check_agreement("onnx", agreement(expected + 1e-5, expected))
+    with pytest.raises(ExportError, match=r"max relative error 1\.00e-03"):
+        check_agreement("onnx", agreement(expected + 3e-3, expected))
+    flipped = expected[:, [1, 0, 2]]
+    with pytest.raises(ExportError, match=r"top-1 agreement 0\.0000"):
+        check_agreement("tflite", agreement(flipped, expected))
+    labels = np.array([1, 0])
+    check_agreement("tflite_int8", agreement(expected * 1.1, expected, labels))  # int8: the accuracy counts
+    with pytest.raises(ExportError, match=r"costs 100\.00% top-1 accuracy"):
+        check_agreement("tflite_int8", agreement(flipped, expected, labels))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    """A run of resnet8 on a small IDX data set, four steps long."""
+    folder = tmp_path_factory.mktemp("export-run")
+    make_idx_folder(folder / "idx", compressed=False, num_train=32, num_test=12)
+    config = load_config(REPO / "configs" / "default.py")
+    config.update(model="resnet8", data_dir=str(folder / "idx"), batch_size=8, eval_batch_size=4, num_train_steps=4)
+    train_and_evaluate(config, folder / "run")
+    return folder / "run"
+
+
+def test_export_command_writes_a_checked_artifact_that_takes_raw_images(run: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "model.onnx"
+    args = ["export", "--checkpoint", str(run), "--format", "onnx", "--out", str(out), "--include-preprocessing"]
+    assert main(args) == 0
+    assert "top-1 agreement 1.0000" in capsys.readouterr().out
+    meta = json.loads((tmp_path / "model.onnx.json").read_text())
+    assert meta["input"]["dtype"] == "uint8" and meta["input"]["shape"] == [None, 28, 28, 1]
+    assert meta["agreement_with_jax"]["images"] == 12 and "accuracy" in meta["agreement_with_jax"]
+    assert meta["class_names"][0] == "T-shirt/top" and meta["onnx_opset"] == 21
+
+    raw = np.random.default_rng(1).integers(0, 256, (3, 28, 28, 1), dtype=np.uint8)
+    assert run_in_fresh_process("onnx", out, raw)[0].shape == (3, 10)
+    assert main(args) == 2
+    assert "add --force" in capsys.readouterr().err
+
+
+MISSING = [("onnx", "onnxruntime"), ("tflite", "ai_edge_litert"), ("savedmodel", "tensorflow")]
+
+
+@pytest.mark.parametrize(("fmt", "module"), MISSING)
+def test_a_format_whose_extra_is_missing_names_the_pip_install(fmt, module, run, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, module, None)  # as if not installed
+    assert main(["export", "--checkpoint", str(run), "--format", fmt, "--out", str(tmp_path / "model")]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"resnet-jax export: error: {module} is not installed")
+    assert error.endswith("need it: pip install 'resnet-jax[export]'\n")
+    assert not (tmp_path / "model").exists()
+
+
+def test_the_inference_table_gives_each_engine_its_speed_relative_to_jax() -> None:
+    rows = [
+        InferenceRow("resnet20", 32, 1, "jax", 2.0, 500.0, None),
+        InferenceRow("resnet20", 32, 1, "onnxruntime", 1.0, 1000.0, 1_000_000),
+        InferenceRow("resnet20", 32, 32, "jax", 32.0, 1000.0, None),
+        InferenceRow("resnet20", 32, 32, "onnxruntime", 16.0, 2000.0, 1_000_000),
+    ]
+    assert markdown_table(rows).splitlines()[2:] == [
+        "| resnet20 32x32 | 1 | 2.00 ms (1.00x) | 1.00 ms (2.00x) |",
+        "| resnet20 32x32 | 32 | 1000 img/s (1.00x) | 2000 img/s (2.00x) |",
+    ]
+
+
+@pytest.mark.slow
+def test_bench_inference_times_every_engine(tmp_path: Path, capsys) -> None:
+    assert (
+        main(["bench", "--inference", "--model", "resnet8", "--batch", "2", "--repeats", "1", "--out", str(tmp_path)])
+        == 0
+    )
+    (results,) = tmp_path.glob("*-inference.json")
+    engines = {row["engine"] for row in json.loads(results.read_text())["rows"]}
+    assert engines == {"jax", "jax_folded", "onnxruntime", "tflite", "tflite_int8", "torch_eager"}
