@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from resnet_jax.analysis.cli import add_analyze_command
 from resnet_jax.bench.cli import add_bench_command
+from resnet_jax.compress.cli import add_compress_commands
 from resnet_jax.cpu.host_memory import keep_freed_host_memory
 
 if TYPE_CHECKING:
@@ -264,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=features)
     add_analyze_command(commands)
     add_bench_command(commands)
+    add_compress_commands(commands)
     return parser
 
 

@@ -17,6 +17,7 @@ import ml_collections
 import numpy as np
 
 from resnet_jax import data
+from resnet_jax.compress.layers import compressed_conv
 from resnet_jax.cpu.conv import model_conv
 from resnet_jax.cpu.processes import available_cores
 from resnet_jax.faults import CorruptDataError
@@ -29,8 +30,10 @@ from resnet_jax.train.steps import TrainState, create_train_state
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int) -> ResNet:
     """The model of ``config`` (its name, dtype and attribute overrides) for ``num_classes`` classes, with the
-    convolution this backend and parallelism run fastest (`resnet_jax.cpu.conv.model_conv`)."""
+    convolution this backend and parallelism run fastest (`resnet_jax.cpu.conv.model_conv`), or the quantized one of
+    a quantized run (`resnet_jax.compress.layers.compressed_conv`)."""
     conv = model_conv(jax.default_backend(), config.parallelism, config.get("batch_parts", 1), len(available_cores()))
+    conv = compressed_conv(config, conv)
     return create_model(config.model, num_classes=num_classes, dtype=config.dtype, conv=conv, **config.model_overrides)
 
 

@@ -1,0 +1,10 @@
+"""Making a trained ResNet smaller.
+
+- `numerics`: symmetric int8 quantization of arrays, fake quantization with straight-through gradients, and the
+  calibration of activation ranges (min-max, percentile, MSE).
+- `layers`: the convs a compressed model is built with, passed to `resnet_jax.models.ResNet` as its ``conv``.
+- `quantize`: post-training int8 quantization of a run into a new run folder (``resnet-jax quantize``).
+- `cli`: the commands.
+
+docs/compression.md shows each method's measured trade-off.
+"""

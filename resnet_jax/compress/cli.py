@@ -1,0 +1,50 @@
+"""The compression commands of ``resnet-jax`` (jax is imported only when one runs)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+CALIBRATION_HELP = (
+    "minmax: the largest |x| seen; percentile: that percentile of |x| (--percentile); mse: the range whose int8 "
+    "rounding has the least squared error (default %(default)s)"
+)
+
+
+def quantize(args: argparse.Namespace) -> None:
+    """Write the int8 quantization of a run as a new run folder."""
+    from resnet_jax.compress.quantize import quantization_settings, quantize_run
+
+    settings = quantization_settings(args.calibration, args.calibration_images, args.percentile, args.arithmetic)
+    meta = quantize_run(args.checkpoint, args.out, settings, args.step)
+    print(
+        f"quantized step {meta['step']} of {args.checkpoint} into {args.out} ({settings.calibration} calibration on "
+        f"{settings.calibration_images} training images, {settings.arithmetic} arithmetic); evaluate it with "
+        f"`resnet-jax eval --workdir {args.out}`"
+    )
+
+
+def add_compress_commands(commands: Any) -> None:
+    """Add ``quantize`` to the ``resnet-jax`` subparsers ``commands``."""
+    p = commands.add_parser(
+        "quantize",
+        help="int8 post-training quantization of a run, into a new run folder that eval and predict read",
+        description="Quantizes every conv of a trained run to int8 (per-output-channel symmetric weights, one "
+        "input scale per conv calibrated on training images) and writes the result as a run folder.",
+    )
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="a training workdir (or convert output)")
+    p.add_argument("--out", required=True, metavar="DIR", help="new folder for the quantized run")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    p.add_argument(
+        "--calibration", default="percentile", choices=("minmax", "percentile", "mse"), help=CALIBRATION_HELP
+    )
+    p.add_argument("--calibration-images", type=int, default=512, metavar="N", help="default %(default)s")
+    p.add_argument("--percentile", type=float, default=99.99, help="of |x|, for percentile (default %(default)s)")
+    p.add_argument(
+        "--arithmetic",
+        default="int8",
+        choices=("int8", "float"),
+        help="int8: int8 operands and int32 sums (XLA:CPU runs it); float: the same int8 values convolved in float32, "
+        "for a backend without integer convolutions (default %(default)s)",
+    )
+    p.set_defaults(run=quantize)

@@ -1,0 +1,72 @@
+"""The convolutions a compressed model is built with, passed to `resnet_jax.models.ResNet` as its ``conv``.
+
+`QuantizedConv` holds an int8 kernel with one scale per output channel and the calibrated scale of its input.
+Its arithmetic is "int8" (int8 operands, int32 accumulation through ``preferred_element_type``: the integer
+convolution XLA runs on the CPU) or "float" (the same int8 values convolved in float32, for a backend without
+integer convolutions). The two agree: every product and partial sum is an integer far below 2**24, exact in
+float32, and both scale the sum once. `CalibratingConv` is the float conv that records its inputs for calibration.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+from jax import lax
+
+from resnet_jax.compress.numerics import dequantize, quantize
+from resnet_jax.models.blocks import Conv, ModuleDef
+
+ARITHMETICS = ("int8", "float")
+CALIBRATION_INPUT = "conv_input"  # the name under "intermediates" of the inputs `CalibratingConv` records
+
+
+class QuantizedConv(Conv):
+    """A bias-free conv of int8 ``kernel`` (scales ``kernel_scale``, one per output channel) on its input
+    quantized with the one scale ``input_scale``; the output is float, the int32 sum times both scales."""
+
+    arithmetic: str = "int8"
+
+    @nn.compact
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        if self.arithmetic not in ARITHMETICS:
+            raise ValueError(f"arithmetic={self.arithmetic!r}; choose one of {ARITHMETICS}.")
+        in_features = inputs.shape[-1] // self.feature_group_count
+        shape = (*self.kernel_size, in_features, self.features)
+        kernel = self.param("kernel", nn.initializers.zeros, shape, jnp.int8)
+        kernel_scale = self.param("kernel_scale", nn.initializers.ones, (self.features,), jnp.float32)
+        input_scale = self.param("input_scale", nn.initializers.ones, (), jnp.float32)
+        x = quantize(inputs.astype(jnp.float32), input_scale)
+        convolve = partial(
+            lax.conv_general_dilated,
+            window_strides=self.strides,
+            padding=self.padding,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=self.feature_group_count,
+        )
+        if self.arithmetic == "int8":
+            sums = convolve(x, kernel, preferred_element_type=jnp.int32)
+        else:
+            sums = convolve(x.astype(jnp.float32), kernel.astype(jnp.float32))
+        return dequantize(sums, input_scale * kernel_scale).astype(self.dtype or jnp.float32)
+
+
+class CalibratingConv(Conv):
+    """`Conv` that also records its input under "intermediates" (`CALIBRATION_INPUT`)."""
+
+    @nn.compact
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        self.sow("intermediates", CALIBRATION_INPUT, inputs)
+        return super().__call__(inputs)
+
+
+def compressed_conv(config: ml_collections.ConfigDict, conv: ModuleDef) -> ModuleDef:
+    """The conv of a run of ``config``: a quantized run's (``config.quantize``, written by ``resnet-jax quantize``)
+    or else ``conv``, the one the run would compute with uncompressed."""
+    settings = config.get("quantize")
+    if settings is None:
+        return conv
+    return partial(QuantizedConv, arithmetic=settings.arithmetic)
