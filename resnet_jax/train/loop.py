@@ -49,9 +49,10 @@ from resnet_jax.train.runs import (
     check_config,
     check_feed,
     load_run,
+    new_train_state,
     run_meta,
 )
-from resnet_jax.train.steps import Metrics, Steps, TrainState, compile_steps, create_train_state, make_mesh
+from resnet_jax.train.steps import Metrics, Steps, TrainState, compile_steps, make_mesh
 from resnet_jax.train.workdir import WorkdirLock, hold_workdir
 
 Feed = HostFeed | DeviceFeed
@@ -222,7 +223,7 @@ def create_state(run: Run) -> TrainState:
     """A new train state: the model initialised from the config's seed, with the run's optimizer."""
     began = time.perf_counter()
     image_shape = run.train_source.image_shape
-    state = jax.block_until_ready(create_train_state(run.model, run.optimizer, image_shape, run.config.seed))
+    state = jax.block_until_ready(new_train_state(run.config, run.model, run.optimizer, image_shape))
     run.progress.message(f"created the train state in {time.perf_counter() - began:.1f}s")
     return state
 

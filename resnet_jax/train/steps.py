@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import struct
 from flax.training import train_state
 from jax import lax
 from jax.flatten_util import ravel_pytree
@@ -40,10 +41,13 @@ PARALLELISM = ("jit", "pmap", "batch_parts")
 
 
 class TrainState(train_state.TrainState):
-    """Parameters, optimizer state and step, plus the BN running statistics and (fp16) the loss scale."""
+    """Parameters, optimizer state and step, plus the BN running statistics, (fp16) the loss scale and (pruning,
+    `resnet_jax.compress.prune`) the masks of the conv kernels and their schedule."""
 
     batch_stats: Any
     loss_scale: DynamicLossScale | None = None
+    masks: Any = None
+    prune_schedule: Any = struct.field(pytree_node=False, default=None)
 
 
 def create_train_state(
@@ -152,6 +156,9 @@ def apply_step_gradients(
             loss_scale=scale.adjust(finite),
         )
         metrics = metrics | {"loss_scale": scale.scale, "skipped": (~finite).astype(jnp.float32)}
+    if state.prune_schedule is not None:  # new masks where the schedule says so; masked weights back to zero
+        params, masks = state.prune_schedule.update(new_state.params, state.masks, new_state.step)
+        new_state = new_state.replace(params=params, masks=masks)
     # The loss is that of the parameters before the update: a checkpoint needs the updated ones finite too.
     skipped = metrics.get("skipped", 0.0) > 0
     finite_step = (jnp.isfinite(metrics["loss"]) | skipped) & all_finite(new_state.params)
