@@ -24,8 +24,21 @@ def quantize(args: argparse.Namespace) -> None:
     )
 
 
+def compare(args: argparse.Namespace) -> None:
+    """Measure runs side by side into a table and a plot."""
+    from resnet_jax.compress.compare import compare_runs
+
+    runs = []
+    for spec in args.runs:
+        label, sep, workdir = spec.partition("=")
+        if not sep or not label or not workdir:
+            raise ValueError(f"--run {spec!r}: give LABEL=DIR, e.g. --run int8=runs/int8.")
+        runs.append((label, workdir))
+    compare_runs(runs, args.out, args.batch_size)
+
+
 def add_compress_commands(commands: Any) -> None:
-    """Add ``quantize`` to the ``resnet-jax`` subparsers ``commands``."""
+    """Add ``quantize`` and ``compare`` to the ``resnet-jax`` subparsers ``commands``."""
     p = commands.add_parser(
         "quantize",
         help="int8 post-training quantization of a run, into a new run folder that eval and predict read",
@@ -48,3 +61,22 @@ def add_compress_commands(commands: Any) -> None:
         "for a backend without integer convolutions (default %(default)s)",
     )
     p.set_defaults(run=quantize)
+
+    p = commands.add_parser(
+        "compare",
+        help="test accuracy, size, multiply-adds and CPU latency of runs side by side (a table and a plot)",
+        description="Measures the latest checkpoint of each run: test accuracy, conv sparsity, parameter and "
+        "checkpoint bytes, multiply-adds and the median forward time of one batch; writes OUT/compression.md "
+        "and OUT/compression.png.",
+    )
+    p.add_argument(
+        "--run",
+        dest="runs",
+        action="append",
+        required=True,
+        metavar="LABEL=DIR",
+        help="repeatable; the first is the reference",
+    )
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--batch-size", type=int, default=256, help="images per timed forward pass (default %(default)s)")
+    p.set_defaults(run=compare)
