@@ -73,6 +73,12 @@ def get_config() -> ml_collections.ConfigDict:
     # quarters of num_train_steps, leaving the rest to recover), the masks recomputed every `frequency` steps.
     config.prune = ml_collections.ConfigDict({"sparsity": 0.0, "begin_step": 0, "end_step": -1, "frequency": 50})
 
+    # Knowledge distillation (resnet_jax/compress/distill.py): the loss mixes in the soft targets of the run in
+    # `teacher` (a workdir of the same data set; None: off), weighted by alpha, at this temperature.
+    config.distill = ml_collections.ConfigDict(
+        {"teacher": ml_collections.config_dict.placeholder(str), "temperature": 4.0, "alpha": 0.9}
+    )
+
     # Scale: "jit" (one program over a mesh of every device), "pmap" (one program per device,
     # per-device BN statistics) or, on one CPU, "batch_parts" (the batch in `batch_parts` parts whose programs
     # run side by side on host threads, BN statistics per part; the fastest one-process CPU step); joining a

@@ -5,6 +5,7 @@
 - `layers`: the convs a compressed model is built with, passed to `resnet_jax.models.ResNet` as its ``conv``.
 - `quantize`: post-training int8 quantization of a run into a new run folder (``resnet-jax quantize``).
 - `prune`: global magnitude pruning of conv kernels during training (``--config.prune.*``).
+- `distill`: knowledge distillation from a teacher run (``--config.distill.*``).
 - `compare`: accuracy, size, multiply-adds and CPU latency of runs side by side (``resnet-jax compare``).
 - `cli`: the commands.
 

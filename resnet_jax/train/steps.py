@@ -41,13 +41,15 @@ PARALLELISM = ("jit", "pmap", "batch_parts")
 
 
 class TrainState(train_state.TrainState):
-    """Parameters, optimizer state and step, plus the BN running statistics, (fp16) the loss scale and (pruning,
-    `resnet_jax.compress.prune`) the masks of the conv kernels and their schedule."""
+    """Parameters, optimizer state and step, plus the BN running statistics, (fp16) the loss scale, (pruning,
+    `resnet_jax.compress.prune`) the masks of the conv kernels and their schedule, and (distillation,
+    `resnet_jax.compress.distill`) the frozen teacher, a constant of the compiled step."""
 
     batch_stats: Any
     loss_scale: DynamicLossScale | None = None
     masks: Any = None
     prune_schedule: Any = struct.field(pytree_node=False, default=None)
+    distill: Any = struct.field(pytree_node=False, default=None)
 
 
 def create_train_state(
@@ -120,6 +122,8 @@ def step_gradients(state: TrainState, batch: Batch, label_smoothing: float = 0.0
         variables = {"params": params, "batch_stats": state.batch_stats}
         (logits, _), updates = state.apply_fn(variables, batch["image"], train=True, mutable=["batch_stats"], rngs=rngs)
         loss = cross_entropy(logits, batch["label"], label_smoothing).mean()
+        if state.distill is not None:  # the teacher's soft targets mixed in
+            loss = state.distill.loss(loss, logits, batch["image"])
         scaled = loss if scale is None else loss * scale.scale
         return scaled, (loss, logits, updates["batch_stats"])
 
