@@ -6,6 +6,7 @@
 - `quantize`: post-training int8 quantization of a run into a new run folder (``resnet-jax quantize``).
 - `prune`: global magnitude pruning of conv kernels during training (``--config.prune.*``).
 - `distill`: knowledge distillation from a teacher run (``--config.distill.*``).
+- `lowrank`: SVD factorisation of convs into a new run folder, then a fine-tune (``resnet-jax lowrank``).
 - `compare`: accuracy, size, multiply-adds and CPU latency of runs side by side (``resnet-jax compare``).
 - `cli`: the commands.
 

@@ -37,8 +37,17 @@ def compare(args: argparse.Namespace) -> None:
     compare_runs(runs, args.out, args.batch_size)
 
 
+def lowrank(args: argparse.Namespace) -> None:
+    """Factorise a run's convs by SVD into a new run folder, then fine-tune it there."""
+    from resnet_jax.compress.lowrank import lowrank_run
+
+    meta = lowrank_run(args.checkpoint, args.out, args.energy, args.fine_tune_steps)
+    ranks = meta["config"]["lowrank"]["ranks"]
+    print(f"factorised {len(ranks)} convs of {args.checkpoint} at energy {args.energy} into {args.out}")
+
+
 def add_compress_commands(commands: Any) -> None:
-    """Add ``quantize`` and ``compare`` to the ``resnet-jax`` subparsers ``commands``."""
+    """Add ``quantize``, ``lowrank`` and ``compare`` to the ``resnet-jax`` subparsers ``commands``."""
     p = commands.add_parser(
         "quantize",
         help="int8 post-training quantization of a run, into a new run folder that eval and predict read",
@@ -61,6 +70,21 @@ def add_compress_commands(commands: Any) -> None:
         "for a backend without integer convolutions (default %(default)s)",
     )
     p.set_defaults(run=quantize)
+
+    p = commands.add_parser(
+        "lowrank",
+        help="SVD factorisation of a run's convs into a new run folder, then a short fine-tune there",
+        description="Replaces each conv with a window larger than 1x1 by a k-filter conv and a 1x1 conv, k the "
+        "smallest rank keeping --energy of the squared singular values (where that stores fewer weights), writes "
+        "the result as the run's step N in --out and trains it --fine-tune-steps more steps there.",
+    )
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="a training workdir")
+    p.add_argument("--out", required=True, metavar="DIR", help="new folder for the factorised run")
+    p.add_argument(
+        "--energy", type=float, default=0.9, help="fraction of squared singular values kept (default %(default)s)"
+    )
+    p.add_argument("--fine-tune-steps", type=int, default=300, metavar="N", help="default %(default)s; 0: none")
+    p.set_defaults(run=lowrank)
 
     p = commands.add_parser(
         "compare",

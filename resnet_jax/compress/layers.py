@@ -5,11 +5,15 @@ Its arithmetic is "int8" (int8 operands, int32 accumulation through ``preferred_
 convolution XLA runs on the CPU) or "float" (the same int8 values convolved in float32, for a backend without
 integer convolutions). The two agree: every product and partial sum is an integer far below 2**24, exact in
 float32, and both scale the sum once. `CalibratingConv` is the float conv that records its inputs for calibration.
+`FactorizedConv` is a conv whose kernel `resnet_jax.compress.lowrank` factorised: a k-filter conv of the original
+size and stride, then a 1x1 conv to the output channels, each a `Conv` of its own (so that parameter and
+multiply-add counts see both).
 """
 
 from __future__ import annotations
 
 from functools import partial
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -63,10 +67,38 @@ class CalibratingConv(Conv):
         return super().__call__(inputs)
 
 
+class FactorizedConv(nn.Module):
+    """A conv factorised where ``ranks`` (pairs of a module path joined by "/" and its rank k) names it: a
+    k-filter conv ("basis") then a 1x1 conv ("combine"); elsewhere one whole conv ("full"). ``conv`` is the conv
+    module they are made of."""
+
+    features: int
+    kernel_size: tuple[int, int]
+    strides: tuple[int, int] = (1, 1)
+    padding: Any = "SAME"
+    feature_group_count: int = 1
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    ranks: tuple[tuple[str, int], ...] = ()
+    conv: ModuleDef = Conv
+
+    @nn.compact
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        conv = partial(self.conv, dtype=self.dtype, param_dtype=self.param_dtype)
+        rank = dict(self.ranks).get("/".join(self.scope.path))
+        layout = dict(kernel_size=self.kernel_size, strides=self.strides, padding=self.padding)
+        if rank is None:
+            return conv(self.features, feature_group_count=self.feature_group_count, name="full", **layout)(inputs)
+        basis = conv(rank, name="basis", **layout)(inputs)
+        return conv(self.features, kernel_size=(1, 1), name="combine")(basis)
+
+
 def compressed_conv(config: ml_collections.ConfigDict, conv: ModuleDef) -> ModuleDef:
-    """The conv of a run of ``config``: a quantized run's (``config.quantize``, written by ``resnet-jax quantize``)
-    or else ``conv``, the one the run would compute with uncompressed."""
-    settings = config.get("quantize")
-    if settings is None:
-        return conv
-    return partial(QuantizedConv, arithmetic=settings.arithmetic)
+    """The conv of a run of ``config``: a quantized run's (``config.quantize``, written by ``resnet-jax quantize``),
+    a factorised run's (``config.lowrank``, by ``resnet-jax lowrank``) or else ``conv``, the one the run would
+    compute with uncompressed."""
+    if config.get("quantize") is not None:
+        return partial(QuantizedConv, arithmetic=config.quantize.arithmetic)
+    if config.get("lowrank") is not None:
+        return partial(FactorizedConv, ranks=tuple((path, int(rank)) for path, rank in config.lowrank.ranks), conv=conv)
+    return conv

@@ -204,7 +204,10 @@ class ResNet(nn.Module):
                 f"got shape {tuple(x.shape)}{hint}."
             )
         if not self.is_initializing() and self.has_variable("params", "stem"):
-            expected = self.variables["params"]["stem"]["conv"]["kernel"].shape[2]
+            # The stem conv's (first) kernel, however its conv stores it (whole, quantized or factorised).
+            expected = next(k for k in jax.tree.leaves(self.variables["params"]["stem"]["conv"]) if k.ndim == 4).shape[
+                2
+            ]
             if x.shape[-1] != expected:
                 raise ValueError(
                     f"These parameters were initialised for {expected}-channel images; got "
