@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
 
 import chex
@@ -14,7 +13,7 @@ from idx_files import idx_folder_fixture
 from test_train import small_config
 
 from resnet_jax.cli import main
-from resnet_jax.compress.layers import QuantizedConv
+from resnet_jax.compress.layers import FakeQuantConv, QuantizedConv
 from resnet_jax.compress.numerics import calibrated_absmax, channel_scales, dequantize, fake_quant, quantize
 from resnet_jax.compress.quantize import (
     calibration_batches,
@@ -51,30 +50,24 @@ def test_fake_quant_rounds_forward_and_passes_gradients_straight_through():
     )
 
 
-def quantized_conv_variables(strides: int):
-    conv = partial(QuantizedConv, features=8, kernel_size=(3, 3), strides=(strides, strides), padding=((1, 1), (1, 1)))
-    x = jax.random.normal(jax.random.key(1), (2, 9, 9, 4))
-    kernel = jax.random.normal(jax.random.key(2), (3, 3, 4, 8))
-    kernel_scale = channel_scales(kernel)
-    params = {"kernel": quantize(kernel, kernel_scale), "kernel_scale": kernel_scale, "input_scale": jnp.float32(0.02)}
-    return conv, x, kernel, params
-
-
 @pytest.mark.parametrize("strides", [1, 2])
 def test_the_int8_conv_equals_the_fake_quant_conv(strides):
-    conv, x, kernel, params = quantized_conv_variables(strides)
-    int8 = conv(arithmetic="int8").apply({"params": params}, x)
-    in_float = conv(arithmetic="float").apply({"params": params}, x)
-    fake = jax.lax.conv_general_dilated(
-        fake_quant(x, params["input_scale"]),
-        fake_quant(kernel, params["kernel_scale"]),
-        (strides, strides),
-        ((1, 1), (1, 1)),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-    )
+    layout = dict(features=8, kernel_size=(3, 3), strides=(strides, strides), padding=((1, 1), (1, 1)))
+    x = jax.random.normal(jax.random.key(1), (2, 9, 9, 4))
+    kernel = jax.random.normal(jax.random.key(2), (3, 3, 4, 8))
+    scale = channel_scales(kernel)
+    params = {"kernel": quantize(kernel, scale), "kernel_scale": scale, "input_scale": jnp.float32(0.02)}
+    int8 = QuantizedConv(**layout, arithmetic="int8").apply({"params": params}, x)
+    in_float = QuantizedConv(**layout, arithmetic="float").apply({"params": params}, x)
+    fake_quant_conv = FakeQuantConv(**layout, input_scales=(("", 0.02),))  # a top-level module's path is ""
+    fake = fake_quant_conv.apply({"params": {"kernel": kernel}}, x)
     chex.assert_trees_all_equal(int8, in_float)  # integer sums below 2**24 are exact in float32
     chex.assert_trees_all_close(int8, fake, rtol=1e-5, atol=1e-5)
-    assert "s32" in jax.jit(conv(arithmetic="int8").apply).lower({"params": params}, x).as_text(dialect="hlo")
+    hlo = jax.jit(QuantizedConv(**layout).apply).lower({"params": params}, x).as_text(dialect="hlo")
+    assert "s32" in hlo and "s8" in hlo
+    # Straight-through: the kernel's gradient is the float conv's, as if the rounding were not there.
+    gradient = jax.grad(lambda k: jnp.sum(fake_quant_conv.apply({"params": {"kernel": k}}, x) ** 2))(kernel)
+    assert jnp.all(jnp.isfinite(gradient)) and float(jnp.abs(gradient).max()) > 0
 
 
 def test_calibration_methods_order_their_ranges_and_are_deterministic():
@@ -135,6 +128,18 @@ def test_a_quantized_run_is_a_run_folder_that_eval_reads(trained, tmp_path, caps
     kernels = [x for x in jax.tree.leaves(float_state.params) if x.ndim == 4]
     # Each conv weight loses 3 of its 4 bytes and gains a float32 scale per output channel and one for its input.
     assert float_bytes - int8_bytes == sum(3 * k.size - 4 * k.shape[-1] - 4 for k in kernels)
+
+
+@pytest.mark.slow  # a training run
+def test_quantization_aware_fine_tuning_trains_in_its_folder_then_quantizes(trained, tmp_path):
+    out = tmp_path / "qat"
+    assert main(["quantize", "--checkpoint", str(trained), "--out", str(out), "--qat-steps", "2"]) == 0
+    _, state, config = load_run(out)
+    _, tuned, tuned_config = load_run(out / "qat")
+    assert int(state.step) == int(tuned.step) == 2 and config.quantize.qat_steps == 2
+    assert tuned_config.quantize.arithmetic == "fake"
+    scales = {tuple(p.split("/")): s for p, s in tuned_config.quantize.input_scales}
+    chex.assert_trees_all_equal(state.params, quantized_params(tuned.params, scales))
 
 
 def test_a_diverged_run_is_not_quantized(trained, tmp_path):

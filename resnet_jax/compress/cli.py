@@ -16,7 +16,7 @@ def quantize(args: argparse.Namespace) -> None:
     from resnet_jax.compress.quantize import quantization_settings, quantize_run
 
     settings = quantization_settings(args.calibration, args.calibration_images, args.percentile, args.arithmetic)
-    meta = quantize_run(args.checkpoint, args.out, settings, args.step)
+    meta = quantize_run(args.checkpoint, args.out, settings, args.step, args.qat_steps)
     print(
         f"quantized step {meta['step']} of {args.checkpoint} into {args.out} ({settings.calibration} calibration on "
         f"{settings.calibration_images} training images, {settings.arithmetic} arithmetic); evaluate it with "
@@ -68,6 +68,14 @@ def add_compress_commands(commands: Any) -> None:
         choices=("int8", "float"),
         help="int8: int8 operands and int32 sums (XLA:CPU runs it); float: the same int8 values convolved in float32, "
         "for a backend without integer convolutions (default %(default)s)",
+    )
+    p.add_argument(
+        "--qat-steps",
+        type=int,
+        default=0,
+        metavar="N",
+        help="quantization-aware fine-tuning first: N more training steps with int8 rounding in the forward pass "
+        "(straight-through gradients), in OUT/qat (default 0: post-training quantization alone)",
     )
     p.set_defaults(run=quantize)
 

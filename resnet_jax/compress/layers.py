@@ -4,7 +4,8 @@
 Its arithmetic is "int8" (int8 operands, int32 accumulation through ``preferred_element_type``: the integer
 convolution XLA runs on the CPU) or "float" (the same int8 values convolved in float32, for a backend without
 integer convolutions). The two agree: every product and partial sum is an integer far below 2**24, exact in
-float32, and both scale the sum once. `CalibratingConv` is the float conv that records its inputs for calibration.
+float32, and both scale the sum once. `FakeQuantConv` trains float weights through the same rounding
+(quantization-aware fine-tuning). `CalibratingConv` is the float conv that records its inputs for calibration.
 `FactorizedConv` is a conv whose kernel `resnet_jax.compress.lowrank` factorised: a k-filter conv of the original
 size and stride, then a 1x1 conv to the output channels, each a `Conv` of its own (so that parameter and
 multiply-add counts see both).
@@ -21,7 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax import lax
 
-from resnet_jax.compress.numerics import dequantize, quantize
+from resnet_jax.compress.numerics import channel_scales, dequantize, fake_quant, quantize
 from resnet_jax.models.blocks import Conv, ModuleDef
 
 ARITHMETICS = ("int8", "float")
@@ -56,6 +57,29 @@ class QuantizedConv(Conv):
         else:
             sums = convolve(x.astype(jnp.float32), kernel.astype(jnp.float32))
         return dequantize(sums, input_scale * kernel_scale).astype(self.dtype or jnp.float32)
+
+
+class FakeQuantConv(Conv):
+    """A float conv that rounds its input (with its calibrated scale, found by module path in ``input_scales``) and
+    its kernel (per output channel) to their int8 grids in the forward pass, with straight-through gradients:
+    quantization-aware training of the weights that `QuantizedConv` will hold."""
+
+    input_scales: tuple[tuple[str, float], ...] = ()
+
+    @nn.compact
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        in_features = inputs.shape[-1] // self.feature_group_count
+        shape = (*self.kernel_size, in_features, self.features)
+        kernel = self.param("kernel", self.kernel_init, shape, self.param_dtype)
+        input_scale = jnp.float32(dict(self.input_scales)["/".join(self.scope.path)])
+        return lax.conv_general_dilated(
+            fake_quant(inputs.astype(jnp.float32), input_scale),
+            fake_quant(kernel.astype(jnp.float32), lax.stop_gradient(channel_scales(kernel))),
+            window_strides=self.strides,
+            padding=self.padding,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=self.feature_group_count,
+        ).astype(self.dtype or jnp.float32)
 
 
 class CalibratingConv(Conv):
@@ -97,8 +121,11 @@ def compressed_conv(config: ml_collections.ConfigDict, conv: ModuleDef) -> Modul
     """The conv of a run of ``config``: a quantized run's (``config.quantize``, written by ``resnet-jax quantize``),
     a factorised run's (``config.lowrank``, by ``resnet-jax lowrank``) or else ``conv``, the one the run would
     compute with uncompressed."""
-    if config.get("quantize") is not None:
-        return partial(QuantizedConv, arithmetic=config.quantize.arithmetic)
+    settings = config.get("quantize")
+    if settings is not None and settings.arithmetic == "fake":  # quantization-aware fine-tuning
+        return partial(FakeQuantConv, input_scales=tuple((path, float(s)) for path, s in settings.input_scales))
+    if settings is not None:
+        return partial(QuantizedConv, arithmetic=settings.arithmetic)
     if config.get("lowrank") is not None:
         return partial(FactorizedConv, ranks=tuple((path, int(rank)) for path, rank in config.lowrank.ranks), conv=conv)
     return conv

@@ -6,6 +6,10 @@ and batch norm stay float32: the head is under 1% of a CIFAR-style model's multi
 is a per-channel affine map that a deployment folds into the conv before it. The result is a run folder whose
 checkpoint ``eval``, ``predict`` and ``analyze`` read like any other: its config records the quantization settings
 (``config.quantize``), which make `resnet_jax.train.runs.build_model` build the model with `QuantizedConv`.
+
+Quantization-aware fine-tuning (``--qat-steps``) recovers what rounding loses: before the weights are quantized,
+the float run trains a few hundred more steps with its convs' inputs and kernels rounded to int8 in the forward pass
+(straight-through gradients; `FakeQuantConv`), so that the weights settle where rounding costs least.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from resnet_jax.compress.layers import ARITHMETICS, CALIBRATION_INPUT, Calibrati
 from resnet_jax.compress.numerics import CALIBRATIONS, calibrated_absmax, channel_scales, quantize
 from resnet_jax.models import ResNet
 from resnet_jax.train.checkpoint import Checkpoints
+from resnet_jax.train.loop import train_and_evaluate
 from resnet_jax.train.runs import batch_settings, load_run, run_meta
 from resnet_jax.train.steps import TrainState
 
@@ -116,30 +121,67 @@ def check_quantizable(state: TrainState, config: ml_collections.ConfigDict, chec
 
 
 def quantize_run(
-    checkpoint: str | Path, out: str | Path, settings: ml_collections.ConfigDict, step: int | None = None
+    checkpoint: str | Path,
+    out: str | Path,
+    settings: ml_collections.ConfigDict,
+    step: int | None = None,
+    qat_steps: int = 0,
 ) -> dict[str, Any]:
-    """Write the int8 quantization of ``checkpoint`` (step ``step``, default latest) as a run folder ``out``;
-    returns the meta of its checkpoint."""
+    """Write the int8 quantization of ``checkpoint`` (step ``step``, default latest) as a run folder ``out``, after
+    ``qat_steps`` of quantization-aware fine-tuning in OUT/qat (none: post-training quantization alone); returns
+    the meta of its checkpoint."""
     out = Path(out)
     if (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
         raise ValueError(f"{out} already holds checkpoints; choose a new --out folder.")
+    if qat_steps < 0:
+        raise ValueError(f"qat_steps={qat_steps}; give 0 (post-training quantization alone) or more steps.")
     model, state, config = load_run(checkpoint, step)
     check_quantizable(state, config, checkpoint)
     source = data.load_source(config.dataset, config.train_split, config.data_dir, config.get("download", True))
     variables = {"params": state.params, "batch_stats": state.batch_stats}
-    batches = calibration_batches(source, config, settings.calibration_images)
-    params = quantized_params(state.params, input_scales(model, variables, batches, settings))
+    scales = input_scales(model, variables, calibration_batches(source, config, settings.calibration_images), settings)
+    if qat_steps:
+        state = quantization_aware_fine_tune(state, config, scales, out / "qat", qat_steps)
     quantized_config = config.copy_and_resolve_references()
-    quantized_config.quantize = settings
+    quantized_config.quantize = settings.copy_and_resolve_references()
+    quantized_config.quantize.qat_steps = qat_steps
     quantized = TrainState.create(
-        apply_fn=None, params=params, batch_stats=jax.device_get(state.batch_stats), tx=state.tx
+        apply_fn=None,
+        params=quantized_params(state.params, scales),
+        batch_stats=jax.device_get(state.batch_stats),
+        tx=state.tx,
     ).replace(step=state.step, loss_scale=state.loss_scale)
     meta = run_meta(quantized_config, int(state.step)) | {
         "num_classes": model.num_classes,
         "image_shape": list(source.image_shape),
         "quantized_from": str(Path(checkpoint).resolve()),
     }
-    checkpoints = Checkpoints(out, every_steps=1, keep_latest=1, async_save=False)
-    checkpoints.save(int(state.step), quantized, meta, force=True)
-    checkpoints.close()
+    save_as_run(out, quantized, meta)
     return meta
+
+
+def quantization_aware_fine_tune(
+    state: TrainState,
+    config: ml_collections.ConfigDict,
+    scales: dict[tuple[str, ...], float],
+    folder: Path,
+    steps: int,
+) -> TrainState:
+    """``state`` trained ``steps`` more steps with every conv's input and kernel rounded to int8 in the forward
+    pass (`FakeQuantConv`, input scales fixed as calibrated), in the run folder ``folder`` (resumable), on the tail
+    of the run's own learning-rate schedule stretched by ``steps``."""
+    config = config.copy_and_resolve_references()
+    config.quantize = ml_collections.ConfigDict(
+        {"arithmetic": "fake", "input_scales": tuple(sorted(("/".join(path), s) for path, s in scales.items()))}
+    )
+    config.num_train_steps = int(state.step) + steps
+    if not (folder / "checkpoints").is_dir():
+        save_as_run(folder, state, run_meta(config, int(state.step)))
+    train_and_evaluate(config, folder)
+    return load_run(folder)[1]
+
+
+def save_as_run(folder: Path, state: TrainState, meta: dict[str, Any]) -> None:
+    checkpoints = Checkpoints(folder, every_steps=1, keep_latest=1, async_save=False)
+    checkpoints.save(int(state.step), state, meta, force=True)
+    checkpoints.close()
