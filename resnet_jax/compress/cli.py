@@ -46,8 +46,18 @@ def lowrank(args: argparse.Namespace) -> None:
     print(f"factorised {len(ranks)} convs of {args.checkpoint} at energy {args.energy} into {args.out}")
 
 
+def prune_channels(args: argparse.Namespace) -> None:
+    """Remove the branch channels with the smallest BN scales into a new run folder, then fine-tune it there."""
+    from resnet_jax.compress.channels import prune_channels_run
+
+    meta = prune_channels_run(args.checkpoint, args.out, args.fraction, args.fine_tune_steps)
+    widths = meta["config"]["model_overrides"]["inner_widths"]
+    print(f"pruned {args.fraction:.0%} of the branch channels of {args.checkpoint} into {args.out}: widths {widths}")
+
+
 def add_compress_commands(commands: Any) -> None:
-    """Add ``quantize``, ``lowrank`` and ``compare`` to the ``resnet-jax`` subparsers ``commands``."""
+    """Add ``quantize``, ``prune-channels``, ``lowrank`` and ``compare`` to the ``resnet-jax`` subparsers
+    ``commands``."""
     p = commands.add_parser(
         "quantize",
         help="int8 post-training quantization of a run, into a new run folder that eval and predict read",
@@ -78,6 +88,19 @@ def add_compress_commands(commands: Any) -> None:
         "(straight-through gradients), in OUT/qat (default 0: post-training quantization alone)",
     )
     p.set_defaults(run=quantize)
+
+    p = commands.add_parser(
+        "prune-channels",
+        help="remove the branch channels with the smallest BN scales into a new run folder, then fine-tune it there",
+        description="Ranks the channels between the two convs of every basic block's branch by |BN scale|, removes "
+        "the smallest --fraction of them (each branch keeps one at least), writes the narrower model as the run's "
+        "step N in --out and trains it --fine-tune-steps more steps there.",
+    )
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="a training workdir")
+    p.add_argument("--out", required=True, metavar="DIR", help="new folder for the pruned run")
+    p.add_argument("--fraction", type=float, default=0.5, help="of the branch channels to remove (default %(default)s)")
+    p.add_argument("--fine-tune-steps", type=int, default=300, metavar="N", help="default %(default)s; 0: none")
+    p.set_defaults(run=prune_channels)
 
     p = commands.add_parser(
         "lowrank",

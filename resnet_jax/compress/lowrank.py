@@ -19,11 +19,7 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
-from resnet_jax.train.checkpoint import Checkpoints
-from resnet_jax.train.loop import train_and_evaluate
-from resnet_jax.train.optim import create_optimizer, learning_rate_schedule
-from resnet_jax.train.runs import build_model, load_run, run_meta
-from resnet_jax.train.steps import TrainState
+from resnet_jax.compress.derived import check_new_folder, load_float_run, source_meta, write_derived_run
 
 
 def factorize_kernel(kernel: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
@@ -81,38 +77,17 @@ def lowrank_settings(energy: float, ranks: dict[str, int]) -> ml_collections.Con
 
 def lowrank_run(checkpoint: str | Path, out: str | Path, energy: float, fine_tune_steps: int) -> dict[str, Any]:
     """Write the factorisation of ``checkpoint``'s latest step as that step of a run in ``out``, then train it
-    ``fine_tune_steps`` more steps there (on the tail of the run's own schedule stretched by that many steps).
-    Returns the meta of the factorised checkpoint."""
-    out = Path(out)
-    if (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
-        raise ValueError(f"{out} already holds checkpoints; choose a new --out folder.")
-    if fine_tune_steps < 0:
-        raise ValueError(f"fine_tune_steps={fine_tune_steps}; give 0 or more steps.")
+    ``fine_tune_steps`` more steps there (`write_derived_run`). Returns the meta of the factorised checkpoint."""
+    out = check_new_folder(out, fine_tune_steps)
     lowrank_settings(energy, {})  # checks energy before anything loads
-    model, state, config = load_run(checkpoint)
-    if config.get("lowrank") is not None or config.get("quantize") is not None:
-        raise ValueError(f"{checkpoint} is already compressed; factorise the float run it was made from.")
-    step = int(state.step)
+    model, state, config = load_float_run(checkpoint)
     config = config.copy_and_resolve_references()
     config.lowrank = lowrank_settings(energy, plan_ranks(state.params, energy))
-    config.num_train_steps = step + fine_tune_steps
-    factorized = build_model(config, model.num_classes)
-    tx = create_optimizer(config, learning_rate_schedule(config, steps_per_epoch=1))
-    params = factorized_params(state.params, dict(config.lowrank.ranks))
-    new = TrainState.create(apply_fn=factorized.apply, params=params, batch_stats=state.batch_stats, tx=tx)
-    image_shape = meta_image_shape(checkpoint)
-    meta = run_meta(config, step) | {"factorized_from": str(Path(checkpoint).resolve())}
-    meta |= {"num_classes": model.num_classes, "image_shape": image_shape} if image_shape else {}
-    checkpoints = Checkpoints(out, every_steps=1, keep_latest=1, async_save=False)
-    checkpoints.save(step, new.replace(step=step, loss_scale=state.loss_scale), meta, force=True)
-    checkpoints.close()
-    if fine_tune_steps:
-        train_and_evaluate(config, out)
-    return meta
-
-
-def meta_image_shape(workdir: str | Path) -> list[int] | None:
-    checkpoints = Checkpoints(workdir, every_steps=1, keep_latest=1, async_save=False)
-    shape = checkpoints.read_meta().get("image_shape")
-    checkpoints.close()
-    return shape
+    variables = {
+        "params": factorized_params(state.params, dict(config.lowrank.ranks)),
+        "batch_stats": state.batch_stats,
+    }
+    origin = {"factorized_from": str(Path(checkpoint).resolve())}
+    return write_derived_run(
+        out, config, model.num_classes, variables, int(state.step), fine_tune_steps, origin | source_meta(checkpoint)
+    )
