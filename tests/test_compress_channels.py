@@ -52,5 +52,13 @@ def test_the_prune_channels_command_writes_a_narrower_run(idx_dir, tmp_path, cap
         {"params": state.params, "batch_stats": state.batch_stats}, jnp.zeros((1, 28, 28, 1)), train=False
     )[0]
     assert jnp.isfinite(logits).all()
+    assert main(["summary", "--checkpoint", str(out)]) == 0
+    narrow = capsys.readouterr().out
+    assert main(["summary", "resnet8", "--input-size", "28", "28", "1"]) == 0
+    assert "28x28x1" in narrow and millions_of_params(narrow) < millions_of_params(capsys.readouterr().out)
     assert main([*args[:-2], "--out", str(tmp_path / "x"), "--fraction", "1.0"]) == 2
     assert "in [0, 1)" in capsys.readouterr().err
+
+
+def millions_of_params(summary: str) -> float:
+    return float(summary.split("M params")[0].split()[-1])
