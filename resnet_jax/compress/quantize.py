@@ -27,7 +27,7 @@ from flax import traverse_util
 
 from resnet_jax import data
 from resnet_jax.compress.layers import ARITHMETICS, CALIBRATION_INPUT, CalibratingConv
-from resnet_jax.compress.numerics import CALIBRATIONS, calibrated_absmax, channel_scales, quantize
+from resnet_jax.compress.numerics import CALIBRATIONS, INT8_MAX, TINY, calibrated_absmax, channel_scales, quantize
 from resnet_jax.models import ResNet
 from resnet_jax.train.checkpoint import Checkpoints
 from resnet_jax.train.loop import train_and_evaluate
@@ -92,10 +92,11 @@ def input_scales(
         raise ValueError("No calibration images: the training split is empty.")
     scales = {}
     for layer, parts in samples.items():
-        absmax = largest[layer] if settings.calibration == "minmax" else None
-        if absmax is None:
+        if settings.calibration == "minmax":  # of every value, not of the sample
+            absmax = largest[layer]
+        else:
             absmax = calibrated_absmax(np.concatenate(parts), settings.calibration, settings.percentile)
-        scales[layer] = max(absmax, 1e-8) / 127
+        scales[layer] = max(absmax, TINY) / INT8_MAX
     return scales
 
 
