@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import serialization
 from idx_files import idx_folder_fixture
 from test_train import small_config
 
@@ -70,6 +71,13 @@ def test_the_masked_fraction_follows_the_schedule_and_masked_weights_stay_zero(i
         if n == 6:
             final_masks = state.masks
     chex.assert_trees_all_equal(state.masks, final_masks)  # no update after end_step; the zeros stay zero
+
+
+def test_a_state_that_prunes_nothing_restores_checkpoints_written_before_pruning_existed(idx_dir):
+    config = small_config(idx_dir)
+    tx = create_optimizer(config, learning_rate_schedule(config, steps_per_epoch=8))
+    state = new_train_state(config, build_model(config, 10), tx, (28, 28, 1))
+    assert set(serialization.to_state_dict(state)) == {"step", "params", "opt_state", "batch_stats", "loss_scale"}
 
 
 class StopAt(Callback):

@@ -7,7 +7,7 @@ fraction s(n) of all conv weights, are masked to zero, where after n steps
 
 rises fast while the network can still recover and slowly near the end; masks are recomputed every ``frequency``
 steps from ``begin_step`` to ``end_step`` (and at ``end_step``), and the steps after ``end_step`` train the pruned
-network. The masks are part of the train state (`TrainState.masks`), so checkpoints keep them and a resumed run
+network. The masks are part of the train state (`PrunedTrainState.masks`), so checkpoints keep them and a resumed run
 goes on with them; the schedule (`PruneSchedule`, from the config) is static in the compiled step. After every
 update the masked weights are multiplied back to zero, so they stay zero whatever the optimizer's momentum does.
 Only the dense head, batch norm and biases are left whole.
@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import traverse_util
+
+from resnet_jax.train.steps import PrunedTrainState
 
 Masks = dict[str, jax.Array]  # "stage1/block0/branch/conv1/kernel" -> 0/1 array shaped like the kernel
 SEPARATOR = "/"
@@ -88,7 +90,8 @@ def attach_pruning(state: Any, config: ml_collections.ConfigDict) -> Any:
     schedule = prune_schedule(config)
     if schedule is None:
         return state
-    return state.replace(masks=full_masks(state.params), prune_schedule=schedule)
+    fields = {field.name: getattr(state, field.name) for field in dataclasses.fields(state)}
+    return PrunedTrainState(**fields | {"masks": full_masks(state.params), "prune_schedule": schedule})
 
 
 def prunable(params: Any) -> list[str]:

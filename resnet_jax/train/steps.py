@@ -41,15 +41,21 @@ PARALLELISM = ("jit", "pmap", "batch_parts")
 
 
 class TrainState(train_state.TrainState):
-    """Parameters, optimizer state and step, plus the BN running statistics, (fp16) the loss scale, (pruning,
-    `resnet_jax.compress.prune`) the masks of the conv kernels and their schedule, and (distillation,
-    `resnet_jax.compress.distill`) the frozen teacher, a constant of the compiled step."""
+    """Parameters, optimizer state and step, plus the BN running statistics, (fp16) the loss scale, and two static
+    parts of the compiled step that checkpoints do not hold: (pruning, `resnet_jax.compress.prune`) the schedule of
+    a `PrunedTrainState`'s masks and (distillation, `resnet_jax.compress.distill`) the frozen teacher."""
 
     batch_stats: Any
     loss_scale: DynamicLossScale | None = None
-    masks: Any = None
     prune_schedule: Any = struct.field(pytree_node=False, default=None)
     distill: Any = struct.field(pytree_node=False, default=None)
+
+
+class PrunedTrainState(TrainState):
+    """A `TrainState` with the masks of its pruned conv kernels: a class of its own, so that a state without masks
+    keeps the structure of the checkpoints written before pruning existed."""
+
+    masks: Any = None
 
 
 def create_train_state(
