@@ -68,6 +68,17 @@ def get_config() -> ml_collections.ConfigDict:
     config.stage_lr_multipliers = ()  # or one learning-rate multiplier for the stem and each stage; 0 freezes
     config.bn_update = True  # False: BN layers normalise with their running statistics and keep them as they are
 
+    # Pruning (resnet_jax/compress/prune.py, docs/compression.md): global magnitude pruning of the conv kernels to
+    # `sparsity` (the fraction at zero) on Zhu & Gupta's cubic schedule from begin_step to end_step (-1: three
+    # quarters of num_train_steps, leaving the rest to recover), the masks recomputed every `frequency` steps.
+    config.prune = ml_collections.ConfigDict({"sparsity": 0.0, "begin_step": 0, "end_step": -1, "frequency": 50})
+
+    # Knowledge distillation (resnet_jax/compress/distill.py): the loss mixes in the soft targets of the run in
+    # `teacher` (a workdir of the same data set; None: off), weighted by alpha, at this temperature.
+    config.distill = ml_collections.ConfigDict(
+        {"teacher": ml_collections.config_dict.placeholder(str), "temperature": 4.0, "alpha": 0.9}
+    )
+
     # Scale: "jit" (one program over a mesh of every device), "pmap" (one program per device,
     # per-device BN statistics) or, on one CPU, "batch_parts" (the batch in `batch_parts` parts whose programs
     # run side by side on host threads, BN statistics per part; the fastest one-process CPU step); joining a

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from resnet_jax.analysis.cli import add_analyze_command
 from resnet_jax.bench.cli import add_bench_command
+from resnet_jax.compress.cli import add_compress_commands
 from resnet_jax.cpu.host_memory import keep_freed_host_memory
 from resnet_jax.deploy.cli import add_export_command
 
@@ -20,13 +21,26 @@ if TYPE_CHECKING:
 
 
 def summary(args: argparse.Namespace) -> None:
-    """Print the per-stage table of output shapes, parameters and multiply-adds."""
+    """Print the per-stage table of output shapes, parameters and multiply-adds (of a named model, or of a run's
+    model as its checkpoint builds it: pruned to fewer channels, factorised, quantized)."""
+    from resnet_jax import data
     from resnet_jax.models import create_model
     from resnet_jax.models.complexity import format_summary, model_cost
+    from resnet_jax.train.runs import load_run
 
-    model = create_model(args.model, num_classes=args.num_classes)
-    input_shape = tuple(args.input_size) if args.input_size else default_input_shape(model)
-    print(format_summary(args.model, model_cost(model, input_shape), input_shape))
+    if (args.model is None) == (args.checkpoint is None):
+        raise ValueError("Give a model name or --checkpoint DIR (a run), not both.")
+    if args.checkpoint is not None:
+        model, _, config = load_run(args.checkpoint)
+        name, shape = (
+            f"{config.model} ({args.checkpoint})",
+            data.load_source(config.dataset, config.eval_split, config.data_dir).image_shape,
+        )
+    else:
+        model, name = create_model(args.model, num_classes=args.num_classes), args.model
+        shape = default_input_shape(model)
+    input_shape = tuple(args.input_size) if args.input_size else shape
+    print(format_summary(name, model_cost(model, input_shape), input_shape))
 
 
 def train(args: argparse.Namespace) -> int:
@@ -204,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = commands.add_parser("summary", help="per-stage shapes, parameters and multiply-adds of a model")
-    p.add_argument("model", help="model name, e.g. resnet50, resnet20, wrn28_10 (see `resnet-jax models`)")
+    p.add_argument("model", nargs="?", help="model name, e.g. resnet50, resnet20, wrn28_10 (see `resnet-jax models`)")
+    p.add_argument("--checkpoint", metavar="DIR", help="instead of a name: the model of this run (e.g. channel-pruned)")
     p.add_argument("--input-size", type=int, nargs=3, metavar=("H", "W", "C"), help="default 224 224 3 or 32 32 3")
     p.add_argument("--num-classes", type=int, default=None, help="default 1000 (ImageNet models) or 10 (CIFAR)")
     p.set_defaults(run=summary)
@@ -266,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_analyze_command(commands)
     add_bench_command(commands)
     add_export_command(commands)
+    add_compress_commands(commands)
     return parser
 
 

@@ -84,6 +84,7 @@ class Branch(nn.Module):
     stride_in_1x1: bool = False
     se_reduction: int | None = None
     zero_init_last: bool = False
+    inner_width: int | None = None  # channels between a basic branch's convs (None: ``width``; channel pruning)
 
     expansion: ClassVar[int] = 1
 
@@ -104,7 +105,8 @@ class BasicBranch(Branch):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = self.conv(**conv_args(self.width, 3, self.strides, feature_group_count=self.groups), name="conv1")(x)
+        inner = self.inner_width or self.width
+        y = self.conv(**conv_args(inner, 3, self.strides, feature_group_count=self.groups), name="conv1")(x)
         y = nn.relu(self.norm(name="bn1")(y))
         y = _last_layer(self, y, conv_args(self.width, 3, feature_group_count=self.groups), index=2)
         return _maybe_squeeze_excite(self, y)

@@ -71,12 +71,16 @@ class Stage(nn.Module):
     strides: int
     block: ModuleDef
     first_block: int = 0
+    inner_widths: Sequence[int] | None = None  # of each block's branch (None: as ``width`` says)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         for i in range(self.num_blocks):
             strides = self.strides if i == 0 else 1
-            x = self.block(width=self.width, strides=strides, depth=self.first_block + i, name=f"block{i}")(x)
+            inner = self.inner_widths[i] if self.inner_widths else None
+            x = self.block(
+                width=self.width, strides=strides, depth=self.first_block + i, inner=inner, name=f"block{i}"
+            )(x)
         return x
 
 
@@ -109,6 +113,8 @@ class ResNet(nn.Module):
       conv: the conv module of every layer (given features, kernel_size, strides, padding, dtype, ...): `Conv`,
         or one computing the same function another way, e.g. `resnet_jax.cpu.conv.cpu_conv` for XLA:CPU.
       norm: the normalisation of every layer (given use_running_average, dtype, param_dtype, scale_init).
+      inner_widths: the channels between the two convs of each basic block's branch, one sequence per stage with
+        one width per block (a channel-pruned net, `resnet_jax.compress.channels`); None: as wide as the stage.
     """
 
     stage_sizes: Sequence[int]
@@ -130,6 +136,7 @@ class ResNet(nn.Module):
     param_dtype: Any = jnp.float32
     conv: ModuleDef = Conv
     norm: ModuleDef = BatchNorm
+    inner_widths: Sequence[Sequence[int]] | None = None
 
     def __post_init__(self) -> None:
         validate_config(self)
@@ -163,9 +170,9 @@ class ResNet(nn.Module):
 
         blocks = sum(self.stage_sizes)
 
-        def block(width: int, strides: int, depth: int, name: str) -> ResidualBlock:
+        def block(width: int, strides: int, depth: int, inner: int | None, name: str) -> ResidualBlock:
             return ResidualBlock(
-                branch=partial(branch, width=width, strides=strides),
+                branch=partial(branch, width=width, strides=strides, inner_width=inner),
                 features=width * BRANCHES[self.block].expansion,
                 strides=strides,
                 conv=conv,
@@ -185,7 +192,8 @@ class ResNet(nn.Module):
             zip(self.stage_sizes, self.stage_widths, self.stage_strides, strict=True)
         ):
             first = sum(self.stage_sizes[:i])
-            x = Stage(num_blocks, width, 1 if i == 0 else 2, block, first, name=f"stage{i + 1}")(x)
+            inner = tuple(self.inner_widths[i]) if self.inner_widths else None
+            x = Stage(num_blocks, width, 1 if i == 0 else 2, block, first, inner, name=f"stage{i + 1}")(x)
             features[f"c{int(math.log2(stride))}"] = x
         if self.preact:
             x = nn.relu(norm(name="final_bn")(x))
@@ -207,7 +215,10 @@ class ResNet(nn.Module):
                 f"got shape {tuple(x.shape)}{hint}."
             )
         if not self.is_initializing() and self.has_variable("params", "stem"):
-            expected = self.variables["params"]["stem"]["conv"]["kernel"].shape[2]
+            # The stem conv's (first) kernel, however its conv stores it (whole, quantized or factorised).
+            expected = next(k for k in jax.tree.leaves(self.variables["params"]["stem"]["conv"]) if k.ndim == 4).shape[
+                2
+            ]
             if x.shape[-1] != expected:
                 raise ValueError(
                     f"These parameters were initialised for {expected}-channel images; got "
@@ -250,6 +261,7 @@ def validate_config(model: ResNet) -> None:
         fail(f"groups={model.groups}; the cardinality must be a positive integer.")
     if model.block == "basic" and (model.width_per_group != 64 or model.stride_in_1x1):
         fail("width_per_group and stride_in_1x1 apply to bottleneck blocks only; use block='bottleneck'.")
+    validate_inner_widths(model, sizes)
     branch = BRANCHES[model.block]
     for stage, width in enumerate(widths, start=1):
         grouped = branch.grouped_width(width, model.groups, model.width_per_group)
@@ -260,3 +272,21 @@ def validate_config(model: ResNet) -> None:
                 f"{stage}'s grouped convs (input {inputs}); choose groups dividing every stage width "
                 f"{widths} (and the stem width {model.stem_width})."
             )
+
+
+def validate_inner_widths(model: ResNet, sizes: tuple[int, ...]) -> None:
+    """``inner_widths``: None, or one positive width per block of every stage (basic blocks without groups)."""
+    if model.inner_widths is None:
+        return
+    shape = tuple(len(stage) for stage in model.inner_widths)
+    widths = [w for stage in model.inner_widths for w in stage]
+    if shape != sizes or any(not isinstance(w, int) or w < 1 for w in widths):
+        raise ValueError(
+            f"Invalid ResNet setting: inner_widths={model.inner_widths}; give one positive width per block of each "
+            f"stage ({sizes} blocks), e.g. {tuple((8,) * n for n in sizes)}."
+        )
+    if model.block != "basic" or model.groups != 1:
+        raise ValueError(
+            "Invalid ResNet setting: inner_widths applies to basic blocks without groups; this model has "
+            f"block={model.block!r}, groups={model.groups}."
+        )

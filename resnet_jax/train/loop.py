@@ -35,6 +35,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from resnet_jax import data
+from resnet_jax.compress.distill import attach_teacher, check_distillation
 from resnet_jax.faults import CorruptDataError
 from resnet_jax.models import ResNet
 from resnet_jax.train import distributed, transfer
@@ -49,9 +50,10 @@ from resnet_jax.train.runs import (
     check_config,
     check_feed,
     load_run,
+    new_train_state,
     run_meta,
 )
-from resnet_jax.train.steps import Metrics, Steps, TrainState, compile_steps, create_train_state, make_mesh
+from resnet_jax.train.steps import Metrics, Steps, TrainState, compile_steps, make_mesh
 from resnet_jax.train.workdir import WorkdirLock, hold_workdir
 
 Feed = HostFeed | DeviceFeed
@@ -184,6 +186,7 @@ def prepare_run(config: ml_collections.ConfigDict, workdir: str | Path) -> Run:
     distributed.initialize(config)
     use_compilation_cache(config.get("compilation_cache_dir", ""))
     check_config(config)
+    check_distillation(config)
     train_source = data.load_source(config.dataset, config.train_split, config.data_dir, config.get("download", True))
     test_source = data.load_source(config.dataset, config.eval_split, config.data_dir, config.get("download", True))
     check_feed(config, train_source)
@@ -219,10 +222,12 @@ def prepare_run(config: ml_collections.ConfigDict, workdir: str | Path) -> Run:
 
 
 def create_state(run: Run) -> TrainState:
-    """A new train state: the model initialised from the config's seed, with the run's optimizer."""
+    """A new train state: the model initialised from the config's seed, with the run's optimizer (and its teacher,
+    where it distils)."""
     began = time.perf_counter()
     image_shape = run.train_source.image_shape
-    state = jax.block_until_ready(create_train_state(run.model, run.optimizer, image_shape, run.config.seed))
+    state = new_train_state(run.config, run.model, run.optimizer, image_shape)
+    state = jax.block_until_ready(attach_teacher(state, run.config, run.train_source.num_classes))
     run.progress.message(f"created the train state in {time.perf_counter() - began:.1f}s")
     return state
 

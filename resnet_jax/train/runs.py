@@ -15,8 +15,11 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+import optax
 
 from resnet_jax import data
+from resnet_jax.compress.layers import compressed_conv
+from resnet_jax.compress.prune import attach_pruning, prune_schedule
 from resnet_jax.cpu.conv import model_conv
 from resnet_jax.cpu.processes import available_cores
 from resnet_jax.faults import CorruptDataError
@@ -29,9 +32,19 @@ from resnet_jax.train.steps import TrainState, create_train_state
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int) -> ResNet:
     """The model of ``config`` (its name, dtype and attribute overrides) for ``num_classes`` classes, with the
-    convolution this backend and parallelism run fastest (`resnet_jax.cpu.conv.model_conv`)."""
+    convolution this backend and parallelism run fastest (`resnet_jax.cpu.conv.model_conv`), or the quantized one of
+    a quantized run (`resnet_jax.compress.layers.compressed_conv`)."""
     conv = model_conv(jax.default_backend(), config.parallelism, config.get("batch_parts", 1), len(available_cores()))
+    conv = compressed_conv(config, conv)
     return create_model(config.model, num_classes=num_classes, dtype=config.dtype, conv=conv, **config.model_overrides)
+
+
+def new_train_state(
+    config: ml_collections.ConfigDict, model: ResNet, tx: optax.GradientTransformation, image_shape: tuple[int, ...]
+) -> TrainState:
+    """The train state a run of ``config`` starts from: ``model`` initialised from the config's seed, with the
+    pruning masks and schedule of ``config.prune`` where it prunes (`resnet_jax.compress.prune`)."""
+    return attach_pruning(create_train_state(model, tx, tuple(image_shape), config.seed), config)
 
 
 def batch_settings(config: ml_collections.ConfigDict) -> data.BatchSettings:
@@ -58,6 +71,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     check_batch_sizes(config)
     check_target_accuracy(config)
     check_steps_per_call(config)
+    prune_schedule(config)  # checks its values
     batch_settings(config)  # checks its values
 
 
@@ -205,6 +219,6 @@ def _load_step(checkpoints: Checkpoints, step: int) -> tuple[ResNet, TrainState,
         num_classes, image_shape = source.num_classes, source.image_shape
     model = build_model(config, num_classes)
     tx = create_optimizer(config, learning_rate_schedule(config, steps_per_epoch=1))  # fixes the state's structure
-    abstract = jax.eval_shape(lambda: create_train_state(model, tx, tuple(image_shape), config.seed))
+    abstract = jax.eval_shape(lambda: new_train_state(config, model, tx, tuple(image_shape)))
     state, _ = checkpoints.restore(abstract, step)
     return model, state, config

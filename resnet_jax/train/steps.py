@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import struct
 from flax.training import train_state
 from jax import lax
 from jax.flatten_util import ravel_pytree
@@ -40,10 +41,21 @@ PARALLELISM = ("jit", "pmap", "batch_parts")
 
 
 class TrainState(train_state.TrainState):
-    """Parameters, optimizer state and step, plus the BN running statistics and (fp16) the loss scale."""
+    """Parameters, optimizer state and step, plus the BN running statistics, (fp16) the loss scale, and two static
+    parts of the compiled step that checkpoints do not hold: (pruning, `resnet_jax.compress.prune`) the schedule of
+    a `PrunedTrainState`'s masks and (distillation, `resnet_jax.compress.distill`) the frozen teacher."""
 
     batch_stats: Any
     loss_scale: DynamicLossScale | None = None
+    prune_schedule: Any = struct.field(pytree_node=False, default=None)
+    distill: Any = struct.field(pytree_node=False, default=None)
+
+
+class PrunedTrainState(TrainState):
+    """A `TrainState` with the masks of its pruned conv kernels: a class of its own, so that a state without masks
+    keeps the structure of the checkpoints written before pruning existed."""
+
+    masks: Any = None
 
 
 def create_train_state(
@@ -116,6 +128,8 @@ def step_gradients(state: TrainState, batch: Batch, label_smoothing: float = 0.0
         variables = {"params": params, "batch_stats": state.batch_stats}
         (logits, _), updates = state.apply_fn(variables, batch["image"], train=True, mutable=["batch_stats"], rngs=rngs)
         loss = cross_entropy(logits, batch["label"], label_smoothing).mean()
+        if state.distill is not None:  # the teacher's soft targets mixed in
+            loss = state.distill.loss(loss, logits, batch["image"])
         scaled = loss if scale is None else loss * scale.scale
         return scaled, (loss, logits, updates["batch_stats"])
 
@@ -152,6 +166,9 @@ def apply_step_gradients(
             loss_scale=scale.adjust(finite),
         )
         metrics = metrics | {"loss_scale": scale.scale, "skipped": (~finite).astype(jnp.float32)}
+    if state.prune_schedule is not None:  # new masks where the schedule says so; masked weights back to zero
+        params, masks = state.prune_schedule.update(new_state.params, state.masks, new_state.step)
+        new_state = new_state.replace(params=params, masks=masks)
     # The loss is that of the parameters before the update: a checkpoint needs the updated ones finite too.
     skipped = metrics.get("skipped", 0.0) > 0
     finite_step = (jnp.isfinite(metrics["loss"]) | skipped) & all_finite(new_state.params)
