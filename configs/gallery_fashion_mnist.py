@@ -1,9 +1,10 @@
-"""The results gallery's training recipe (docs/results.md): one recipe for plain and residual nets of
+"""The results gallery's training recipe: one recipe for plain and residual nets of
 20, 56 and 110 layers on Fashion-MNIST, trained to the end of a cosine schedule.
 
     resnet-jax train --config configs/gallery_fashion_mnist.py --config.model=resnet110 --workdir runs/gallery/resnet110
 
-Expected and time: docs/results.md gives each model's accuracy and training time.
+Expected and time: not measured to the end yet (resnet110: 82.8% test accuracy after epoch 1, about 90 img/s on 2
+CPU cores); the results gallery will give each model's accuracy and training time.
 """
 
 from configs import default
