@@ -3,7 +3,7 @@
 
     resnet-jax train --config configs/gallery_fashion_mnist.py --config.model=resnet110 --workdir runs/gallery/resnet110
 
-Expected and time: not measured to the end yet (resnet110: 82.8% test accuracy after epoch 1, about 90 img/s on 2
+Expected and time: not measured to the end yet (resnet110: 82.8% test accuracy after epoch 1, 28 min on 2 shared
 CPU cores); the results gallery will give each model's accuracy and training time.
 """
 
