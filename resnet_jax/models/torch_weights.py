@@ -157,8 +157,9 @@ def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
         raise FileNotFoundError(f"No weights file {path}.")
     damaged = f"{path} is damaged or not a weights file (it does not read as one); fetch or save it again"
     if path.suffix == ".safetensors":
+        safetensors_numpy = require("safetensors.numpy")  # a missing extra is no damaged file
         try:
-            return dict(require("safetensors.numpy").load_file(path))
+            return dict(safetensors_numpy.load_file(path))
         except Exception as error:  # safetensors' SafetensorError and the OSErrors of a truncated file
             raise CorruptDataError(f"{damaged} ({error}).") from None
     torch = require("torch")
