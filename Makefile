@@ -40,7 +40,7 @@ lint: $(BIN)/.installed
 
 # Two workers: most of the suite is compiling, one core each; on 2 cores 9 minutes instead of 13.
 test: lint
-	$(BIN)/pytest -m "not slow" --numprocesses 2
+	$(BIN)/pytest -m "not slow" --numprocesses 2 --durations=20
 
 test-slow: $(BIN)/.installed
 	$(BIN)/pytest -m slow

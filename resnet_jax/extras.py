@@ -38,6 +38,7 @@ def require(module: str, extra: str | None = None) -> ModuleType:
     if top not in EXTRAS:
         raise ValueError(f"{module!r} is not an optional dependency; the optional ones are {', '.join(EXTRAS)}.")
     try:
+        importlib.import_module(top)  # first: a submodule imported earlier would hide a package that is gone
         return importlib.import_module(module)
     except ImportError as error:
         if error.name is None or error.name.partition(".")[0] != top:
