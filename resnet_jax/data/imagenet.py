@@ -71,13 +71,17 @@ class StreamSource:
         return as_numpy(eval_dataset(self, settings))
 
 
-def load_imagenet(split: str = "train", data_dir: str | None = None) -> StreamSource:
-    """Check that the tfds ``imagenet2012`` split is prepared and count it; nothing is read yet."""
+def load_imagenet(split: str = "train", data_dir: str | None = None, name: str = NAME) -> StreamSource:
+    """Check that the tfds split is prepared and count it; nothing is read yet. ``name`` is ``imagenet2012`` or a
+    data set of its features and ImageNet's statistics (``imagenet_synthetic``, `synthetic_jpegs`)."""
     tfds = require("tensorflow_datasets")
 
     try:
-        records = tfds.builder(NAME, data_dir=data_dir).as_dataset(split=split, shuffle_files=False)
-    except AssertionError as error:  # tfds' way of saying the data set is not prepared
+        builder = tfds.builder(name, data_dir=data_dir)
+        records = builder.as_dataset(split=split, shuffle_files=False)
+    except (AssertionError, tfds.core.registered.DatasetNotFoundError) as error:  # tfds: "not prepared"
+        if name != NAME:
+            raise FileNotFoundError(f"{name} is not prepared in {data_dir or '~/tensorflow_datasets'}.") from error
         raise FileNotFoundError(
             f"imagenet2012 is not prepared in {data_dir or '~/tensorflow_datasets'}. ImageNet cannot be downloaded "
             "automatically: get ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar from https://image-net.org, put "
@@ -85,11 +89,11 @@ def load_imagenet(split: str = "train", data_dir: str | None = None) -> StreamSo
         ) from error
     mean, std = CHANNEL_STATS[NAME]
     return StreamSource(
-        name=NAME,
+        name=name,
         split=split,
         data_dir=data_dir,
         num_examples=int(records.cardinality()),
-        num_classes=1000,
+        num_classes=builder.info.features["label"].num_classes,
         image_shape=(IMAGE_SIZE, IMAGE_SIZE, 3),
         mean=mean,
         std=std,
@@ -131,16 +135,21 @@ def random_resized_crop(
 def resize_center_crop(
     image_bytes: tf.Tensor, image_size: int = IMAGE_SIZE, resize_size: int = RESIZE_SIZE
 ) -> tf.Tensor:
-    """Evaluation view of a JPEG: shorter side resized to ``resize_size`` (aspect kept), central ``image_size``
-    square. float32 in [0, 255]."""
+    """Evaluation view of a JPEG: the central ``image_size`` square of the image with its shorter side resized to
+    ``resize_size`` (aspect kept). float32 in [0, 255].
+
+    Only that square's window of the original is decoded, then resized: the same pixels as resizing the whole image
+    and cropping, up to the resampling at the window's edges, for less decoding and resizing.
+    """
     tf = require("tensorflow")
 
-    image = tf.io.decode_jpeg(image_bytes, channels=3)
-    height_width = tf.cast(tf.shape(image)[:2], tf.float32)
-    new_size = tf.cast(tf.round(height_width * resize_size / tf.reduce_min(height_width)), tf.int32)
-    image = tf.image.resize(image, new_size, method="bilinear", antialias=True)
-    top, left = tf.unstack((new_size - image_size) // 2)
-    return tf.ensure_shape(image[top : top + image_size, left : left + image_size], (image_size, image_size, 3))
+    height_width = tf.image.extract_jpeg_shape(image_bytes)[:2]
+    shorter = tf.cast(tf.reduce_min(height_width), tf.float32)
+    side = tf.maximum(tf.cast(tf.round(shorter * image_size / resize_size), tf.int32), 1)
+    top, left = tf.unstack((height_width - side) // 2)
+    image = tf.image.decode_and_crop_jpeg(image_bytes, tf.stack([top, left, side, side]), channels=3)
+    image = tf.image.resize(image, (image_size, image_size), method="bilinear", antialias=True)
+    return tf.ensure_shape(image, (image_size, image_size, 3))
 
 
 def train_dataset(
