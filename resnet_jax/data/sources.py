@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from resnet_jax.data import synthetic_jpegs
 from resnet_jax.data.arrays import ArraySource
 from resnet_jax.data.augment import CHANNEL_STATS
 from resnet_jax.data.download import (
@@ -29,7 +30,6 @@ from resnet_jax.data.download import (
     file_url,
     unreachable,
 )
-from resnet_jax.data import synthetic_jpegs
 from resnet_jax.data.imagenet import StreamSource, load_imagenet
 from resnet_jax.extras import require
 from resnet_jax.faults import CorruptDataError
