@@ -87,7 +87,7 @@ def test_training_crop_decodes_only_its_window(jpeg_dir):
         crop_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))[0]
         top, left, height, width = crop_window(data, crop_seed).numpy()
         full = Image.open(io.BytesIO(data))
-        assert 0 <= top and top + height <= full.height and 0 <= left and left + width <= full.width
+        assert top >= 0 and top + height <= full.height and left >= 0 and left + width <= full.width
         assert 3 / 4 - 0.05 <= width / height <= 4 / 3 + 0.05 or (height, width) == (full.height, full.width)
         # Reference: PIL decodes the whole file, the same box is cut out and resized as the pipeline resizes.
         box = np.asarray(full.convert("RGB"))[top : top + height, left : left + width]
@@ -133,3 +133,25 @@ def test_jpeg_bench_measures_each_library(jpeg_dir, library):
     assert "| train | 1 | tf.data |" in table(
         [JpegRow("tf.data", "train", 1, [rate]), JpegRow("torchvision", "train", 1, [1.0])]
     )
+
+
+@pytest.mark.slow
+def test_gpu_script_runs_its_commands_at_toy_sizes(tmp_path):
+    """benchmarks/gpu/imagenet_resnet50.sh with DRY=1: every command and option of the GPU run, on this CPU."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = os.environ | {
+        "DRY": "1",
+        "PYTHON": sys.executable,
+        "OUT": str(tmp_path / "results"),
+        "DATA": str(tmp_path / "jpegs"),
+        "PYTHONPATH": str(root),
+    }
+    script = root / "benchmarks" / "gpu" / "imagenet_resnet50.sh"
+    done = subprocess.run(["bash", str(script)], cwd=root, env=env, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert "all parts done" in done.stdout and "img/s" in done.stdout
+    assert len(list((tmp_path / "results").glob("*.json"))) == 3
