@@ -159,10 +159,12 @@ def torch_batches(job: JpegJob) -> Iterator[tuple[int, Any]]:
 def import_torchvision() -> Any:
     """torchvision, also where PyPI's CUDA build of it sits beside a CPU torch: its C++ ops (nms, ...) cannot load
     there and 0.28 fails on import registering shape functions for two of them; declaring those two schemas first
-    lets the pure-Python datasets and transforms import. Where the ops load, nothing is declared."""
+    lets the pure-Python datasets, models and transforms import. Where the ops load, nothing is declared."""
     import importlib.util
     from pathlib import Path
 
+    if "torchvision" in sys.modules:
+        return sys.modules["torchvision"]
     import torch
 
     spec = importlib.util.find_spec("torchvision")
