@@ -112,9 +112,9 @@ def random_resized_crop(
     (`crop_window`), resized to ``image_size`` and mirrored with probability 1/2; a pure function of ``seed``
     (shape (2,)). float32 in [0, 255].
 
-    Only the box is decoded (``decode_and_crop_jpeg``), and it is resized bilinearly without antialiasing, as the
-    TensorFlow and Caffe2 ResNet recipes did: antialiasing (PIL's way, and the evaluation view's) costs as much
-    again as decoding (benchmarks/input-pipelines.md), for crops that are seen once each.
+    Only the box is decoded (``decode_and_crop_jpeg``), and it is resized bilinearly without antialiasing, as
+    TensorFlow's reference ResNet preprocessing does: antialiasing (PIL's way, and the evaluation view's) costs as
+    much again as decoding (benchmarks/input-pipelines.md), for a random crop that each image gives once.
     """
     tf = require("tensorflow")
 
