@@ -230,9 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="fetch a data set ahead of training (MNIST and Fashion-MNIST checked against pinned SHA-256 sums)",
         epilog="Where it goes without --data-dir: ~/.cache/resnet-jax/datasets/DATASET (or $RESNET_JAX_DATA_DIR/"
         "DATASET) for mnist and fashion_mnist, tfds' data folder (~/tensorflow_datasets) for cifar10 and cifar100. "
-        "imagenet2012 cannot be downloaded automatically (its licence): the command says how to prepare it.",
+        "imagenet2012 cannot be downloaded automatically (its licence): the command says how to prepare it. "
+        "imagenet_synthetic is written, not fetched: ImageNet-shaped JPEGs in tfds' and torchvision's layouts, to "
+        "benchmark the JPEG pipeline (a few minutes on two cores).",
     )
-    p.add_argument("dataset", help="fashion_mnist, mnist, cifar10 or cifar100")
+    p.add_argument("dataset", help="fashion_mnist, mnist, cifar10, cifar100 or imagenet_synthetic")
     p.add_argument("--data-dir", metavar="DIR", help="where to put it (the data_dir config key of training)")
     p.set_defaults(run=download)
 

@@ -6,33 +6,20 @@ but not equal to, the batch statistics of the test input (mean + N(0, 0.5^2) * s
 from those, the un-normalised activations grow with depth until a wrong BN entry deep in the net no longer shows
 in the logits (see tests/test_torch_equivalence.py).
 
-Import torchvision from here: PyPI's torchvision wheel is built for CUDA torch, and beside the CPU torch its C++
-ops (nms, roi_align, ...) cannot load; torchvision 0.28 then fails on import, registering shape functions for two
-of them. Declaring those two op schemas first lets the pure-Python models and transforms, all these tests use,
-import; where the ops do load, nothing is declared.
+Import torchvision from here (or through `import_torchvision`): PyPI's torchvision wheel is built for CUDA torch,
+and beside the CPU torch it fails on import unless two of its op schemas are declared first.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from resnet_jax.bench.jpeg_inputs import import_torchvision
 
-def _declare_missing_torchvision_ops() -> None:
-    package = Path(importlib.util.find_spec("torchvision").origin).parent
-    try:
-        torch.ops.load_library(package / "_C.so")
-    except OSError:
-        for op in ("nms", "qnms"):
-            torch.library.define(f"torchvision::{op}", "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-
-
-_declare_missing_torchvision_ops()
-import torchvision  # noqa: E402
+torchvision = import_torchvision()
 from torchvision import transforms  # noqa: E402
 
 __all__ = ["random_torchvision", "relative_error", "sample_images", "to_nchw", "torchvision", "transforms"]

@@ -4,6 +4,7 @@ suite, optionally against PyTorch in the same run, or of one experiment (``--con
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shlex
 import sys
@@ -70,6 +71,20 @@ def add_bench_command(commands: Any) -> None:
         "(batch 1, 32), or --model/--image-size/--batch; --repeats rounds (needs the [export] and [torch] extras)",
     )
     p.add_argument("--torch-compile", action="store_true", help="with --inference, also a torch.compile row")
+    p.add_argument(
+        "--input",
+        choices=("imagenet",),
+        help="instead: the ImageNet JPEG pipelines (training: decode, random-resized crop, flip, normalise, batch; "
+        "evaluation: resize 256, centre crop 224) against torchvision ImageFolder + DataLoader on the same files, "
+        "img/s on one core and on all (--cores), --repeats rounds at --batch (default 128), --steps batches timed; "
+        "writes the synthetic JPEG set first if --data-dir lacks it",
+    )
+    p.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="with --input imagenet: where the imagenet_synthetic set is or is written (default tfds' folder)",
+    )
+    p.add_argument("--cores", type=int, nargs="+", help="with --input imagenet: core counts (default 1 and all)")
     add_row_arguments(p)
     p.set_defaults(run=run_bench, takes_config_overrides=True)
 
@@ -139,6 +154,8 @@ def run_bench(args: argparse.Namespace) -> None:
     settings = Settings(args.steps, args.warmup, args.repeats)  # checks the numbers before anything runs
     if args.inference:
         return bench_inference(args)
+    if args.input:
+        return bench_jpeg_input(args, settings)
     xla_options = [parse_xla_options(text) for text in args.xla_options or []]
     if args.config is not None:
         return bench_config(args, settings, xla_options)
@@ -198,6 +215,37 @@ def bench_inference(args: argparse.Namespace) -> None:
         size = args.image_size or (224 if create_model(name).stem == "imagenet" else 32)
         cases = [(name, size, tuple(args.batch or (1, 32)))]
     run_inference_bench(cases, args.repeats, args.torch_compile, args.out, invoked_command())
+
+
+def bench_jpeg_input(args: argparse.Namespace, settings: Settings) -> None:
+    """``--input imagenet``: the JPEG pipelines against torchvision's (`resnet_jax.bench.jpeg_inputs`)."""
+    from resnet_jax.bench import jpeg_inputs, report
+
+    if args.config is not None or args.model or args.vs_torch:
+        raise ValueError("--input imagenet times input pipelines only; drop --config, --model and --vs-torch.")
+    cores = jpeg_inputs.core_counts(args.cores)
+    batch = (args.batch or [128])[0]
+    rows = jpeg_inputs.bench_jpeg_inputs(
+        args.data_dir, batch, settings.steps, settings.warmup, settings.repeats, cores, say
+    )
+    print(jpeg_inputs.table(rows))
+    record = report.results([], [], [], settings, invoked_command()) | {
+        "jpeg_input": [dataclasses.asdict(row) | {"median": row.median, "per_core": row.per_core} for row in rows],
+        "batch": batch,
+        "input_versions": {
+            name: _version(name) for name in ("tensorflow-cpu", "tensorflow-datasets", "torchvision", "pillow")
+        },
+    }
+    print(f"results in {report.write_results(record, args.out)}")
+
+
+def _version(package: str) -> str | None:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def check_suite_rows(args: argparse.Namespace, cases: list[Case], platform: str, run_epochs: bool) -> int:

@@ -71,13 +71,17 @@ class StreamSource:
         return as_numpy(eval_dataset(self, settings))
 
 
-def load_imagenet(split: str = "train", data_dir: str | None = None) -> StreamSource:
-    """Check that the tfds ``imagenet2012`` split is prepared and count it; nothing is read yet."""
+def load_imagenet(split: str = "train", data_dir: str | None = None, name: str = NAME) -> StreamSource:
+    """Check that the tfds split is prepared and count it; nothing is read yet. ``name`` is ``imagenet2012`` or a
+    data set of its features and ImageNet's statistics (``imagenet_synthetic``, `synthetic_jpegs`)."""
     tfds = require("tensorflow_datasets")
 
     try:
-        records = tfds.builder(NAME, data_dir=data_dir).as_dataset(split=split, shuffle_files=False)
-    except AssertionError as error:  # tfds' way of saying the data set is not prepared
+        builder = tfds.builder(name, data_dir=data_dir)
+        records = builder.as_dataset(split=split, shuffle_files=False)
+    except (AssertionError, tfds.core.registered.DatasetNotFoundError) as error:  # tfds: "not prepared"
+        if name != NAME:
+            raise FileNotFoundError(f"{name} is not prepared in {data_dir or '~/tensorflow_datasets'}.") from error
         raise FileNotFoundError(
             f"imagenet2012 is not prepared in {data_dir or '~/tensorflow_datasets'}. ImageNet cannot be downloaded "
             "automatically: get ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar from https://image-net.org, put "
@@ -85,11 +89,11 @@ def load_imagenet(split: str = "train", data_dir: str | None = None) -> StreamSo
         ) from error
     mean, std = CHANNEL_STATS[NAME]
     return StreamSource(
-        name=NAME,
+        name=name,
         split=split,
         data_dir=data_dir,
         num_examples=int(records.cardinality()),
-        num_classes=1000,
+        num_classes=builder.info.features["label"].num_classes,
         image_shape=(IMAGE_SIZE, IMAGE_SIZE, 3),
         mean=mean,
         std=std,
@@ -104,43 +108,77 @@ def random_resized_crop(
     area_range: tuple[float, float] = (0.08, 1.0),
     aspect_ratio_range: tuple[float, float] = (3 / 4, 4 / 3),
 ) -> tf.Tensor:
-    """Inception-style training crop of a JPEG: a random box of 8-100% of the area and aspect 3/4-4/3, resized to
-    ``image_size`` and mirrored with probability 1/2; a pure function of ``seed`` (shape (2,)). float32 in [0, 255].
+    """Inception-style training crop of a JPEG: a random box of 8-100% of the area and aspect 3/4-4/3
+    (`crop_window`), resized to ``image_size`` and mirrored with probability 1/2; a pure function of ``seed``
+    (shape (2,)). float32 in [0, 255].
 
-    Only the box is decoded. When 10 tries find no box, the whole image is used.
+    Only the box is decoded (``decode_and_crop_jpeg``), and it is resized bilinearly without antialiasing, as
+    TensorFlow's reference ResNet preprocessing does: antialiasing (PIL's way, and the evaluation view's) costs as
+    much again as decoding (benchmarks/input-pipelines.md), for a random crop that each image gives once.
     """
     tf = require("tensorflow")
 
     crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    window = crop_window(image_bytes, crop_seed, area_range, aspect_ratio_range)
+    image = tf.image.decode_and_crop_jpeg(image_bytes, window, channels=3)
+    image = tf.image.resize(image, (image_size, image_size), method="bilinear")
+    return tf.image.stateless_random_flip_left_right(image, flip_seed) if flip else image
+
+
+def crop_window(
+    image_bytes: tf.Tensor,
+    seed: tf.Tensor,
+    area_range: tuple[float, float] = (0.08, 1.0),
+    aspect_ratio_range: tuple[float, float] = (3 / 4, 4 / 3),
+) -> tf.Tensor:
+    """The box of `random_resized_crop` as [top, left, height, width], from the JPEG's header alone; the whole
+    image when 10 tries find no box in the ranges."""
+    tf = require("tensorflow")
+
     begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
         tf.image.extract_jpeg_shape(image_bytes),
         bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
-        seed=crop_seed,
+        seed=seed,
         min_object_covered=0.0,
         aspect_ratio_range=aspect_ratio_range,
         area_range=area_range,
         max_attempts=10,
         use_image_if_no_bounding_boxes=True,
     )
-    window = tf.stack([begin[0], begin[1], size[0], size[1]])
-    image = tf.image.decode_and_crop_jpeg(image_bytes, window, channels=3)
-    image = tf.image.resize(image, (image_size, image_size), method="bilinear", antialias=True)
-    return tf.image.stateless_random_flip_left_right(image, flip_seed) if flip else image
+    return tf.stack([begin[0], begin[1], size[0], size[1]])
 
 
 def resize_center_crop(
     image_bytes: tf.Tensor, image_size: int = IMAGE_SIZE, resize_size: int = RESIZE_SIZE
 ) -> tf.Tensor:
-    """Evaluation view of a JPEG: shorter side resized to ``resize_size`` (aspect kept), central ``image_size``
-    square. float32 in [0, 255]."""
+    """Evaluation view of a JPEG: the central ``image_size`` square of the image with its shorter side resized to
+    ``resize_size`` (aspect kept, bilinear with antialiasing). float32 in [0, 255].
+
+    Only the square's window of the original is decoded and resampled, with the few pixels beyond it that the
+    resampling reaches: the same pixels as resizing the whole image and cropping, for about half the work.
+    """
     tf = require("tensorflow")
 
-    image = tf.io.decode_jpeg(image_bytes, channels=3)
-    height_width = tf.cast(tf.shape(image)[:2], tf.float32)
-    new_size = tf.cast(tf.round(height_width * resize_size / tf.reduce_min(height_width)), tf.int32)
-    image = tf.image.resize(image, new_size, method="bilinear", antialias=True)
-    top, left = tf.unstack((new_size - image_size) // 2)
-    return tf.ensure_shape(image[top : top + image_size, left : left + image_size], (image_size, image_size, 3))
+    height_width = tf.image.extract_jpeg_shape(image_bytes)[:2]
+    size = tf.cast(height_width, tf.float32)
+    resized = tf.cast(tf.round(size * resize_size / tf.reduce_min(size)), tf.int32)
+    scale = tf.cast(resized, tf.float32) / size  # per axis, as resizing to the rounded size has it
+    corner = (resized - image_size) // 2  # of the crop, in the resized image
+    reach = tf.cast(tf.math.ceil(tf.maximum(1.0, 1.0 / scale)), tf.int32) + 1  # of the kernel, in source pixels
+    start = tf.maximum(tf.cast(tf.cast(corner, tf.float32) / scale, tf.int32) - reach, 0)
+    stop = tf.minimum(
+        tf.cast(tf.math.ceil(tf.cast(corner + image_size, tf.float32) / scale), tf.int32) + reach, height_width
+    )
+    image = tf.image.decode_and_crop_jpeg(image_bytes, tf.concat([start, stop - start], 0), channels=3)
+    image = tf.raw_ops.ScaleAndTranslate(
+        images=image[None],
+        size=[image_size, image_size],
+        scale=scale,
+        translation=tf.cast(start, tf.float32) * scale - tf.cast(corner, tf.float32),
+        kernel_type="triangle",  # what tf.image.resize's antialiased bilinear runs
+        antialias=True,
+    )[0]
+    return tf.ensure_shape(image, (image_size, image_size, 3))
 
 
 def train_dataset(

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from resnet_jax.data import synthetic_jpegs
 from resnet_jax.data.arrays import ArraySource
 from resnet_jax.data.augment import CHANNEL_STATS
 from resnet_jax.data.download import (
@@ -53,7 +54,7 @@ IDX_FILES = {
 }
 IDX_DATASETS = ("fashion_mnist", "mnist")
 TFDS_DATASETS = ("cifar10", "cifar100", "mnist", "fashion_mnist")
-DATASETS = ("fashion_mnist", "mnist", "cifar10", "cifar100", "imagenet2012", "synthetic")
+DATASETS = ("fashion_mnist", "mnist", "cifar10", "cifar100", "imagenet2012", "imagenet_synthetic", "synthetic")
 
 
 def load_source(
@@ -63,8 +64,9 @@ def load_source(
 
     fashion_mnist and mnist are read from their IDX files (`idx_folder` says where, and downloads missing ones),
     or through tfds from a ``data_dir`` where tfds prepared them; cifar10 and cifar100 through tfds, prepared on
-    first use. ``download=False`` fails instead of downloading. ``synthetic_args`` go to ``synthetic``
-    (num_examples, image_shape, num_classes, seed).
+    first use; imagenet2012 through tfds, prepared by hand; imagenet_synthetic (ImageNet-shaped JPEGs) through the
+    same pipeline, written on first use (`synthetic_jpegs`). ``download=False`` fails instead of downloading.
+    ``synthetic_args`` go to ``synthetic`` (num_examples, image_shape, num_classes, seed).
     """
     if dataset not in DATASETS:
         raise ValueError(f"Unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}.")
@@ -81,6 +83,8 @@ def load_source(
         )
     if dataset == "imagenet2012":
         return load_imagenet(split, data_dir)
+    if dataset == synthetic_jpegs.NAME:
+        return synthetic_jpegs.load_synthetic_jpegs(split, data_dir, download)
     if dataset in IDX_DATASETS and not (data_dir and _holds_tfds(Path(data_dir), dataset)):
         return load_idx_folder(idx_folder(dataset, split, data_dir, download), split, name=dataset)
     return load_tfds_arrays(dataset, split, data_dir, download)
@@ -129,6 +133,8 @@ def download_dataset(dataset: str, data_dir: str | None = None) -> str:
     if dataset == "imagenet2012":
         load_imagenet("train", data_dir)  # when it is not prepared: how to prepare it by hand (it cannot download)
         return data_dir or "~/tensorflow_datasets"
+    if dataset == synthetic_jpegs.NAME:
+        return str(synthetic_jpegs.load_synthetic_jpegs("train", data_dir).data_dir)
     downloadable = ", ".join(name for name in DATASETS if name != "synthetic")
     raise ValueError(f"Cannot download {dataset!r}; the data sets to download are {downloadable}.")
 
