@@ -200,8 +200,8 @@ class ResidualBlock(nn.Module):
     """One block: ``branch`` (a `BasicBranch`/`BottleneckBranch` partial) joined to a shortcut.
 
     ``shortcut`` is "A", "B" or "C" (He et al. 2015), or "B_subsample": a projection where the width changes and
-    the input subsampled by the stride where only the size does (Keras' ResNetV2); ``skip_connection=False`` drops the shortcut
-    (the plain networks of the degradation experiments). With ``mutable=["intermediates"]`` the
+    the input subsampled by the stride where only the size does (Keras' ResNetV2). ``skip_connection=False``
+    drops the shortcut (the plain networks of the degradation experiments). With ``mutable=["intermediates"]`` the
     block sows its ``input``, the ``branch_output`` F, the shortcut's value ``skip`` (blocks with a
     skip connection) and its ``output``: y = relu(skip + branch_output), or skip + branch_output if
     preact. (A sown value cannot share the name of the submodule ``branch``.)

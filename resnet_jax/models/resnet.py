@@ -228,11 +228,12 @@ class ResNet(nn.Module):
             )
 
         x = x.astype(self.dtype)
-        x = Stem(
-            self.stem, self.stem_width, conv, norm, self.preact, bare_conv, self.stem_pool_pad_value, name="stem"
-        )(x)
+        x = Stem(self.stem, self.stem_width, conv, norm, self.preact, bare_conv, self.stem_pool_pad_value, name="stem")(
+            x
+        )
         features = {"stem": x}
-        stages = zip(self.stage_sizes, self.stage_widths, self._stage_stride_factors(), self.stage_features, strict=True)
+        factors = self._stage_stride_factors()
+        stages = zip(self.stage_sizes, self.stage_widths, factors, self.stage_features, strict=True)
         last = self.downsample_at == "last"
         for i, (num_blocks, width, stride, key) in enumerate(stages):
             first = sum(self.stage_sizes[:i])
