@@ -17,7 +17,7 @@ from resnet_jax import create_model
 from resnet_jax.cli import main
 from resnet_jax.deploy.bench import InferenceRow, markdown_table
 from resnet_jax.deploy.export import CheckImages, export_servable
-from resnet_jax.deploy.formats import FORMATS, ExportError
+from resnet_jax.deploy.formats import FORMATS, ExportError, write_artifact
 from resnet_jax.deploy.servable import Servable, fold_for_serving
 from resnet_jax.deploy.verify import agreement, check_agreement, run_in_fresh_process
 from resnet_jax.train.config import load_config
@@ -213,3 +213,18 @@ def test_int8_tflite_of_a_trained_model_keeps_its_accuracy(tmp_path: Path, capsy
     assert measured["jax_accuracy"] - measured["accuracy"] <= 0.01
     assert measured["top1_agreement"] >= 0.98
     assert measured["max_relative_error"] <= 0.05
+
+
+def test_int8_tflite_runs_an_imagenet_stem_and_refuses_a_pre_activation_one(tmp_path: Path) -> None:
+    """The stem's max-pool padding: zeros after the ReLU (the same maximum), which the int8 runtime runs; a
+    pre-activation stem needs -inf, which it cannot, and the export says so before converting."""
+    folded = fold_for_serving(servable("resnet18", (32, 32, 3), stage_sizes=(1, 1, 1, 1)))
+    images = check_images((32, 32, 3), count=8).images
+    write_artifact(folded, "tflite_int8", tmp_path / "resnet18.tflite", images)
+    (logits,) = run_in_fresh_process("tflite_int8", tmp_path / "resnet18.tflite", images)
+    expected = np.asarray(jax.jit(folded.function())(images))
+    assert logits.shape == (8, 10) and agreement(logits, expected)["max_relative_error"] < 0.2
+
+    preact = fold_for_serving(servable("preact_resnet18", (32, 32, 3), stage_sizes=(1, 1, 1, 1)))
+    with pytest.raises(ExportError, match=r"int8 TFLite cannot represent the stem's max-pool padding of -inf"):
+        write_artifact(preact, "tflite_int8", tmp_path / "preact.tflite", images)
