@@ -80,22 +80,28 @@ def list_names(args: argparse.Namespace) -> None:
 
 
 def convert(args: argparse.Namespace) -> None:
-    """PyTorch weights into a run folder (``--from-torch``), or a run's checkpoint out to PyTorch (``--to-torch``)."""
+    """PyTorch or Keras weights into a run folder (``--from-torch``, ``--from-keras``), or a run's checkpoint out to
+    PyTorch (``--to-torch``)."""
     from resnet_jax.train import transfer
     from resnet_jax.train.config import apply_override, load_config
 
-    if args.from_torch:
+    source = args.from_torch or args.from_keras
+    if source:
+        option = "--from-torch" if args.from_torch else "--from-keras"
         if not (args.model and args.out):
-            raise ValueError("--from-torch FILE needs --model NAME (the model the file holds) and --out DIR.")
+            raise ValueError(f"{option} FILE needs --model NAME (the model the file holds) and --out DIR.")
         if Path(args.out).exists() and not Path(args.out).is_dir():
             raise ValueError(f"--out {args.out} is a file; give a new folder for the converted run.")
         config = load_config(args.config)
-        config.dataset, config.eval_split = "imagenet2012", "validation"  # torchvision's weights: ImageNet
+        config.dataset, config.eval_split = "imagenet2012", "validation"  # torchvision's and Keras' weights: ImageNet
         for override in args.overrides:
             apply_override(config, override)
-        meta = transfer.convert_torch_checkpoint(args.from_torch, args.model, args.out, config)
+        if args.from_torch:
+            meta = transfer.convert_torch_checkpoint(source, args.model, args.out, config)
+        else:
+            meta = transfer.convert_keras_checkpoint(source, args.model, args.out, config, args.force)
         print(
-            f"{args.from_torch} -> {args.out}: {args.model} with {meta['num_classes']} classes as step 0 of a run on "
+            f"{source} -> {args.out}: {args.model} with {meta['num_classes']} classes as step 0 of a run on "
             f"{config.dataset} (eval, predict, features, analyze and init_from read it)"
         )
     else:
@@ -243,17 +249,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser(
         "convert",
-        help="PyTorch (torchvision-layout) weights into a run folder, or a run's weights out to PyTorch",
+        help="PyTorch (torchvision-layout) or Keras weights into a run folder, or a run's weights out to PyTorch",
         epilog="--from-torch writes step 0 of a run of --config (default configs/default.py) on imagenet2012 "
         "(validation split); --config.KEY=VALUE changes it, e.g. --config.data_dir=DIR. The folder is what eval "
         "--workdir, predict/features/analyze --checkpoint and the init_from config key read. torchvision's ImageNet "
-        "weights, e.g. https://download.pytorch.org/models/resnet50-0676ba61.pth, load with --model resnet50.",
+        "weights, e.g. https://download.pytorch.org/models/resnet50-0676ba61.pth, load with --model resnet50. "
+        "--from-keras reads keras.applications' ResNet50/101/152 (--model resnet50_keras, ...) and ResNet50V2/101V2/"
+        "152V2 (--model resnet50v2_keras, ...); their models expect Keras' preprocess_input (see docs/interop.md).",
     )
     direction = p.add_mutually_exclusive_group(required=True)
     direction.add_argument("--from-torch", metavar="FILE", help="a state_dict: .pth/.pt (torch.save) or .safetensors")
+    direction.add_argument("--from-keras", metavar="FILE", help="a Keras ResNet: .keras or .h5 (whole or weights)")
     direction.add_argument("--to-torch", metavar="FILE", help="write --checkpoint's weights to this .pth/.safetensors")
-    p.add_argument("--model", help="the model the file holds: resnet18..152, wide_resnet50_2, resnext50_32x4d, ...")
-    p.add_argument("--out", help="new folder for the converted run (with --from-torch)")
+    p.add_argument(
+        "--model",
+        help="the model the file holds: resnet18..152, wide_resnet50_2, resnext50_32x4d, ... (torch); "
+        "resnet50_keras, resnet50v2_keras, ... (Keras)",
+    )
+    p.add_argument("--out", help="new folder for the converted run (with --from-torch or --from-keras)")
     p.add_argument("--config", default="configs/default.py", help="the run's recorded config (default %(default)s)")
     p.add_argument("--checkpoint", metavar="DIR", help="a run or convert output (with --to-torch)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")

@@ -2,7 +2,8 @@
 
 The core install (IDX and synthetic data, training, analysis, JAX checkpoints) needs neither TensorFlow nor
 PyTorch. The tfds data sets need the ``[tfds]`` extra, PyTorch weight files and the PyTorch benchmarks the
-``[torch]`` extra; without it, `require` says in one line which ``pip install`` to run.
+``[torch]`` extra, Keras weight files the ``[keras]`` extra; without it, `require` says in one line which
+``pip install`` to run.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ EXTRAS = {
     "jax2onnx": ("export", "ONNX export (resnet-jax export --format onnx)"),
     "onnxruntime": ("export", "ONNX models (resnet-jax export --format onnx, resnet-jax bench --inference)"),
     "ai_edge_litert": ("export", "TFLite models (resnet-jax export --format tflite, resnet-jax bench --inference)"),
+    "keras": ("keras", "Keras weight files (resnet-jax convert --from-keras)"),
+    "h5py": ("keras", "Keras weight files (resnet-jax convert --from-keras)"),
 }
 
 

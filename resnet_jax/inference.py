@@ -9,7 +9,6 @@ batches of one fixed size (the last one padded), so its forward pass compiles on
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
@@ -82,7 +81,7 @@ class Inference:
 
 def feature_names(model: ResNet) -> list[str]:
     """What the model's ``features`` hold: "stem", one "c<l>" per stage (stride 2**l) and "pre_logits"."""
-    return ["stem", *(f"c{int(math.log2(s))}" for s in model.stage_strides), "pre_logits"]
+    return ["stem", *model.stage_features, "pre_logits"]
 
 
 def imagenet_class_names() -> tuple[str, ...]:

@@ -54,6 +54,8 @@ def init_shapes(model: nn.Module, input_shape: tuple[int, ...], batch: int = 1):
 
 
 DEEPEST = ("preact_resnet1001", "resnet1202")  # 30 s of tracing each: `make test-slow`
+# The layers of resnet101/152 with the settings of resnet50_keras/resnet50v2_keras: 5 to 10 s each, `make test-slow`.
+DEEP_KERAS = tuple(f"resnet{depth}{v2}_keras" for depth in (101, 152) for v2 in ("", "v2"))
 
 
 @with_either_conv
@@ -110,7 +112,7 @@ def test_either_conv_gives_the_same_variables_names_shapes_and_dtypes(name, inpu
 
 
 @pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=[pytest.mark.slow] if n in DEEPEST else []) for n in list_models()]
+    "name", [pytest.param(n, marks=[pytest.mark.slow] if n in DEEPEST + DEEP_KERAS else []) for n in list_models()]
 )
 def test_every_model_gives_logits_for_its_dataset_and_for_fashion_mnist(name):
     model = create_model(name)

@@ -53,9 +53,12 @@ class AffineNorm(nn.Module):
 def folded_model(model: ResNet) -> ResNet:
     """``model``'s architecture with biased convs and `AffineNorm` norms: what `fold_batch_norm` variables run in.
 
-    The conv is the plain `Conv` (``lax.conv_general_dilated``), the form every exporter and runtime reads.
+    The conv is the plain `Conv` (``lax.conv_general_dilated``), the form every exporter and runtime reads. A
+    post-activation ImageNet stem pads its max-pool with zeros: after its ReLU they give the same maximum as -inf,
+    and int8 TFLite can quantize them (a -inf constant makes its runtime abort).
     """
-    return model.clone(conv=partial(Conv, use_bias=True), norm=AffineNorm)
+    zero_pad = {} if model.preact else {"stem_pool_pad_value": 0.0}
+    return model.clone(conv=partial(Conv, use_bias=True), norm=AffineNorm, **zero_pad)
 
 
 def fold_batch_norm(model: ResNet, variables: Variables) -> tuple[ResNet, Variables]:

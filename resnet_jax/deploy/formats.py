@@ -57,6 +57,13 @@ def write_tflite(servable: Servable, path: Path, representative: np.ndarray) -> 
 
 
 def write_tflite_int8(servable: Servable, path: Path, representative: np.ndarray) -> None:
+    model = servable.model
+    if model.stem == "imagenet" and model.stem_pool_pad_value == float("-inf"):
+        # The quantizer keeps the -inf pad constant, and LiteRT then aborts the process on the model.
+        raise ExportError(
+            "int8 TFLite cannot represent the stem's max-pool padding of -inf (a PAD of -inf before MAX_POOL_2D, "
+            "which a pre-activation ImageNet stem needs: no ReLU precedes its pool); export tflite (float32) instead."
+        )
     path.write_bytes(_tflite_bytes(servable, representative, int8=True))
 
 

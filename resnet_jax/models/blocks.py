@@ -41,6 +41,8 @@ class Conv(nn.Conv):
 
 # Batch norm as torch's BatchNorm2d: flax's momentum weighs the old statistics (torch's momentum 0.1).
 BatchNorm = partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
+# Keras' ResNets (keras.applications) normalise with epsilon 1.001e-5.
+KerasBatchNorm = partial(BatchNorm, epsilon=1.001e-5)
 
 
 def conv_args(features: int, kernel: int, strides: int = 1, **kwargs: Any) -> dict[str, Any]:
@@ -85,6 +87,7 @@ class Branch(nn.Module):
     se_reduction: int | None = None
     zero_init_last: bool = False
     inner_width: int | None = None  # channels between a basic branch's convs (None: ``width``; channel pruning)
+    bare_conv: ModuleDef | None = None  # the last conv of a pre-activation branch, which no norm follows (None: conv)
 
     expansion: ClassVar[int] = 1
 
@@ -147,7 +150,7 @@ def _last_layer(branch: nn.Module, y: jax.Array, conv_kwargs: dict[str, Any], in
     zero = branch.zero_init_last
     if branch.preact:
         init = {"kernel_init": nn.initializers.zeros} if zero else {}
-        return branch.conv(**conv_kwargs, **init, name=f"conv{index}")(y)
+        return (branch.bare_conv or branch.conv)(**conv_kwargs, **init, name=f"conv{index}")(y)
     y = branch.conv(**conv_kwargs, name=f"conv{index}")(y)
     scale_init = nn.initializers.zeros if zero else nn.initializers.ones
     return branch.norm(scale_init=scale_init, name=f"bn{index}")(y)
@@ -184,18 +187,21 @@ class ProjectionShortcut(nn.Module):
     conv: ModuleDef
     norm: ModuleDef
     preact: bool = False
+    bare_conv: ModuleDef | None = None  # the conv when no norm follows it (pre-activation; None: conv)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = self.conv(**conv_args(self.features, 1, self.strides), name="conv")(x)
+        conv = (self.bare_conv or self.conv) if self.preact else self.conv
+        x = conv(**conv_args(self.features, 1, self.strides), name="conv")(x)
         return x if self.preact else self.norm(name="bn")(x)
 
 
 class ResidualBlock(nn.Module):
     """One block: ``branch`` (a `BasicBranch`/`BottleneckBranch` partial) joined to a shortcut.
 
-    ``shortcut`` is "A", "B" or "C" (He et al. 2015); ``skip_connection=False`` drops the shortcut
-    (the plain networks of the degradation experiments). With ``mutable=["intermediates"]`` the
+    ``shortcut`` is "A", "B" or "C" (He et al. 2015), or "B_subsample": a projection where the width changes and
+    the input subsampled by the stride where only the size does (Keras' ResNetV2). ``skip_connection=False``
+    drops the shortcut (the plain networks of the degradation experiments). With ``mutable=["intermediates"]`` the
     block sows its ``input``, the ``branch_output`` F, the shortcut's value ``skip`` (blocks with a
     skip connection) and its ``output``: y = relu(skip + branch_output), or skip + branch_output if
     preact. (A sown value cannot share the name of the submodule ``branch``.)
@@ -214,6 +220,7 @@ class ResidualBlock(nn.Module):
     skip_connection: bool = True
     drop_path_rate: float = 0.0
     deterministic: bool = True  # False in training: the branch is dropped at drop_path_rate
+    bare_conv: ModuleDef | None = None  # the conv of a pre-activation projection, which no norm follows (None: conv)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -234,10 +241,12 @@ class ResidualBlock(nn.Module):
         return y
 
     def _shortcut(self, x: jax.Array, preactivated: jax.Array) -> jax.Array:
-        reshapes = self.strides != 1 or x.shape[-1] != self.features
-        if self.shortcut == "C" or (reshapes and self.shortcut == "B"):
+        widens = x.shape[-1] != self.features
+        reshapes = self.strides != 1 or widens
+        projects = {"A": False, "B": reshapes, "B_subsample": widens, "C": True}[self.shortcut]
+        if projects:
             projection = ProjectionShortcut(
-                self.features, self.strides, self.conv, self.norm, self.preact, name="shortcut"
+                self.features, self.strides, self.conv, self.norm, self.preact, self.bare_conv, name="shortcut"
             )
             return projection(preactivated)
         if reshapes:

@@ -14,6 +14,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from resnet_jax.models.blocks import KerasBatchNorm
 from resnet_jax.models.resnet import ResNet
 
 # ImageNet models: torchvision layout (v1.5), shortcut "B", 1000 classes.
@@ -36,6 +37,22 @@ def imagenet_resnet(depth: int, **settings: Any) -> Callable[..., ResNet]:
     if depth not in IMAGENET_DEPTHS:
         raise ValueError(f"ImageNet ResNet depth must be one of {sorted(IMAGENET_DEPTHS)}; got {depth}.")
     return partial(IMAGENET_DEPTHS[depth], **settings)
+
+
+def keras_resnet(depth: int, v2: bool = False) -> Callable[..., ResNet]:
+    """The ResNets of ``keras.applications`` (``resnet_jax.models.keras_weights`` reads their weights), exactly.
+
+    v1 (ResNet50/101/152): the stride on the first 1x1 conv, a bias on every conv, BN epsilon 1.001e-5, a zero-padded
+    stem pool. V2 (ResNet50V2/...): pre-activation; biases only on the convs that no norm follows; each stage but
+    the last downsamples in its last block (the 3x3 conv), whose shortcut subsamples; the stem pool pads zeros
+    onto the conv's un-normalised output, so the pad value matters here.
+    """
+    keras = dict(norm=KerasBatchNorm, stem_pool_pad_value=0.0)
+    if not v2:
+        return imagenet_resnet(depth, stride_in_1x1=True, conv_bias="all", **keras)
+    return imagenet_resnet(
+        depth, preact=True, conv_bias="unnormalized", downsample_at="last", shortcut="B_subsample", **keras
+    )
 
 
 def cifar_resnet(depth: int, *, skip_connections: bool = True, preact: bool = False) -> Callable[..., ResNet]:
@@ -89,6 +106,8 @@ MODELS: dict[str, Callable[..., ResNet]] = {
     "resnet101": ResNet101,
     "resnet152": ResNet152,
     **{f"resnet{d}_v1": imagenet_resnet(d, stride_in_1x1=True) for d in BOTTLENECK_DEPTHS},
+    **{f"resnet{d}_keras": keras_resnet(d) for d in BOTTLENECK_DEPTHS},
+    **{f"resnet{d}v2_keras": keras_resnet(d, v2=True) for d in BOTTLENECK_DEPTHS},
     "wide_resnet50_2": imagenet_resnet(50, width_per_group=128),
     "wide_resnet101_2": imagenet_resnet(101, width_per_group=128),
     "resnext50_32x4d": imagenet_resnet(50, groups=32, width_per_group=4),

@@ -29,7 +29,9 @@ from resnet_jax.models.blocks import (
 )
 
 BRANCHES = {"basic": BasicBranch, "bottleneck": BottleneckBranch}
-SHORTCUTS = ("A", "B", "C")
+SHORTCUTS = ("A", "B", "C", "B_subsample")
+CONV_BIASES = ("none", "all", "unnormalized")  # which convs carry a bias (see `ResNet`)
+DOWNSAMPLE_AT = ("first", "last")  # which block of a stage takes the stride (see `ResNet`)
 STEMS = {"imagenet": 4, "cifar": 1}  # stem kind -> its stride
 
 
@@ -44,23 +46,27 @@ class Stem(nn.Module):
     conv: ModuleDef
     norm: ModuleDef
     preact: bool = False
+    bare_conv: ModuleDef | None = None  # the conv of a pre-activation stem, which no norm follows (None: conv)
+    pool_pad_value: float = -jnp.inf  # what the max-pool's border is padded with (Keras pads with zeros)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         imagenet = self.kind == "imagenet"
-        x = self.conv(**conv_args(self.width, 7 if imagenet else 3, 2 if imagenet else 1), name="conv")(x)
+        conv = (self.bare_conv or self.conv) if self.preact else self.conv
+        x = conv(**conv_args(self.width, 7 if imagenet else 3, 2 if imagenet else 1), name="conv")(x)
         if not self.preact:
             x = nn.relu(self.norm(name="bn")(x))
         if imagenet:
-            # Padding by -inf and an unpadded pool: the values of max_pool's own padding, in the form that every
-            # exporter reads (jax2onnx drops a padding given to max_pool).
-            x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+            # An explicit pad and an unpadded pool: -inf is max_pool's own padding, in the form that every exporter
+            # reads (jax2onnx drops a padding given to max_pool); after a ReLU, zeros (Keras) give the same maximum.
+            x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=self.pool_pad_value)
             x = nn.max_pool(x, window_shape=(3, 3), strides=(2, 2))
         return x
 
 
 class Stage(nn.Module):
-    """``num_blocks`` residual blocks; the first one takes the stride and the change of width.
+    """``num_blocks`` residual blocks; the first one takes the change of width, and the stride unless
+    ``stride_last`` (then the last block takes it: Keras' ResNetV2).
 
     ``block`` is called with each block's width, stride, name and ``depth``: its place among all the
     blocks of the model (``first_block`` for this stage's first), which sets its stochastic depth.
@@ -72,11 +78,13 @@ class Stage(nn.Module):
     block: ModuleDef
     first_block: int = 0
     inner_widths: Sequence[int] | None = None  # of each block's branch (None: as ``width`` says)
+    stride_last: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        strided = self.num_blocks - 1 if self.stride_last else 0
         for i in range(self.num_blocks):
-            strides = self.strides if i == 0 else 1
+            strides = self.strides if i == strided else 1
             inner = self.inner_widths[i] if self.inner_widths else None
             x = self.block(
                 width=self.width, strides=strides, depth=self.first_block + i, inner=inner, name=f"block{i}"
@@ -95,7 +103,8 @@ class ResNet(nn.Module):
       stem_width: channels of the stem conv.
       num_classes: outputs of the linear head.
       shortcut: "A" parameter-free subsample-and-pad, "B" projection where the shape changes,
-        "C" projection everywhere.
+        "C" projection everywhere, "B_subsample" projection where the width changes and subsampling where
+        only the size does (Keras' ResNetV2).
       preact: pre-activation (v2) blocks, with a final BN-ReLU before pooling.
       skip_connections: False gives the plain network (same layers, no shortcuts).
       groups, width_per_group: ResNeXt cardinality and width per group; wide ResNets use
@@ -112,7 +121,15 @@ class ResNet(nn.Module):
       dtype: computation dtype (bfloat16/float16 for mixed precision); parameters stay param_dtype.
       conv: the conv module of every layer (given features, kernel_size, strides, padding, dtype, ...): `Conv`,
         or one computing the same function another way, e.g. `resnet_jax.cpu.conv.cpu_conv` for XLA:CPU.
-      norm: the normalisation of every layer (given use_running_average, dtype, param_dtype, scale_init).
+      norm: the normalisation of every layer (given use_running_average, dtype, param_dtype, scale_init): `BatchNorm`
+        (epsilon 1e-5, as torch), or e.g. `KerasBatchNorm` (epsilon 1.001e-5, as Keras' ResNets).
+      conv_bias: which convs carry a bias: "none" (every conv is followed by a norm that has one), "all"
+        (Keras' ResNet v1), "unnormalized" (those no norm follows: a pre-activation net's stem, projections and
+        last branch convs, as Keras' ResNetV2 has them).
+      downsample_at: which block of a stage downsamples: "first" (He et al., torchvision: stages 2.. begin with
+        the stride) or "last" (Keras' ResNetV2: stages 1..n-1 end with it). The outputs have the same size.
+      stem_pool_pad_value: what the ImageNet stem's max-pool pads the border with: -inf (max_pool's own
+        padding) or 0.0 (Keras' ZeroPadding2D; the same maximum after a ReLU, not in a pre-activation stem).
       inner_widths: the channels between the two convs of each basic block's branch, one sequence per stage with
         one width per block (a channel-pruned net, `resnet_jax.compress.channels`); None: as wide as the stage.
     """
@@ -137,6 +154,9 @@ class ResNet(nn.Module):
     conv: ModuleDef = Conv
     norm: ModuleDef = BatchNorm
     inner_widths: Sequence[Sequence[int]] | None = None
+    conv_bias: str = "none"
+    downsample_at: str = "first"
+    stem_pool_pad_value: float = float("-inf")
 
     def __post_init__(self) -> None:
         validate_config(self)
@@ -146,15 +166,35 @@ class ResNet(nn.Module):
     def stage_strides(self) -> tuple[int, ...]:
         """Cumulative stride of every stage output."""
         stride, strides = STEMS[self.stem], []
-        for i in range(len(self.stage_sizes)):
-            stride *= 1 if i == 0 else 2
+        for stage_stride in self._stage_stride_factors():
+            stride *= stage_stride
             strides.append(stride)
         return tuple(strides)
+
+    @property
+    def stage_features(self) -> tuple[str, ...]:
+        """The ``features`` key of every stage output: "c<l>" with 2**l its stride when the first block of a stage
+        downsamples (c2..c5 for ImageNet models), the same names whichever block does."""
+        stride, names = STEMS[self.stem], []
+        for i in range(len(self.stage_sizes)):
+            stride *= 1 if i == 0 else 2
+            names.append(f"c{int(math.log2(stride))}")
+        return tuple(names)
+
+    def _stage_stride_factors(self) -> list[int]:
+        """How much each stage downsamples: stages 2.. by 2, or with ``downsample_at="last"`` stages 1..n-1."""
+        n = len(self.stage_sizes)
+        if self.downsample_at == "last":
+            return [2 if i < n - 1 else 1 for i in range(n)]
+        return [1 if i == 0 else 2 for i in range(n)]
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
         self._check_input(x, train)
         conv = partial(self.conv, dtype=self.dtype, param_dtype=self.param_dtype)
+        biased = partial(conv, use_bias=True)  # adds a bias where the conv has none; a folded conv has one already
+        bare_conv = conv if self.conv_bias == "none" else biased  # the convs that no norm follows
+        conv = biased if self.conv_bias == "all" else conv
         norm = partial(self.norm, use_running_average=not train, dtype=self.dtype, param_dtype=self.param_dtype)
         branch = partial(
             BRANCHES[self.block],
@@ -166,6 +206,7 @@ class ResNet(nn.Module):
             stride_in_1x1=self.stride_in_1x1,
             se_reduction=self.se_reduction,
             zero_init_last=self.zero_init_residual,
+            bare_conv=bare_conv,
         )
 
         blocks = sum(self.stage_sizes)
@@ -182,19 +223,23 @@ class ResNet(nn.Module):
                 skip_connection=self.skip_connections,
                 drop_path_rate=self.drop_path_rate * (depth + 1) / blocks,
                 deterministic=not train,
+                bare_conv=bare_conv,
                 name=name,
             )
 
         x = x.astype(self.dtype)
-        x = Stem(self.stem, self.stem_width, conv, norm, self.preact, name="stem")(x)
+        x = Stem(self.stem, self.stem_width, conv, norm, self.preact, bare_conv, self.stem_pool_pad_value, name="stem")(
+            x
+        )
         features = {"stem": x}
-        for i, (num_blocks, width, stride) in enumerate(
-            zip(self.stage_sizes, self.stage_widths, self.stage_strides, strict=True)
-        ):
+        factors = self._stage_stride_factors()
+        stages = zip(self.stage_sizes, self.stage_widths, factors, self.stage_features, strict=True)
+        last = self.downsample_at == "last"
+        for i, (num_blocks, width, stride, key) in enumerate(stages):
             first = sum(self.stage_sizes[:i])
             inner = tuple(self.inner_widths[i]) if self.inner_widths else None
-            x = Stage(num_blocks, width, 1 if i == 0 else 2, block, first, inner, name=f"stage{i + 1}")(x)
-            features[f"c{int(math.log2(stride))}"] = x
+            x = Stage(num_blocks, width, stride, block, first, inner, last, name=f"stage{i + 1}")(x)
+            features[key] = x
         if self.preact:
             x = nn.relu(norm(name="final_bn")(x))
         x = jnp.mean(x, axis=(1, 2))
@@ -239,8 +284,13 @@ def validate_config(model: ResNet) -> None:
         fail(f"stem={model.stem!r}; valid stems are {sorted(STEMS)}.")
     if model.shortcut not in SHORTCUTS:
         fail(
-            f"shortcut={model.shortcut!r}; valid options are 'A' (pad), 'B' (project on change), 'C' (always project)."
+            f"shortcut={model.shortcut!r}; valid options are 'A' (pad), 'B' (project on change), 'C' (always project), "
+            "'B_subsample' (project on a change of width, subsample on a change of size only)."
         )
+    if model.conv_bias not in CONV_BIASES:
+        fail(f"conv_bias={model.conv_bias!r}; valid options are {', '.join(map(repr, CONV_BIASES))}.")
+    if model.downsample_at not in DOWNSAMPLE_AT:
+        fail(f"downsample_at={model.downsample_at!r}; valid options are {', '.join(map(repr, DOWNSAMPLE_AT))}.")
     sizes, widths = tuple(model.stage_sizes), tuple(model.stage_widths)
     if not sizes or any(not isinstance(n, int) or n < 1 for n in sizes):
         fail(f"stage_sizes={sizes}; give one positive block count per stage, e.g. (3, 4, 6, 3).")

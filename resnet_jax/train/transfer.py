@@ -14,12 +14,13 @@ Config keys (configs/default.py; their defaults train from scratch):
   and train and eval mode normalise differently while they do.
 
 `convert_torch_checkpoint` writes a torchvision-layout state_dict as step 0 of a run, the folder that
-``resnet-jax eval``, ``predict``, ``analyze`` and ``init_from`` read; `export_torch_checkpoint` writes a run's
-weights back out as a state_dict.
+``resnet-jax eval``, ``predict``, ``analyze`` and ``init_from`` read; `convert_keras_checkpoint` does the same for
+the weights of Keras' ResNets; `export_torch_checkpoint` writes a run's weights back out as a state_dict.
 """
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ import numpy as np
 from flax import traverse_util
 
 from resnet_jax.models import ResNet
+from resnet_jax.models.keras_weights import load_keras_weights
 from resnet_jax.models.torch_weights import load_torch_weights, save_torch_weights
 from resnet_jax.train.checkpoint import Checkpoints
 from resnet_jax.train.optim import create_optimizer, learning_rate_schedule
@@ -101,6 +103,39 @@ def convert_torch_checkpoint(
     if (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
         raise ValueError(f"{out} already holds checkpoints; choose a new --out folder.")
     loaded, variables = load_torch_weights(weights, name)
+    return write_converted_run(loaded, variables, name, out, config, str(weights))
+
+
+def convert_keras_checkpoint(
+    weights: str | Path, name: str, out: str | Path, config: ml_collections.ConfigDict, force: bool = False
+) -> dict[str, Any]:
+    """Write the weights of a Keras ResNet file (``.keras``, ``.h5``) as step 0 of a run of model ``name`` (one of
+    `resnet_jax.models.keras_weights.KERAS_MODELS`) in ``out``; return its meta.
+
+    An existing ``out`` is refused unless ``force``; then the new run replaces it whole, once it is written
+    complete beside it, so a failed conversion leaves the old folder as it was.
+    """
+    out = Path(out)
+    if out.exists() and not force:
+        raise ValueError(f"--out {out} exists; choose a new folder, or add --force to replace it.")
+    loaded, variables = load_keras_weights(weights, name)
+    staging, replaced = out.with_name(f".{out.name}.converting"), out.with_name(f".{out.name}.replaced")
+    shutil.rmtree(staging, ignore_errors=True)
+    meta = write_converted_run(loaded, variables, name, staging, config, str(weights))
+    if out.exists():
+        shutil.rmtree(replaced, ignore_errors=True)
+        out.rename(replaced)
+        staging.rename(out)
+        shutil.rmtree(replaced)
+    else:
+        staging.rename(out)
+    return meta
+
+
+def write_converted_run(
+    loaded: ResNet, variables: dict[str, Any], name: str, out: Path, config: ml_collections.ConfigDict, source: str
+) -> dict[str, Any]:
+    """Write ``variables`` of the converted model ``loaded`` (registry ``name``) as step 0 of a run in ``out``."""
     config = config.copy_and_resolve_references()
     config.model = name
     model = build_model(config, loaded.num_classes)  # with the config's dtype and overrides, as load_run builds it
@@ -120,7 +155,7 @@ def convert_torch_checkpoint(
     meta = run_meta(config, 0) | {
         "num_classes": model.num_classes,
         "image_shape": list(image_shape),
-        "converted_from": str(weights),
+        "converted_from": source,
     }
     checkpoints = Checkpoints(out, every_steps=1, keep_latest=1, async_save=False)
     checkpoints.save(0, state, meta, force=True)
