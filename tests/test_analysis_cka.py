@@ -187,6 +187,7 @@ def test_analyze_cka_writes_its_files_and_refuses_a_bad_batch_size_first(snapsho
 idx_dir = idx_folder_fixture(num_train=8, num_test=16)
 
 
+@pytest.mark.slow  # over 30 s on 2 cores
 def test_analyze_cka_compares_residual_with_plain_and_two_seeds(idx_dir, tmp_path, capsys):
     out = tmp_path / "out"
     args = ["analyze", "cka", "--model", "resnet8", "--model", "plain8", "--seeds", "2", "--data-dir", str(idx_dir)]

@@ -46,6 +46,7 @@ def tiny(idx_dir: Path, out: Path, *overrides: str) -> list[str]:
     ]
 
 
+@pytest.mark.slow  # over 30 s on 2 cores
 def test_degradation_trains_each_depth_once_and_plots_its_curves(idx_dir, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(tiny(idx_dir, out)) == 0

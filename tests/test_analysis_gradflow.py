@@ -52,6 +52,7 @@ def test_gradient_norms_are_those_of_the_training_loss(name):
     assert all(b["output_grad"] > 0 and b["param_grad"] > 0 for b in norms["blocks"])
 
 
+@pytest.mark.slow  # over 30 s on 2 cores
 def test_gradflow_draws_one_curve_per_checkpoint_from_initialisation(tmp_path, capsys):
     data = tmp_path / "idx"
     data.mkdir()

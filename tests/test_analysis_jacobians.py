@@ -264,6 +264,7 @@ def test_end_to_end_singular_values_match_a_forward_mode_jacobian(conv):
 idx_dir = idx_folder_fixture(num_train=16, num_test=8)
 
 
+@pytest.mark.slow  # over 30 s on 2 cores
 def test_analyze_jacobian_writes_numbers_and_plots(idx_dir, tmp_path, capsys):
     out = tmp_path / "out"
     args = ["analyze", "jacobian", "--model", "resnet8", "--model", "plain8", "--data-dir", str(idx_dir)]

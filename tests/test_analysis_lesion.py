@@ -156,6 +156,7 @@ def test_one_compiled_program_serves_every_lesion():
     assert report["baseline_error"] == pytest.approx(float(np.mean(predictions != np.asarray(labels))))
 
 
+@pytest.mark.slow  # over 30 s on 2 cores
 def test_analyze_lesion_writes_tables_and_plots(tmp_path, capsys):
     data = tmp_path / "idx"
     data.mkdir()

@@ -205,6 +205,7 @@ def test_plain_nets_have_no_paths(tmp_path):
         analyze_paths([snapshot], jnp.zeros((4, 8, 8, 1)), jnp.zeros(4, int), tmp_path, batch_size=4)
 
 
+@pytest.mark.slow  # over 30 s on 2 cores
 def test_analyze_paths_writes_numbers_and_plots(tmp_path, capsys):
     data = tmp_path / "idx"
     data.mkdir()

@@ -90,6 +90,7 @@ def test_all_writes_every_analysis_and_one_page_that_shows_them(idx_dir, tmp_pat
     assert (out / "degradation" / "runs" / "resnet14" / "metrics.jsonl").is_file()
 
 
+@pytest.mark.slow  # over 30 s on 2 cores
 def test_skip_leaves_an_analysis_out(idx_dir, tmp_path, capsys):
     out = tmp_path / "report"
     others = ("jacobian", "cka", "features", "paths", "lesion", "hessian", "landscape", "degradation")

@@ -82,6 +82,7 @@ def test_a_path_in_a_plane_is_projected_exactly():
     assert np.all(project(off_plane, directions)[1][:-1] < 1)
 
 
+@pytest.mark.slow  # over 30 s on 2 cores
 def test_the_plane_of_a_planar_run_reconstructs_every_checkpoint():
     run = planar_run(0, "a")
     plane = path_plane(run)

@@ -33,6 +33,7 @@ TINY = ["--model", "resnet8", "--image-size", "16", "--batch", "4", "--steps", "
 idx_dir = idx_folder_fixture(num_train=40, num_test=10)
 
 
+@pytest.mark.slow  # over 30 s on 2 cores
 def test_bench_vs_torch_prints_ratios_and_writes_results(tmp_path, capsys):
     assert main(["bench", *TINY, "--repeats", "2", "--vs-torch", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out

@@ -34,9 +34,9 @@ def test_notebook_is_committed_without_outputs(path):
     )
 
 
-# The analysis notebooks that repeat what tests/test_analysis_paths.py and test_analysis_landscape.py check run
-# with the slow tests, to keep the default run under 15 minutes on 2 cores.
-SLOW_NOTEBOOKS = ("03_ensembles", "04_loss_landscape")
+# The notebooks that repeat what the analysis and transfer tests check run with the slow tests, to keep the
+# default run under 15 minutes on 2 cores; the quickstart runs in every default run.
+SLOW_NOTEBOOKS = ("02_gradient_theory", "03_ensembles", "04_loss_landscape", "05_transfer_and_features")
 
 
 @pytest.mark.parametrize(

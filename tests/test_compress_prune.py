@@ -88,6 +88,7 @@ class StopAt(Callback):
         return step == self.step
 
 
+@pytest.mark.slow  # over 30 s on 2 cores
 def test_a_resumed_run_keeps_its_masks_and_matches_an_uninterrupted_one(idx_dir, tmp_path, capsys):
     config = small_config(idx_dir, lr_schedule="constant", eval_every_steps=100)
     config.prune.update({**PRUNE, "end_step": 4})

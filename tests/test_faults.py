@@ -85,6 +85,7 @@ def uninterrupted(idx_dir, tmp_path_factory) -> Path:
     return workdir
 
 
+@pytest.mark.slow  # over 30 s on 2 cores
 def test_sigkill_mid_training_then_restart_ends_bit_identical(idx_dir, uninterrupted, tmp_path):
     workdir = tmp_path / "killed"
     process = start_training(workdir, overrides(idx_dir))

@@ -43,6 +43,7 @@ def faults_per_call(mode: str) -> tuple[int, list[int]]:
     return int(lines[0]), [int(n) for n in lines[1:]]
 
 
+@pytest.mark.slow  # over 30 s on 2 cores
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc settings exist on Linux only")
 def test_an_execution_reuses_the_memory_of_its_temporaries_instead_of_faulting_it_in_again():
     """Directly, and as every ``resnet-jax`` command (train, bench, their worker processes) sets it."""

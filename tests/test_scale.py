@@ -90,6 +90,7 @@ PMAP_AGAINST_JIT = """
 """
 
 
+@pytest.mark.slow  # over 30 s on 2 cores
 def test_pmap_shares_the_step_body_and_normalises_per_device():
     report = run_python(PMAP_AGAINST_JIT)  # checks pmap against jit and batch parts against pmap itself
     # Different images per device: per-device BN statistics give a different step than global BN.
@@ -98,6 +99,7 @@ def test_pmap_shares_the_step_body_and_normalises_per_device():
     assert report["pmap_all_reduces"] == 1
 
 
+@pytest.mark.slow  # over 30 s on 2 cores
 def test_the_pmap_variants_of_the_step_and_model_tests_pass_on_two_devices():
     """chex's pmap variants (tests/test_steps.py, tests/test_models.py) skip in a process with one device: here
     they run on two fake CPU devices."""
@@ -229,6 +231,7 @@ def test_two_processes_train_like_one_process_on_the_same_global_batch(tmp_path,
     assert_close_relative_to_largest(params_at_step(tmp_path / "two", 3), params_at_step(tmp_path / "one", 3))
 
 
+@pytest.mark.slow  # over 30 s on 2 cores
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPU cores, one per process")
 def test_cpu_processes_run_pmap_as_one_process_with_as_many_devices_does(tmp_path):
     data = tmp_path / "idx"
