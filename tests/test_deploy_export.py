@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 from idx_files import make_idx_folder, write_idx
+from test_compress_quantize import save_run
 from test_deploy_fold import trained_variables
 
 from resnet_jax import create_model
@@ -22,6 +23,7 @@ from resnet_jax.deploy.servable import Servable, fold_for_serving
 from resnet_jax.deploy.verify import agreement, check_agreement, run_in_fresh_process
 from resnet_jax.train.config import load_config
 from resnet_jax.train.loop import train_and_evaluate
+from resnet_jax.train.runs import load_run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -133,6 +135,16 @@ def test_export_command_writes_a_checked_artifact_that_takes_raw_images(run: Pat
     assert run_in_fresh_process("onnx", out, raw)[0].shape == (3, 10)
     assert main(args) == 2
     assert "add --force" in capsys.readouterr().err
+
+
+def test_a_diverged_checkpoint_is_refused_before_anything_is_written(run: Path, tmp_path: Path, capsys) -> None:
+    _, state, config = load_run(run)
+    diverged = tmp_path / "diverged"
+    save_run(diverged, config, state.replace(params=jax.tree.map(lambda x: x * np.nan, state.params)))
+    out = tmp_path / "model.onnx"
+    assert main(["export", "--checkpoint", str(diverged), "--format", "onnx", "--out", str(out)]) != 0
+    assert "its run diverged): export an earlier --step" in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "model.onnx.json").exists()
 
 
 MISSING = [("onnx", "onnxruntime"), ("tflite", "ai_edge_litert"), ("savedmodel", "tensorflow")]
