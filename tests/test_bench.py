@@ -82,6 +82,7 @@ def test_bench_vs_torch_prints_ratios_and_writes_results(tmp_path, capsys):
     assert record["epochs"] == []
 
 
+@pytest.mark.slow  # over 20 s on 2 cores
 def test_bench_without_torch_prints_jax_rows_only(tmp_path, capsys):
     assert main(["bench", *TINY, "--batch-parts", "4", "--no-input", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
@@ -179,6 +180,7 @@ def test_bench_epochs_time_whole_epochs_with_the_data_on_the_device_against_torc
     assert ratio_lines[0].endswith(f"ratio={torch_epoch['torch_seconds_over_jax']['jit']:.2f}")
 
 
+@pytest.mark.slow  # over 20 s on 2 cores
 def test_an_epoch_is_every_full_batch_of_the_data_through_the_real_step():
     source = data.synthetic(num_examples=56, image_shape=(8, 8, 3))
     case = Case("resnet8", 8, 16)

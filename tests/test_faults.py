@@ -100,6 +100,7 @@ def test_sigkill_mid_training_then_restart_ends_bit_identical(idx_dir, uninterru
     chex.assert_trees_all_equal(params_of(workdir), params_of(uninterrupted))
 
 
+@pytest.mark.slow  # over 20 s on 2 cores
 def test_sigterm_finishes_the_step_checkpoints_and_exits_cleanly(idx_dir, uninterrupted, tmp_path):
     workdir = tmp_path / "preempted"
     process = start_training(workdir, overrides(idx_dir))

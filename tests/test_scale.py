@@ -268,6 +268,7 @@ def test_cpu_processes_run_pmap_as_one_process_with_as_many_devices_does(tmp_pat
     assert_close_relative_to_largest(params_at_step(tmp_path / "two", 3), params_at_step(tmp_path / "one", 3))
 
 
+@pytest.mark.slow  # over 20 s on 2 cores
 def test_batch_parts_train_as_pmap_over_as_many_devices_and_resume_and_evaluate(tmp_path):
     data = tmp_path / "idx"
     data.mkdir()

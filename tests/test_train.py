@@ -307,6 +307,7 @@ def test_a_resumed_run_forgets_the_metrics_logged_after_its_checkpoint(tmp_path)
     assert len(read_metrics(tmp_path)) == 3
 
 
+@pytest.mark.slow  # over 20 s on 2 cores
 def test_stop_at_test_accuracy_stops_at_the_first_evaluation_reaching_it_and_a_rerun_trains_no_further(
     idx_dir, tmp_path, capsys
 ):
@@ -352,6 +353,7 @@ def test_a_target_accuracy_that_is_not_a_fraction_is_refused_before_anything_run
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow  # over 20 s on 2 cores
 def test_a_compilation_cache_lets_a_second_run_load_every_program_instead_of_compiling_it(idx_dir, tmp_path):
     from jax.experimental.compilation_cache import compilation_cache
 
@@ -567,6 +569,7 @@ def test_eight_devices_train_like_one_device_on_the_same_global_batch():
     assert "batch_size=12 does not divide over 8 devices" in report["message"]
 
 
+@pytest.mark.slow  # over 20 s on 2 cores
 def test_bfloat16_training_keeps_float32_parameters_and_statistics():
     config = load_config(REPO / "configs" / "default.py", ["--config.dtype=bfloat16", "--config.model=resnet8"])
     source = load_source("synthetic", "train", num_examples=32, image_shape=(16, 16, 3), num_classes=10)
