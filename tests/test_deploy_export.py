@@ -17,7 +17,14 @@ from test_deploy_fold import trained_variables
 from resnet_jax import create_model
 from resnet_jax.cli import main
 from resnet_jax.deploy.bench import InferenceRow, markdown_table
-from resnet_jax.deploy.export import CheckImages, export_servable
+from resnet_jax.deploy.export import (
+    CheckImages,
+    artifact_size,
+    check_destination,
+    export_servable,
+    external_data,
+    remove_artifact,
+)
 from resnet_jax.deploy.formats import FORMATS, ExportError, write_artifact
 from resnet_jax.deploy.servable import Servable, fold_for_serving
 from resnet_jax.deploy.verify import agreement, check_agreement, run_in_fresh_process
@@ -242,3 +249,15 @@ def test_int8_tflite_runs_an_imagenet_stem_and_refuses_a_pre_activation_one(tmp_
     preact = fold_for_serving(servable("preact_resnet18", (32, 32, 3), stage_sizes=(1, 1, 1, 1)))
     with pytest.raises(ExportError, match=r"int8 TFLite cannot represent the stem's max-pool padding of -inf"):
         write_artifact(preact, "tflite_int8", tmp_path / "preact.tflite", images)
+
+
+def test_an_onnx_artifact_counts_and_replaces_its_external_weights(tmp_path: Path) -> None:
+    graph = tmp_path / "model.onnx"
+    graph.write_bytes(b"g" * 10)
+    assert artifact_size(graph) == 10
+    external_data(graph).write_bytes(b"w" * 90)  # where jax2onnx puts the weights of a large model
+    assert artifact_size(graph) == 100
+    with pytest.raises(ValueError, match="add --force"):
+        check_destination("onnx", graph, force=False)
+    remove_artifact(graph)
+    assert not graph.exists() and not external_data(graph).exists()

@@ -26,6 +26,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from resnet_jax.deploy.export import artifact_size
 from resnet_jax.deploy.formats import write_onnx, write_tflite, write_tflite_int8
 from resnet_jax.deploy.runtimes import tflite_interpreter
 from resnet_jax.deploy.servable import Servable, fold_for_serving
@@ -89,7 +90,7 @@ def engines(
         with (folder / "servable.pkl").open("wb") as file:
             pickle.dump((folded, representative), file)
         subprocess.run([sys.executable, "-m", "resnet_jax.deploy.bench", str(folder)], check=True)
-    found["onnxruntime"] = (_onnx_engine(onnx_path), onnx_path.stat().st_size)
+    found["onnxruntime"] = (_onnx_engine(onnx_path), artifact_size(onnx_path))
     found["tflite"] = (_tflite_engine(tflite_path, batch), tflite_path.stat().st_size)
     found["tflite_int8"] = (_tflite_engine(int8_path, batch), int8_path.stat().st_size)
     found["torch_eager"] = (_torch_engine(servable.name, servable.model.num_classes, compiled=False), None)

@@ -66,7 +66,7 @@ def export_servable(
     out = Path(out)
     check_destination(fmt, out, force)
     expected = np.asarray(jax.jit((reference or servable).function())(check.images))
-    _remove(out)
+    remove_artifact(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_artifact(servable, fmt, out, check.representative)
     # The check images, and one image alone: a symbolic batch dimension must take any size.
@@ -151,11 +151,18 @@ def metadata_path(artifact: Path) -> Path:
     return artifact.with_name(artifact.name + ".json")
 
 
+def external_data(path: Path) -> Path:
+    """Where an ONNX file keeps its weights when they do not fit in it (jax2onnx writes large models' weights
+    beside the graph, e.g. resnet50's): the artifact is both files."""
+    return path.with_name(path.name + ".data")
+
+
 def artifact_size(path: Path) -> int:
-    """Bytes of a file, or of every file under a folder (a SavedModel)."""
+    """Bytes of a file (with its ONNX external data), or of every file under a folder (a SavedModel)."""
     if path.is_dir():
         return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-    return path.stat().st_size
+    data = external_data(path)
+    return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
 
 
 def package_versions(fmt: str) -> dict[str, str]:
@@ -168,11 +175,13 @@ def package_versions(fmt: str) -> dict[str, str]:
     return versions
 
 
-def _remove(path: Path) -> None:
+def remove_artifact(path: Path) -> None:
+    """Delete an artifact: a file with its ONNX external data, or a folder."""
     if path.is_dir():
         shutil.rmtree(path)
-    elif path.exists():
-        path.unlink()
+    else:
+        path.unlink(missing_ok=True)
+        external_data(path).unlink(missing_ok=True)  # a stale one would be read by the new graph
 
 
 __all__ = ["CheckImages", "ExportError", "export_checkpoint", "export_servable"]
