@@ -232,20 +232,9 @@ def bench_jpeg_input(args: argparse.Namespace, settings: Settings) -> None:
     record = report.results([], [], [], settings, invoked_command()) | {
         "jpeg_input": [dataclasses.asdict(row) | {"median": row.median, "per_core": row.per_core} for row in rows],
         "batch": batch,
-        "input_versions": {
-            name: _version(name) for name in ("tensorflow-cpu", "tensorflow-datasets", "torchvision", "pillow")
-        },
+        "input_versions": report.package_versions(("tensorflow-cpu", "tensorflow-datasets", "torchvision", "pillow")),
     }
     print(f"results in {report.write_results(record, args.out)}")
-
-
-def _version(package: str) -> str | None:
-    import importlib.metadata
-
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def check_suite_rows(args: argparse.Namespace, cases: list[Case], platform: str, run_epochs: bool) -> int:

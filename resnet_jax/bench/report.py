@@ -10,7 +10,7 @@ import os
 import platform
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -162,8 +162,13 @@ def cpu_model() -> str:
 
 
 def library_versions() -> dict[str, str | None]:
-    versions: dict[str, str | None] = {"python": sys.version.split()[0]}
-    for name in LIBRARIES:
+    return {"python": sys.version.split()[0], **package_versions(LIBRARIES)}
+
+
+def package_versions(names: Iterable[str]) -> dict[str, str | None]:
+    """The installed version of each distribution in ``names`` (None: not installed)."""
+    versions: dict[str, str | None] = {}
+    for name in names:
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
