@@ -28,7 +28,7 @@ from resnet_jax.extras import require
 from resnet_jax.faults import CorruptDataError
 from resnet_jax.models.registry import create_model
 from resnet_jax.models.resnet import ResNet
-from resnet_jax.models.torch_weights import variable_shapes
+from resnet_jax.models.torch_weights import listed_keys, variable_shapes
 
 # Registry name -> the keras.applications constructor whose architecture it reproduces.
 KERAS_MODELS = {
@@ -38,7 +38,6 @@ KERAS_MODELS = {
 KERAS_DEPTHS = {(3, 4, 6, 3): 50, (3, 4, 23, 3): 101, (3, 8, 36, 3): 152}  # blocks per stage -> depth
 LEAF_NAMES = {"kernel": "kernel", "scale": "gamma", "mean": "moving_mean", "var": "moving_variance"}
 KERAS_SUFFIXES = (".keras", ".h5")
-SHOWN = 6  # keys listed in an error message
 
 
 def keras_layer(path: tuple[str, ...]) -> str:
@@ -93,9 +92,9 @@ def variables_from_keras(
         for key in weights
         if key in expected and tuple(np.shape(weights[key])) != tuple(expected[key][1])
     ]
-    parts = [f"missing weights ({len(missing)}): {_listed(missing)}"] if missing else []
-    parts += [f"unexpected weights ({len(unexpected)}): {_listed(unexpected)}"] if unexpected else []
-    parts += [f"shapes differ ({len(wrong)}): {_listed(wrong)}"] if wrong else []
+    parts = [f"missing weights ({len(missing)}): {listed_keys(missing)}"] if missing else []
+    parts += [f"unexpected weights ({len(unexpected)}): {listed_keys(unexpected)}"] if unexpected else []
+    parts += [f"shapes differ ({len(wrong)}): {listed_keys(wrong)}"] if wrong else []
     if parts:
         raise ValueError(f"{source} does not fit {name}: {'; '.join(parts)}. {_hint(weights, name)}")
     flat = {path: jnp.asarray(weights[key], dtype) for key, (path, _, dtype) in expected.items()}
@@ -171,11 +170,6 @@ def _has_model_config(path: Path) -> bool:
 
 def _indexed(name: str, prefix: str) -> bool:
     return name.startswith(prefix) and name[len(prefix) :].isdigit()
-
-
-def _listed(items: list[str]) -> str:
-    more = f", ... and {len(items) - SHOWN} more" if len(items) > SHOWN else ""
-    return ", ".join(items[:SHOWN]) + more
 
 
 def _hint(weights: Mapping[str, np.ndarray], name: str) -> str:

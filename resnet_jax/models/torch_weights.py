@@ -127,8 +127,8 @@ def variables_from_torch(
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected) - counters)
     if missing or unexpected:
-        parts = [f"missing entries ({len(missing)}): {_listed(missing)}"] if missing else []
-        parts += [f"unexpected entries ({len(unexpected)}): {_listed(unexpected)}"] if unexpected else []
+        parts = [f"missing entries ({len(missing)}): {listed_keys(missing)}"] if missing else []
+        parts += [f"unexpected entries ({len(unexpected)}): {listed_keys(unexpected)}"] if unexpected else []
         raise ValueError(f"{source} does not fit {name}: {'; '.join(parts)}. {_hint()}")
     flat, wrong = {}, []
     for key in (k for k in state_dict if k in expected):  # in the file's order
@@ -139,7 +139,7 @@ def variables_from_torch(
             continue
         flat[path] = jnp.asarray(to_flax_layout(value), dtype)
     if wrong:
-        raise ValueError(f"{source} does not fit {name}: shapes differ ({len(wrong)}): {_listed(wrong)}. {_hint()}")
+        raise ValueError(f"{source} does not fit {name}: shapes differ ({len(wrong)}): {listed_keys(wrong)}. {_hint()}")
     return traverse_util.unflatten_dict(flat)
 
 
@@ -219,7 +219,8 @@ def _torch_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(reversed(shape)) if len(shape) == 2 else tuple(shape)
 
 
-def _listed(items: list[str]) -> str:
+def listed_keys(items: list[str]) -> str:
+    """The first `SHOWN` of ``items`` and how many more: the keys an error message names."""
     more = f", ... and {len(items) - SHOWN} more" if len(items) > SHOWN else ""
     return ", ".join(items[:SHOWN]) + more
 
