@@ -38,7 +38,7 @@ lint: $(BIN)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# Two workers: most of the suite is compiling, one core each; on 2 cores 9 minutes instead of 13.
+# Two workers: most of the suite is compiling, which uses one core at a time; the 20 slowest tests are listed.
 test: lint
 	$(BIN)/pytest -m "not slow" --numprocesses 2 --durations=20
 
