@@ -23,6 +23,7 @@ def get_config():
     config.warmup_steps = 400  # He et al. warm ResNet-110 up at lr 0.01 for about 400 steps
     config.warmup_start_learning_rate = 0.01
     config.weight_decay = 1e-4
+    config.grad_clip_norm = 5.0  # a 110-layer run spiked to divergence near the peak rate without it
     config.log_every_steps = 25
     config.eval_every_steps = 469  # every epoch
     config.checkpoint_every_steps = 117  # 20 checkpoints along training: the trajectory tool reads them all
