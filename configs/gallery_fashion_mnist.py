@@ -1,7 +1,11 @@
 """The results gallery's training recipe: one recipe for plain and residual nets of
 20, 56 and 110 layers on Fashion-MNIST, trained to the end of a cosine schedule.
 
-    resnet-jax train --config configs/gallery_fashion_mnist.py --config.model=resnet110 --workdir runs/gallery/resnet110
+    resnet-jax analyze degradation --config configs/gallery_fashion_mnist.py --out runs/gallery
+    resnet-jax train --config configs/gallery_fashion_mnist.py --config.model=resnet110 --workdir runs/resnet110
+
+The first trains plain and residual nets of 20, 56 and 110 layers (resumable) into runs/gallery/runs/<model>, where
+the gallery's analyses read them (docs/results.md), and plots their error curves; the second trains one alone.
 
 Expected and time: not measured to the end yet (resnet110: 82.8% test accuracy after epoch 1, 28 min on 2 shared
 CPU cores); the results gallery will give each model's accuracy and training time.
@@ -12,7 +16,8 @@ from configs import default
 
 def get_config():
     config = default.get_config()
-    config.model = "resnet110"  # the gallery trains resnet/plain 20, 56 and 110 with this recipe
+    config.model = "resnet110"  # one run alone (`resnet-jax train`); the gallery trains every depth below
+    config.depths = (20, 56, 110)  # `analyze degradation` trains plain and residual nets at each, in OUT/runs/<model>
     config.dataset = "fashion_mnist"
     config.crop_padding = 0  # flips only: the training error measures fitting (He et al.'s Fig. 6 signal)
     config.random_flip = True
