@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from flax import traverse_util
@@ -215,7 +216,7 @@ def learnable_idx_folder(folder: Path, num_train: int = 640, num_test: int = 256
     return folder
 
 
-@pytest.mark.slow  # about 70 s: 400 training steps, then two int8 conversions
+@pytest.mark.slow  # about 65 s: 400 training steps, then two int8 conversions
 def test_int8_tflite_of_a_trained_model_keeps_its_accuracy(tmp_path: Path, capsys) -> None:
     """The int8 model's accuracy loss, pinned: within 1 point of the float model's on 256 test images, and the same
     top-1 class on 98% of them, for a resnet8 trained to high accuracy (the export refuses a loss over 2 points);
@@ -313,16 +314,17 @@ def tflite_int8_kernels(path: Path) -> list[np.ndarray]:
     return [np.array(interpreter.get_tensor(d["index"])) for d in kernels]
 
 
-def expected_tflite_kernels(params: dict) -> list[np.ndarray]:
-    """A quantized run's int8 kernels in TFLite's layouts, each output channel negated where the batch norm after
-    the conv has a negative scale (folding made that channel's weights negative multiples of the same integers)."""
+def expected_tflite_kernels(params: dict, signed: bool = True) -> list[np.ndarray]:
+    """A quantized run's int8 kernels in TFLite's layouts, each output channel negated (``signed``) where the batch
+    norm after the conv has a negative scale (folding made that channel's weights negative multiples of the same
+    integers)."""
     flat = traverse_util.flatten_dict(jax.device_get(params))
     expected = []
     for path, kernel in flat.items():
         if path[-1] != "kernel" or kernel.dtype != np.int8:
             continue
         sign = np.sign(flat[(*path[:-2], "bn" + path[-2].removeprefix("conv"), "scale")]).astype(np.int8)
-        kernel = kernel * sign
+        kernel = kernel * sign if signed else kernel
         # A one-channel input's conv becomes a depthwise conv: (1, h, w, out).
         expected.append(kernel.transpose(2, 0, 1, 3) if kernel.shape[2] == 1 else kernel.transpose(3, 0, 1, 2))
     return expected
@@ -350,7 +352,8 @@ def test_a_quantized_run_goes_to_int8_tflite_with_its_own_integers(quantized_run
     written = tflite_int8_kernels(out)
     assert len(expected) == 7 and len(written) == 7  # resnet8: the stem and two convs in each of 3 blocks
     assert sorted(k.tobytes() for k in written) == sorted(k.tobytes() for k in expected)
-    assert any((k < 0).any() and (k > 0).any() for k in expected)
+    unsigned = expected_tflite_kernels(state.params, signed=False)  # the fixture negated some norm scales
+    assert sorted(k.tobytes() for k in written) != sorted(k.tobytes() for k in unsigned)
 
     # Images like the run's own (uniform noise, normalised as Fashion-MNIST is), none of them calibrated on.
     pixels = np.random.default_rng(2).integers(0, 256, (64, 28, 28, 1)) / 255
@@ -386,6 +389,14 @@ def test_a_quantized_run_refuses_float_formats_in_one_line(quantized_run: Path, 
             f"run it came from ({float_run}).\n"
         )
         assert not out.exists()
+
+    # The quantization-aware fine-tuning folder inside a quantized run: float kernels rounded in the forward pass.
+    _, state, config = load_run(quantized_run.parent / "float")
+    config.quantize = ml_collections.ConfigDict({"arithmetic": "fake", "input_scales": ()})
+    save_run(tmp_path / "qat", config, state)
+    qat = ["export", "--checkpoint", str(tmp_path / "qat"), "--format", "tflite_int8", "--out", str(tmp_path / "q")]
+    assert main(qat) == 2
+    assert "fine-tuning inside a quantized run" in capsys.readouterr().err
 
 
 def test_a_low_rank_run_exports_its_factorised_convs(run: Path, tmp_path: Path) -> None:
