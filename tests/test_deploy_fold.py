@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -9,6 +11,7 @@ import numpy as np
 import pytest
 
 from resnet_jax import create_model
+from resnet_jax.compress.layers import FactorizedConv, QuantizedConv
 from resnet_jax.deploy.fold import fold_batch_norm
 from resnet_jax.deploy.graph import lower_forward, op_counts
 
@@ -90,3 +93,24 @@ def test_folded_model_runs_in_float32_numpy_free_of_stats() -> None:
     images = np.ones((2, 32, 32, 3), np.float32)
     _, variables = fold_batch_norm(model, model.init(jax.random.key(0), images, train=False))
     assert all(leaf.dtype == np.float32 for leaf in jax.tree.leaves(variables))
+
+
+def test_a_low_rank_model_folds_into_its_last_conv_and_a_quantized_one_is_refused() -> None:
+    """A factorised conv's norm folds into its 1x1 "combine" conv (or its "full" one); int8 kernels cannot absorb a
+    norm, so folding a quantized model is refused."""
+    ranks = (("stem/conv", 4), ("stage1/block0/branch/conv1", 3))  # the rest stay whole ("full")
+    model = create_model("resnet20", **ONE_BLOCK, conv=partial(FactorizedConv, ranks=ranks))
+    images = jax.random.normal(jax.random.key(3), (2, 16, 16, 3))
+    variables = trained_variables(model, images)
+    folded, folded_variables = fold_batch_norm(model, variables)
+
+    stem = folded_variables["params"]["stem"]
+    assert set(stem) == {"conv"} and set(stem["conv"]) == {"basis", "combine"}
+    assert "bn" not in folded_variables["params"]["stage1"]["block0"]["branch"]
+    expected, _ = model.apply(variables, images, train=False)
+    logits, _ = folded.apply(folded_variables, images, train=False)
+    chex.assert_trees_all_close(logits, expected, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(expected))))
+
+    quantized = create_model("resnet20", **ONE_BLOCK, conv=QuantizedConv)
+    with pytest.raises(ValueError, match="would move them off their integers"):
+        fold_batch_norm(quantized, {})  # refused before the variables are read

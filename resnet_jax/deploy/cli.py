@@ -39,7 +39,9 @@ def add_export_command(commands: Any) -> None:
         "own runtime in a fresh process and its logits compared with the JAX model's on the run's test images "
         "(float32 formats: within 1e-4 relative and the same top-1 class on every image; int8: at most 2 points of "
         "accuracy lost). OUT.json beside it records the input shape and normalisation, class names, versions and "
-        "the measured agreement. Formats other than stablehlo need pip install 'resnet-jax[export]'.",
+        "the measured agreement. A quantized run (resnet-jax quantize) keeps its int8 weights and exports to "
+        "stablehlo, savedmodel or tflite_int8 only, checked against its own int8 model. Formats other than "
+        "stablehlo need pip install 'resnet-jax[export]'.",
     )
     p.add_argument("--checkpoint", required=True, metavar="DIR", help="a training workdir or `convert` output")
     p.add_argument("--format", required=True, choices=FORMATS)

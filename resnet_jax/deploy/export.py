@@ -2,7 +2,9 @@
 says what it takes and gives and how closely it follows the JAX model.
 
 `export_servable` exports any model and variables (a `Servable`); `export_checkpoint` exports a run's
-checkpoint, its batch norm folded, checked on the run's own test images.
+checkpoint, its batch norm folded, checked on the run's own test images against the model the run computes with:
+built with the run's own conv (a low-rank run's factorised convs, a quantized run's int8 ones; see
+`resnet_jax.deploy.quantized` for what each format makes of those).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import jax
 import numpy as np
 
 from resnet_jax import data
+from resnet_jax.compress.layers import compressed_conv
 from resnet_jax.deploy.formats import (
     FLOAT_FORMATS,
     FORMATS,
@@ -26,9 +29,13 @@ from resnet_jax.deploy.formats import (
     check_installed,
     write_artifact,
 )
-from resnet_jax.deploy.servable import Servable, class_list, fold_for_serving
+from resnet_jax.deploy.quantized import check_quantized_format, serving_form
+from resnet_jax.deploy.servable import Servable, class_list
 from resnet_jax.deploy.verify import agreement, check_agreement, run_in_fresh_process
 from resnet_jax.models import create_model
+from resnet_jax.models.blocks import Conv
+from resnet_jax.train.checkpoint import Checkpoints
+from resnet_jax.train.config import read_saved_config
 from resnet_jax.train.runs import load_run
 
 # The packages whose versions an artifact's JSON records, by format.
@@ -59,10 +66,12 @@ def export_servable(
     *,
     reference: Servable | None = None,
     force: bool = False,
+    notes: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write ``servable`` in format ``fmt`` to ``out``, run it in its runtime on ``check.images``, and write
     ``out``.json; returns that JSON's contents. Raises `ExportError` if the artifact does not compute the logits of
-    ``reference`` (default: ``servable`` itself; e.g. the model before its batch norm was folded)."""
+    ``reference`` (default: ``servable`` itself; e.g. the model before its batch norm was folded). ``notes`` join
+    the JSON (and replace its entries of the same name), e.g. how a quantized run's weights went out."""
     out = Path(out)
     check_destination(fmt, out, force)
     expected = np.asarray(jax.jit((reference or servable).function())(check.images))
@@ -83,6 +92,7 @@ def export_servable(
         "size_bytes": artifact_size(out),
         "versions": package_versions(fmt),
         "agreement_with_jax": measured,
+        **(notes or {}),
     }
     metadata_path(out).write_text(json.dumps(meta, indent=2) + "\n")
     return meta
@@ -109,8 +119,11 @@ def export_checkpoint(
 ) -> dict[str, Any]:
     """Export the checkpoint at ``step`` (default: the latest) of a run, batch norm folded, checked against the
     unfolded model on the first ``num_check_images`` test images of its data set. ``raw_input`` puts the
-    preprocessing in the artifact."""
+    preprocessing in the artifact. A quantized run goes out as `resnet_jax.deploy.quantized` says, and a format
+    that cannot carry it is refused before anything loads."""
     check_destination(fmt, Path(out), force)
+    saved_config, meta = run_config(workdir, step)
+    check_quantized_format(saved_config, fmt, workdir, meta)
     model, state, config = load_run(workdir, step)
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     if not all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(jax.device_get(variables))):
@@ -122,7 +135,9 @@ def export_checkpoint(
     size = config.get("image_size")
     stored = tuple(test.image_shape)
     servable = Servable(
-        model=create_model(config.model, num_classes=model.num_classes, **config.model_overrides),
+        model=create_model(
+            config.model, num_classes=model.num_classes, conv=compressed_conv(config, Conv), **config.model_overrides
+        ),
         variables=variables,
         name=config.model,
         input_shape=(size, size, stored[2]) if size else stored,
@@ -137,7 +152,20 @@ def export_checkpoint(
         labels=np.asarray(test.labels[:num_check_images]),
         representative=servable_images(servable, train.images[:200]),
     )
-    return export_servable(fold_for_serving(servable), fmt, out, check, reference=servable, force=force)
+    serving, notes = serving_form(servable, config, fmt, meta, len(check.representative))
+    return export_servable(serving, fmt, out, check, reference=servable, force=force, notes=notes)
+
+
+def run_config(workdir: str | Path, step: int | None) -> tuple[Any, dict[str, Any]]:
+    """The config and checkpoint meta of a run's step (default: the latest), read without loading its weights."""
+    checkpoints = Checkpoints(workdir, every_steps=1, keep_latest=1, async_save=False, read_only=True)
+    try:
+        if not checkpoints.steps():
+            raise FileNotFoundError(f"No checkpoint in {checkpoints.directory}; train first with `resnet-jax train`.")
+        meta = checkpoints.read_meta(step)
+    finally:
+        checkpoints.close()
+    return read_saved_config(meta["config"]), meta
 
 
 def servable_images(servable: Servable, stored: np.ndarray) -> np.ndarray:

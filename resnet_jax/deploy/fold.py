@@ -9,7 +9,10 @@ conv. Those stay, as the per-channel affine map alone (`AffineNorm`), which is c
 statistics, square root or division at run time).
 
 Which conv a norm follows is read off the names every block uses: ``bn`` follows ``conv`` and ``bnK`` follows
-``convK`` in the same module (stem, branch, projection shortcut).
+``convK`` in the same module (stem, branch, projection shortcut). A low-rank run's `FactorizedConv` is a conv of
+its own convs: its norm folds into the last of them (the 1x1 "combine", or the "full" conv where the kernel was kept
+whole), which is linear like any conv. A quantized run's int8 kernels are refused: a norm's scale would move them off
+their integers (`resnet_jax.deploy.quantized` dequantizes them first where a format quantizes anew).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from resnet_jax.compress.layers import FactorizedConv, FakeQuantConv, QuantizedConv
 from resnet_jax.models import ResNet
 from resnet_jax.models.blocks import Conv
 
@@ -53,12 +57,24 @@ class AffineNorm(nn.Module):
 def folded_model(model: ResNet) -> ResNet:
     """``model``'s architecture with biased convs and `AffineNorm` norms: what `fold_batch_norm` variables run in.
 
-    The conv is the plain `Conv` (``lax.conv_general_dilated``), the form every exporter and runtime reads. A
-    post-activation ImageNet stem pads its max-pool with zeros: after its ReLU they give the same maximum as -inf,
-    and int8 TFLite can quantize them (a -inf constant makes its runtime abort).
+    The conv is the plain `Conv` (``lax.conv_general_dilated``), the form every exporter and runtime reads, or a
+    `FactorizedConv` of such convs where ``model``'s is one. A post-activation ImageNet stem pads its max-pool with
+    zeros: after its ReLU they give the same maximum as -inf, and int8 TFLite can quantize them (a -inf constant
+    makes its runtime abort).
     """
+    conv = partial(Conv, use_bias=True)
+    if _conv_class(model) is FactorizedConv:
+        conv = partial(FactorizedConv, ranks=model.conv.keywords.get("ranks", ()), conv=conv)
     zero_pad = {} if model.preact else {"stem_pool_pad_value": 0.0}
-    return model.clone(conv=partial(Conv, use_bias=True), norm=AffineNorm, **zero_pad)
+    return model.clone(conv=conv, norm=AffineNorm, **zero_pad)
+
+
+def _conv_class(model: ResNet) -> type:
+    """The module class of ``model``'s conv (through any `functools.partial`)."""
+    conv = model.conv
+    while isinstance(conv, partial):
+        conv = conv.func
+    return conv
 
 
 def fold_batch_norm(model: ResNet, variables: Variables) -> tuple[ResNet, Variables]:
@@ -67,6 +83,11 @@ def fold_batch_norm(model: ResNet, variables: Variables) -> tuple[ResNet, Variab
 
     ``variables`` holds ``params`` and ``batch_stats``; the result holds ``params`` alone.
     """
+    if issubclass(_conv_class(model), (QuantizedConv, FakeQuantConv)):
+        raise ValueError(
+            "This model's convs are quantized: folding a batch norm into its int8 kernels would move them off their "
+            "integers. Keep its batch norm, or dequantize the kernels first (resnet_jax.deploy.quantized)."
+        )
     if "batch_stats" not in variables:
         raise ValueError(
             "These variables have no batch_stats: they are folded already, or belong to a model without batch norm."
@@ -85,6 +106,8 @@ def _fold_module(params: dict[str, Any], stats: dict[str, Any], epsilon: float) 
             continue  # a norm: folded below
         if _is_conv(name, value):
             folded[name] = _with_bias(value)
+        elif _is_factorized(name, value):
+            folded[name] = {part: _with_bias(conv) for part, conv in value.items()}
         elif isinstance(value, dict) and "kernel" not in value:
             folded[name] = _fold_module(value, stats.get(name, {}), epsilon)
         else:
@@ -93,11 +116,11 @@ def _fold_module(params: dict[str, Any], stats: dict[str, Any], epsilon: float) 
         if "mean" not in norm_stats:
             continue
         scale, shift = _norm_affine(params.get(name, {}), norm_stats, epsilon)
-        conv = _conv_of(name)
-        if conv in folded and _is_conv(conv, params[conv]):
-            kernel, bias = folded[conv]["kernel"], folded[conv]["bias"]
+        owner, key = _absorbing_conv(folded, params, _conv_of(name))
+        if owner is not None:
+            kernel, bias = owner[key]["kernel"], owner[key]["bias"]
             dtype = kernel.dtype
-            folded[conv] = {"kernel": (kernel * scale).astype(dtype), "bias": (bias * scale + shift).astype(dtype)}
+            owner[key] = {"kernel": (kernel * scale).astype(dtype), "bias": (bias * scale + shift).astype(dtype)}
         else:
             dtype = norm_stats["mean"].dtype
             folded[name] = {"scale": scale.astype(dtype), "bias": shift.astype(dtype)}
@@ -106,6 +129,25 @@ def _fold_module(params: dict[str, Any], stats: dict[str, Any], epsilon: float) 
 
 def _is_conv(name: str, value: Any) -> bool:
     return name.startswith("conv") and isinstance(value, dict) and getattr(value.get("kernel"), "ndim", 0) == 4
+
+
+def _is_factorized(name: str, value: Any) -> bool:
+    """A `FactorizedConv`'s parameters: its "full" conv, or its "basis" and "combine" convs."""
+    if not (name.startswith("conv") and isinstance(value, dict) and set(value) in ({"full"}, {"basis", "combine"})):
+        return False
+    return all(_is_conv("conv", part) for part in value.values())
+
+
+def _absorbing_conv(folded: dict[str, Any], params: dict[str, Any], conv: str) -> tuple[dict[str, Any] | None, str]:
+    """Where the norm after the conv named ``conv`` folds: the dict holding that conv's folded parameters and their
+    key (for a `FactorizedConv`, its last conv), or None where no conv of that name precedes the norm."""
+    if conv not in folded:
+        return None, ""
+    if _is_conv(conv, params[conv]):
+        return folded, conv
+    if _is_factorized(conv, params[conv]):
+        return folded[conv], "full" if "full" in folded[conv] else "combine"
+    return None, ""
 
 
 def _with_bias(conv: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
