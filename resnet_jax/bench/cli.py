@@ -323,7 +323,7 @@ def bench_config(args: argparse.Namespace, settings: Settings, xla_options: list
             "experiment with --config.KEY=VALUE (e.g. --config.batch_size=64), or drop --config."
         )
     config = load_config(args.config, args.overrides)
-    source = data.load_source(config.dataset, config.train_split, config.data_dir, config.get("download", True))
+    source = data.load_run_source(config, config.train_split)
     check_xla_options(xla_options)
     steps = [JaxStep.of_config(config, source, options) for options in [None, *xla_options]]
     rows = harness.time_runners(steps[0].case, steps, settings, say)
