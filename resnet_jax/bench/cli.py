@@ -152,6 +152,9 @@ def run_bench(args: argparse.Namespace) -> None:
     from resnet_jax.bench.jax_side import check_xla_options, parse_xla_options
 
     settings = Settings(args.steps, args.warmup, args.repeats)  # checks the numbers before anything runs
+    out = Path(args.out)
+    if out.suffix == ".json" or out.is_file():  # a results file is named by date and device, inside --out
+        raise ValueError(f"--out {out} names a file; give the folder the results JSON goes in, e.g. --out {out.parent}")
     if args.inference:
         return bench_inference(args)
     if args.input:
