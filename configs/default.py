@@ -34,6 +34,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.mixup_alpha = 0.0
     config.label_smoothing = 0.0
     config.image_size = ml_collections.config_dict.placeholder(int)  # resize images to N x N (None: as stored)
+    # How the model takes its images: (pixels / 255 - input_mean) / input_std per channel. Empty: the data set's
+    # statistics. Converted weights record their source's here (Keras' ResNets were trained with other ones).
+    config.input_mean = ()
+    config.input_std = ()
     # True: the training set (an in-memory one) copied to every device once and each batch cropped, flipped and
     # normalised there, the same batches as the host's, for jit without erasing, mixup or image_size. On a GPU the
     # host cannot keep up with a CIFAR-sized step. steps_per_call > 1: that many steps per compiled call

@@ -34,7 +34,7 @@ def summary(args: argparse.Namespace) -> None:
         model, _, config = load_run(args.checkpoint)
         name, shape = (
             f"{config.model} ({args.checkpoint})",
-            data.load_source(config.dataset, config.eval_split, config.data_dir).image_shape,
+            data.load_run_source(config, config.eval_split).image_shape,
         )
     else:
         model, name = create_model(args.model, num_classes=args.num_classes), args.model
@@ -97,7 +97,7 @@ def convert(args: argparse.Namespace) -> None:
         for override in args.overrides:
             apply_override(config, override)
         if args.from_torch:
-            meta = transfer.convert_torch_checkpoint(source, args.model, args.out, config)
+            meta = transfer.convert_torch_checkpoint(source, args.model, args.out, config, args.force)
         else:
             meta = transfer.convert_keras_checkpoint(source, args.model, args.out, config, args.force)
         print(
@@ -255,7 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--workdir, predict/features/analyze --checkpoint and the init_from config key read. torchvision's ImageNet "
         "weights, e.g. https://download.pytorch.org/models/resnet50-0676ba61.pth, load with --model resnet50. "
         "--from-keras reads keras.applications' ResNet50/101/152 (--model resnet50_keras, ...) and ResNet50V2/101V2/"
-        "152V2 (--model resnet50v2_keras, ...); their models expect Keras' preprocess_input (see docs/interop.md).",
+        "152V2 (--model resnet50v2_keras, ...); the run records Keras' preprocess_input as its input normalisation "
+        "(config.input_mean/input_std) and takes RGB images, so eval, predict and export feed it as Keras did. An "
+        "existing --out is replaced only with --force, once the new run is written whole.",
     )
     direction = p.add_mutually_exclusive_group(required=True)
     direction.add_argument("--from-torch", metavar="FILE", help="a state_dict: .pth/.pt (torch.save) or .safetensors")

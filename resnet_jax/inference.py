@@ -167,9 +167,10 @@ def load_images(
     size: int = IMAGE_SIZE,
     resize: int = RESIZE_SIZE,
 ) -> np.ndarray:
-    """Image files preprocessed for a run of ``config``: normalised with its data set's statistics (ImageNet's for
-    data sets without published ones). (N, size, size, channels) float32."""
-    mean, std = CHANNEL_STATS.get(config.dataset, CHANNEL_STATS["imagenet2012"])
+    """Image files preprocessed for a run of ``config``: normalised as its model takes images (its own
+    normalisation, e.g. a Keras conversion's, else its data set's statistics, ImageNet's for data sets without
+    published ones). (N, size, size, channels) float32."""
+    mean, std = data.run_normalisation(config) or CHANNEL_STATS.get(config.dataset, CHANNEL_STATS["imagenet2012"])
     if len(mean) != channels:  # e.g. RGB photos for a model fine-tuned on greyscale images
         mean, std = (float(np.mean(mean)),) * channels, (float(np.mean(std)),) * channels
     return np.stack([preprocess(read_image(p, channels), mean, std, size, resize) for p in paths])

@@ -130,6 +130,15 @@ def test_bench_batch_parts_refuse_what_they_cannot_run_before_timing(tmp_path, c
     assert not list(tmp_path.glob("*.json"))
 
 
+def test_bench_out_is_a_folder_and_a_file_name_is_refused_before_timing(tmp_path, capsys):
+    assert main(["bench", *TINY, "--no-input", "--out", str(tmp_path / "results.json")]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"resnet-jax bench: error: --out {tmp_path / 'results.json'} names a file; give the folder the results JSON "
+        f"goes in, e.g. --out {tmp_path}"
+    ]
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPU cores, one per process")
 @pytest.mark.slow  # run with the slow tests to keep the default run under 15 minutes
 def test_bench_cpu_processes_row_runs_the_pinned_pmap_job_beside_the_others(tmp_path, capsys):

@@ -12,6 +12,7 @@ import threading
 
 import chex
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from idx_files import make_idx_folder, write_idx
@@ -21,6 +22,7 @@ from resnet_jax.data import (
     BatchSettings,
     StreamSource,
     load_idx_folder,
+    load_run_source,
     load_source,
     load_tfds_arrays,
     measure_input_throughput,
@@ -30,6 +32,7 @@ from resnet_jax.data import (
     random_crop_flip,
     random_erasing,
     read_idx,
+    run_normalisation,
     steps_per_epoch,
     synthetic,
     train_draws,
@@ -131,6 +134,28 @@ def test_load_source_dispatch(tmp_path):
         load_source("svhn", "train")
     with pytest.raises(ValueError, match="only apply to the synthetic"):
         load_source("cifar10", "train", num_examples=3)
+
+
+def test_a_run_that_sets_its_normalisation_is_fed_with_it_and_a_bad_one_is_refused(tmp_path):
+    make_idx_folder(tmp_path, compressed=False)
+    config = ml_collections.ConfigDict({"dataset": "mnist", "data_dir": str(tmp_path), "download": False})
+    config.input_mean, config.input_std = (), ()
+    assert run_normalisation(config) is None  # the data set's statistics
+    assert load_run_source(config, "test").mean == load_source("mnist", "test", str(tmp_path)).mean
+    config.input_mean, config.input_std = (0.5,), (0.25,)
+    source = load_run_source(config, "test")
+    assert (source.mean, source.std) == ((0.5,), (0.25,))
+    np.testing.assert_array_equal(source.images, load_source("mnist", "test", str(tmp_path)).images)
+    batch = next(source.eval_batches(BatchSettings(batch_size=4, eval_batch_size=4)))
+    np.testing.assert_allclose(batch["image"], (source.images[:4] / 255 - 0.5) / 0.25, rtol=1e-6)
+
+    config.input_mean, config.input_std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    with pytest.raises(ValueError, match="3 channels, but mnist images have 1"):
+        load_run_source(config, "test")
+    for mean, std in [((0.5,), ()), ((0.5,), (0.0,)), ((0.5,), (float("nan"),)), (("a",), (1.0,))]:
+        config.input_mean, config.input_std = mean, std
+        with pytest.raises(ValueError, match="one per image channel each, std > 0"):
+            run_normalisation(config)
 
 
 def test_synthetic_source():

@@ -1,6 +1,7 @@
 """Keras weights in: the ResNets of keras.applications, saved to real files, give Keras' own logits once converted
 into the registry's ``*_keras`` models, with Keras' parameter counts; `resnet-jax convert --from-keras` writes a
-run that `load_run` reads, and refuses a file of another model, a missing Keras and an existing output in one line.
+run that reads image files (and exports) as Keras' ``preprocess_input`` and model compute, and refuses a file of
+another model, a missing Keras and an existing output in one line.
 
 Keras models are built with ``weights=None`` (no download) and then given random batch-norm statistics and conv
 biases, so that every weight the conversion moves changes the logits. Logits are compared in eval mode on a batch of
@@ -16,9 +17,15 @@ import jax
 import keras
 import numpy as np
 import pytest
+from PIL import Image
 
+from resnet_jax import data
 from resnet_jax.cli import main
+from resnet_jax.deploy.export import export_checkpoint
 from resnet_jax.deploy.fold import fold_batch_norm
+from resnet_jax.deploy.formats import FLOAT_FORMATS
+from resnet_jax.deploy.verify import run_in_fresh_process
+from resnet_jax.inference import checkpoint_inference, input_channels, load_images
 from resnet_jax.models import create_model, list_models
 from resnet_jax.models.keras_weights import KERAS_MODELS, load_keras_weights, parameter_count
 from resnet_jax.train.runs import load_run
@@ -30,10 +37,11 @@ SIZE = 64
 KERAS_PARAMS = {"ResNet50": 25_636_712, "ResNet50V2": 25_613_800}
 
 
-def random_keras_resnet(application: str) -> keras.Model:
-    """``keras.applications.<application>`` at 64x64 with logits out, random BN statistics and conv biases."""
+def random_keras_resnet(application: str, size: int = SIZE) -> keras.Model:
+    """``keras.applications.<application>`` at ``size`` x ``size`` with logits out, random BN statistics and conv
+    biases."""
     model = getattr(keras.applications, application)(
-        weights=None, input_shape=(SIZE, SIZE, 3), classifier_activation=None
+        weights=None, input_shape=(size, size, 3), classifier_activation=None
     )
     rng = np.random.default_rng(0)
     for layer in model.layers:
@@ -71,13 +79,41 @@ def v2_file(tmp_path_factory) -> tuple[Path, keras.Model]:
     return path, model
 
 
-def test_convert_from_keras_writes_a_run_with_resnet50s_logits_over_an_output_only_with_force(tmp_path, images, capsys):
-    reference = random_keras_resnet("ResNet50")
-    reference.save(tmp_path / "resnet50.h5")  # the whole model in Keras' HDF5 format
+@pytest.fixture(scope="module")
+def v1_file(tmp_path_factory) -> tuple[Path, keras.Model]:
+    """A ResNet50 saved whole in Keras' HDF5 format, and the model."""
+    model = random_keras_resnet("ResNet50")
+    path = tmp_path_factory.mktemp("keras") / "resnet50.h5"
+    model.save(path)
+    return path, model
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> tuple[list[Path], np.ndarray]:
+    """Two RGB PNG files of SIZE x SIZE random pixels, and their pixels (0..255, float32)."""
+    folder = tmp_path_factory.mktemp("photos")
+    pixels = np.random.default_rng(2).integers(0, 256, size=(2, SIZE, SIZE, 3), dtype=np.uint8)
+    paths = [folder / f"photo{i}.png" for i in range(len(pixels))]
+    for path, image in zip(paths, pixels, strict=True):
+        Image.fromarray(image).save(path)
+    return paths, pixels.astype(np.float32)
+
+
+def run_logits_of_files(run: Path, paths: list[Path]) -> np.ndarray:
+    """The logits `resnet-jax predict` computes for image files under ``run`` (no resize at SIZE x SIZE)."""
+    inference, config = checkpoint_inference(run, batch_size=len(paths))
+    images = load_images(paths, config, input_channels(inference), size=SIZE, resize=SIZE)
+    return inference.run(images, ["logits"])["logits"]
+
+
+def test_convert_from_keras_writes_a_run_with_resnet50s_logits_over_an_output_only_with_force(
+    v1_file, photos, tmp_path, capsys
+):
+    path, reference = v1_file
     out = tmp_path / "converted"
     out.mkdir()
     (out / "old.txt").write_text("an earlier output")
-    args = ["convert", "--from-keras", str(tmp_path / "resnet50.h5"), "--model", "resnet50_keras", "--out", str(out)]
+    args = ["convert", "--from-keras", str(path), "--model", "resnet50_keras", "--out", str(out)]
     args += ["--config", str(REPO / "configs" / "default.py")]
     assert main(args) == 2  # the output exists
     assert capsys.readouterr().err.splitlines() == [
@@ -87,12 +123,14 @@ def test_convert_from_keras_writes_a_run_with_resnet50s_logits_over_an_output_on
     assert "resnet50_keras with 1000 classes as step 0 of a run on imagenet2012" in capsys.readouterr().out
     assert not (out / "old.txt").exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
-    model, state, config = load_run(out)
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    _, state, config = load_run(out)
     assert config.model == "resnet50_keras"
-    assert parameter_count(variables) == reference.count_params() == KERAS_PARAMS["ResNet50"]
-    logits, _ = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, images)
-    assert relative_error(logits, np.asarray(reference(images, training=False))) <= RTOL
+    assert parameter_count({"params": state.params, "batch_stats": state.batch_stats}) == reference.count_params()
+    assert reference.count_params() == KERAS_PARAMS["ResNet50"]
+    # image files through predict's preprocessing give what Keras gives after its own ("caffe": BGR, mean pixel)
+    paths, pixels = photos
+    expected = np.asarray(reference(keras.applications.resnet.preprocess_input(pixels.copy()), training=False))
+    assert relative_error(run_logits_of_files(out, paths), expected) <= RTOL
 
 
 def test_resnet50v2_from_keras_and_from_its_weights_alone_gives_its_logits(v2_file, images, tmp_path):
@@ -107,6 +145,18 @@ def test_resnet50v2_from_keras_and_from_its_weights_alone_gives_its_logits(v2_fi
     reference.save_weights(tmp_path / "resnet50v2.weights.h5")
     _, alone = load_keras_weights(tmp_path / "resnet50v2.weights.h5", "resnet50v2_keras")
     assert jax.tree.all(jax.tree.map(np.array_equal, alone, variables))
+
+
+@pytest.mark.slow  # another ResNet-50 to compile; the v1 test above covers the mechanism
+def test_a_converted_v2_run_reads_image_files_as_keras_preprocess_input_does(v2_file, photos, tmp_path):
+    path, reference = v2_file
+    out = tmp_path / "run"
+    assert main(["convert", "--from-keras", str(path), "--model", "resnet50v2_keras", "--out", str(out)]) == 0
+    _, _, config = load_run(out)
+    assert (tuple(config.input_mean), tuple(config.input_std)) == ((0.5,) * 3, (0.5,) * 3)  # Keras' "tf" mode
+    paths, pixels = photos
+    expected = np.asarray(reference(keras.applications.resnet_v2.preprocess_input(pixels.copy()), training=False))
+    assert relative_error(run_logits_of_files(out, paths), expected) <= RTOL
 
 
 def test_a_file_of_another_model_is_refused_naming_the_one_it_holds(v2_file, tmp_path, capsys):
@@ -171,3 +221,31 @@ def test_batch_norm_folds_into_keras_biased_convs(v2_file, images):
     folded, variables = fold_batch_norm(*load_keras_weights(path, "resnet50v2_keras"))
     logits, _ = jax.jit(lambda v, x: folded.apply(v, x, train=False))(variables, images)
     assert relative_error(logits, np.asarray(reference(images, training=False))) <= RTOL
+
+
+@pytest.mark.slow  # a ResNet-50 through every converter
+def test_a_converted_keras_run_exports_to_every_format_computing_keras_preprocessing_and_model(tmp_path):
+    """Artifacts that take uint8 images compute Keras' ``model(preprocess_input(images))`` in their own runtimes:
+    the reversed first conv, the recorded normalisation and the folded biased convs all travel."""
+    reference = random_keras_resnet("ResNet50", size=32)  # the synthetic data set's images are 32x32
+    reference.save(tmp_path / "resnet50.h5")
+    run = tmp_path / "run"
+    settings = ["--config.dataset=synthetic", "--config.eval_split=test[:8]"]
+    args = ["convert", "--from-keras", str(tmp_path / "resnet50.h5"), "--model", "resnet50_keras", "--out", str(run)]
+    assert main([*args, *settings]) == 0
+    images = data.load_source("synthetic", "test[:8]").images
+    expected = np.asarray(reference(keras.applications.resnet.preprocess_input(images.astype(np.float32))))
+    for fmt, name in [
+        ("stablehlo", "m.stablehlo"),
+        ("savedmodel", "m_saved"),
+        ("tflite", "m.tflite"),
+        ("tflite_int8", "m_int8.tflite"),
+        ("onnx", "m.onnx"),
+    ]:
+        meta = export_checkpoint(run, fmt, tmp_path / name, raw_input=True, num_check_images=8)
+        assert meta["input"]["normalisation"]["mean"] == pytest.approx([123.68 / 255, 116.779 / 255, 103.939 / 255])
+        (logits,) = run_in_fresh_process(fmt, tmp_path / name, images)
+        if fmt in FLOAT_FORMATS:
+            assert relative_error(logits, expected) <= RTOL, fmt
+        else:  # int8: the same classes on most images
+            assert np.mean(logits.argmax(-1) == expected.argmax(-1)) >= 0.75, meta["agreement_with_jax"]

@@ -133,7 +133,7 @@ def test_convert_writes_a_run_that_load_run_and_eval_accept_and_that_exports_bac
     assert main([*args, "--config", str(REPO / "configs" / "default.py"), *settings]) == 0
     assert "resnet18 with 10 classes as step 0 of a run on synthetic" in capsys.readouterr().out
     assert main([*args, "--config", str(REPO / "configs" / "default.py")]) == 2  # never over a run
-    assert "already holds checkpoints" in capsys.readouterr().err
+    assert f"--out {out} exists; choose a new folder, or add --force" in capsys.readouterr().err
 
     # load_run rebuilds the train state of a training run: the converted weights at step 0
     model, state, config = load_run(out)

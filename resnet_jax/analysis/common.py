@@ -84,9 +84,7 @@ def run_snapshots(workdir: str | Path, all_steps: bool = False, init: bool = Fal
         model, state, config = load_run(workdir, step)
         snapshots.append(ModelSnapshot(config.model, model, _variables(state), int(state.step), workdir, config))
     if init:  # the image shape only sets the input channels, as in `load_run`
-        image_shape = data.load_source(
-            config.dataset, config.eval_split, config.data_dir, config.get("download", True)
-        ).image_shape
+        image_shape = data.load_run_source(config, config.eval_split).image_shape
         initial = create_train_state(model, optax.identity(), image_shape, config.seed)
         snapshots.insert(0, ModelSnapshot(config.model, model, _variables(initial), 0, workdir, config))
     return snapshots

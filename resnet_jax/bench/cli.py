@@ -152,6 +152,9 @@ def run_bench(args: argparse.Namespace) -> None:
     from resnet_jax.bench.jax_side import check_xla_options, parse_xla_options
 
     settings = Settings(args.steps, args.warmup, args.repeats)  # checks the numbers before anything runs
+    out = Path(args.out)
+    if out.suffix == ".json" or out.is_file():  # a results file is named by date and device, inside --out
+        raise ValueError(f"--out {out} names a file; give the folder the results JSON goes in, e.g. --out {out.parent}")
     if args.inference:
         return bench_inference(args)
     if args.input:
@@ -323,7 +326,7 @@ def bench_config(args: argparse.Namespace, settings: Settings, xla_options: list
             "experiment with --config.KEY=VALUE (e.g. --config.batch_size=64), or drop --config."
         )
     config = load_config(args.config, args.overrides)
-    source = data.load_source(config.dataset, config.train_split, config.data_dir, config.get("download", True))
+    source = data.load_run_source(config, config.train_split)
     check_xla_options(xla_options)
     steps = [JaxStep.of_config(config, source, options) for options in [None, *xla_options]]
     rows = harness.time_runners(steps[0].case, steps, settings, say)

@@ -78,7 +78,7 @@ def measure_run(label: str, workdir: str | Path, batch_size: int = 256) -> RunSi
     params = jax.device_get(state.params)
     flat = traverse_util.flatten_dict(params, sep="/")
     conv = [np.asarray(flat[name]) for name in prunable(params)]
-    source = data.load_source(config.dataset, config.eval_split, config.data_dir, config.get("download", True))
+    source = data.load_run_source(config, config.eval_split)
     images = jnp.zeros((batch_size, *source.image_shape), jnp.float32)
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     return RunSize(

@@ -138,7 +138,7 @@ def quantize_run(
         raise ValueError(f"qat_steps={qat_steps}; give 0 (post-training quantization alone) or more steps.")
     model, state, config = load_run(checkpoint, step)
     check_quantizable(state, config, checkpoint)
-    source = data.load_source(config.dataset, config.train_split, config.data_dir, config.get("download", True))
+    source = data.load_run_source(config, config.train_split)
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     scales = input_scales(model, variables, calibration_batches(source, config, settings.calibration_images), settings)
     if qat_steps:

@@ -20,7 +20,16 @@ from resnet_jax.data.pipeline import (
     steps_per_epoch,
     train_draws,
 )
-from resnet_jax.data.sources import DATASETS, load_idx_folder, load_source, load_tfds_arrays, read_idx, synthetic
+from resnet_jax.data.sources import (
+    DATASETS,
+    load_idx_folder,
+    load_run_source,
+    load_source,
+    load_tfds_arrays,
+    read_idx,
+    run_normalisation,
+    synthetic,
+)
 
 __all__ = [
     "CHANNEL_STATS",
@@ -32,6 +41,7 @@ __all__ = [
     "Source",
     "StreamSource",
     "load_idx_folder",
+    "load_run_source",
     "load_source",
     "load_tfds_arrays",
     "local_batch_size",
@@ -42,6 +52,7 @@ __all__ = [
     "random_crop_flip",
     "random_erasing",
     "read_idx",
+    "run_normalisation",
     "steps_per_epoch",
     "synthetic",
     "train_draws",

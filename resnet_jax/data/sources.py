@@ -90,6 +90,40 @@ def load_source(
     return load_tfds_arrays(dataset, split, data_dir, download)
 
 
+def run_normalisation(config: Any) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """The per-channel ``(mean, std)``, in [0, 1] pixel units, that a run of ``config`` normalises its images with
+    when the config sets them (``input_mean`` and ``input_std``; converted Keras weights bring theirs), or None:
+    the data set's statistics. Checked, so that a bad pair fails before anything loads."""
+    mean, std = tuple(config.get("input_mean", ())), tuple(config.get("input_std", ()))
+    if not mean and not std:
+        return None
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in mean + std)
+    if not numbers or len(mean) != len(std) or not mean or min(std) <= 0:
+        raise ValueError(
+            f"input_mean={mean} and input_std={std} must be finite numbers, one per image channel each, std > 0 "
+            "(e.g. --config.input_mean='(0.5,)' --config.input_std='(0.5,)'); leave both empty for the data set's "
+            "statistics."
+        )
+    return tuple(map(float, mean)), tuple(map(float, std))
+
+
+def load_run_source(config: Any, split: str) -> ArraySource | StreamSource:
+    """The ``split`` of the data set of a run of ``config`` (its ``dataset``, ``data_dir`` and ``download``),
+    normalised as that run's model takes its images (`run_normalisation`). Everything that feeds a run's model
+    reads its data through here, so training, evaluation, export and compression agree on the input."""
+    source = load_source(config.dataset, split, config.data_dir, config.get("download", True))
+    normalisation = run_normalisation(config)
+    if normalisation is None:
+        return source
+    mean, std = normalisation
+    if len(mean) != source.image_shape[-1]:
+        raise ValueError(
+            f"input_mean and input_std have {len(mean)} channels, but {config.dataset} images have "
+            f"{source.image_shape[-1]}: give one value per channel, or leave both empty for the data set's statistics."
+        )
+    return dataclasses.replace(source, mean=mean, std=std)
+
+
 def idx_folder(dataset: str, split: str = "train", data_dir: str | None = None, download: bool = True) -> Path:
     """The folder holding the IDX files of ``split`` of fashion_mnist or mnist; missing files are downloaded first.
 

@@ -130,8 +130,8 @@ def export_checkpoint(
         raise ValueError(
             f"The checkpoint in {workdir} holds NaN or infinite weights (its run diverged): export an earlier --step."
         )
-    test = data.load_source(config.dataset, config.eval_split, config.data_dir, config.get("download", True))
-    train = data.load_source(config.dataset, "train", config.data_dir, config.get("download", True))
+    test = data.load_run_source(config, config.eval_split)
+    train = data.load_run_source(config, "train")
     size = config.get("image_size")
     stored = tuple(test.image_shape)
     servable = Servable(

@@ -38,6 +38,13 @@ KERAS_MODELS = {
 KERAS_DEPTHS = {(3, 4, 6, 3): 50, (3, 4, 23, 3): 101, (3, 8, 36, 3): 152}  # blocks per stage -> depth
 LEAF_NAMES = {"kernel": "kernel", "scale": "gamma", "mean": "moving_mean", "var": "moving_variance"}
 KERAS_SUFFIXES = (".keras", ".h5")
+# keras.applications' ``preprocess_input`` of each family as (mean, std) per RGB channel in [0, 1] pixel units,
+# the form every run normalises with. ResNet (v1) is Keras' "caffe" mode: BGR channels minus ImageNet's mean pixel
+# in 0-255 units, unscaled (std 1/255); ResNetV2 is its "tf" mode: pixels / 127.5 - 1.
+KERAS_INPUTS = {
+    "caffe": ((123.68 / 255, 116.779 / 255, 103.939 / 255), (1 / 255,) * 3),
+    "tf": ((0.5,) * 3, (0.5,) * 3),
+}
 
 
 def keras_layer(path: tuple[str, ...]) -> str:
@@ -144,6 +151,22 @@ def load_keras_weights(path: str | Path, name: str) -> tuple[ResNet, dict[str, A
     kernel = weights.get("predictions/kernel")
     model = create_model(name, num_classes=None if kernel is None else int(np.shape(kernel)[-1]))
     return model, variables_from_keras(weights, model, name=name, source=str(path))
+
+
+def keras_run_input(variables: dict[str, Any], name: str) -> tuple[dict[str, Any], tuple, tuple]:
+    """Keras weights of model ``name`` made to take RGB images as every run does, and the (mean, std) of
+    keras.applications' preprocessing that they were trained with (`KERAS_INPUTS`), for the run's config.
+
+    A v1 ResNet was trained on BGR images, so its first conv's input channels are reversed: the converted run then
+    reads images like any other, and ``predict``, ``eval`` and ``export`` compute what Keras' ``preprocess_input``
+    and model compute."""
+    mode = "tf" if name.endswith("v2_keras") else "caffe"
+    if mode == "caffe":
+        stem = dict(variables["params"]["stem"])
+        stem["conv"] = {**stem["conv"], "kernel": jnp.flip(jnp.asarray(stem["conv"]["kernel"]), axis=2)}
+        variables = {**variables, "params": {**variables["params"], "stem": stem}}
+    mean, std = KERAS_INPUTS[mode]
+    return variables, mean, std
 
 
 def parameter_count(variables: Mapping[str, Any]) -> int:

@@ -72,6 +72,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     check_target_accuracy(config)
     check_steps_per_call(config)
     prune_schedule(config)  # checks its values
+    data.run_normalisation(config)  # checks its values
     batch_settings(config)  # checks its values
 
 
@@ -215,7 +216,7 @@ def _load_step(checkpoints: Checkpoints, step: int) -> tuple[ResNet, TrainState,
     config = read_saved_config(meta["config"])
     num_classes, image_shape = meta.get("num_classes"), meta.get("image_shape")
     if num_classes is None or image_shape is None:  # a training run: its data set says (converted ones record them)
-        source = data.load_source(config.dataset, config.eval_split, config.data_dir, config.get("download", True))
+        source = data.load_run_source(config, config.eval_split)
         num_classes, image_shape = source.num_classes, source.image_shape
     model = build_model(config, num_classes)
     tx = create_optimizer(config, learning_rate_schedule(config, steps_per_epoch=1))  # fixes the state's structure

@@ -32,7 +32,7 @@ import numpy as np
 from flax import traverse_util
 
 from resnet_jax.models import ResNet
-from resnet_jax.models.keras_weights import load_keras_weights
+from resnet_jax.models.keras_weights import keras_run_input, load_keras_weights
 from resnet_jax.models.torch_weights import load_torch_weights, save_torch_weights
 from resnet_jax.train.checkpoint import Checkpoints
 from resnet_jax.train.optim import create_optimizer, learning_rate_schedule
@@ -90,38 +90,58 @@ def frozen_bn(model: ResNet) -> Callable[..., Any]:
 
 
 def convert_torch_checkpoint(
-    weights: str | Path, name: str, out: str | Path, config: ml_collections.ConfigDict
+    weights: str | Path, name: str, out: str | Path, config: ml_collections.ConfigDict, force: bool = False
 ) -> dict[str, Any]:
     """Write the torchvision-layout ``weights`` file as step 0 of a run of model ``name`` in ``out``; return its meta.
 
     ``config`` is recorded as the run's config (with ``model`` set to ``name``): its dataset, eval_split and
     data_dir are what ``resnet-jax eval`` measures on, and its optimizer fixes the structure of the saved train
     state, as `resnet_jax.train.runs.load_run` rebuilds it. The meta also records the class count and image
-    shape, so that reading the checkpoint needs no data set.
+    shape, so that reading the checkpoint needs no data set. An existing ``out`` is replaced only with ``force``
+    (`write_converted_run`).
     """
-    out = Path(out)
-    if (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
-        raise ValueError(f"{out} already holds checkpoints; choose a new --out folder.")
+    check_converted_destination(Path(out), force)
     loaded, variables = load_torch_weights(weights, name)
-    return write_converted_run(loaded, variables, name, out, config, str(weights))
+    return write_converted_run(loaded, variables, name, Path(out), config, str(weights), force)
 
 
 def convert_keras_checkpoint(
     weights: str | Path, name: str, out: str | Path, config: ml_collections.ConfigDict, force: bool = False
 ) -> dict[str, Any]:
     """Write the weights of a Keras ResNet file (``.keras``, ``.h5``) as step 0 of a run of model ``name`` (one of
-    `resnet_jax.models.keras_weights.KERAS_MODELS`) in ``out``; return its meta.
+    `resnet_jax.models.keras_weights.KERAS_MODELS`) in ``out``, as `convert_torch_checkpoint` does; return its
+    meta. The run takes RGB images normalised as Keras' ``preprocess_input`` did (`keras_run_input`)."""
+    check_converted_destination(Path(out), force)
+    loaded, variables = load_keras_weights(weights, name)
+    variables, mean, std = keras_run_input(variables, name)
+    config = config.copy_and_resolve_references()
+    config.input_mean, config.input_std = mean, std  # what Keras' preprocess_input did to its training images
+    return write_converted_run(loaded, variables, name, Path(out), config, str(weights), force)
 
-    An existing ``out`` is refused unless ``force``; then the new run replaces it whole, once it is written
-    complete beside it, so a failed conversion leaves the old folder as it was.
-    """
-    out = Path(out)
+
+def check_converted_destination(out: Path, force: bool) -> None:
+    """Refuse an ``out`` that exists unless ``force``, before any weights are read."""
     if out.exists() and not force:
         raise ValueError(f"--out {out} exists; choose a new folder, or add --force to replace it.")
-    loaded, variables = load_keras_weights(weights, name)
+
+
+def write_converted_run(
+    loaded: ResNet,
+    variables: dict[str, Any],
+    name: str,
+    out: Path,
+    config: ml_collections.ConfigDict,
+    source: str,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Write ``variables`` of the converted model ``loaded`` (registry ``name``) as step 0 of a run in ``out``.
+
+    The run is written complete beside ``out`` first; an existing ``out`` (only with ``force``) is replaced whole
+    after that, so a conversion that fails leaves it as it was."""
+    check_converted_destination(out, force)
     staging, replaced = out.with_name(f".{out.name}.converting"), out.with_name(f".{out.name}.replaced")
     shutil.rmtree(staging, ignore_errors=True)
-    meta = write_converted_run(loaded, variables, name, staging, config, str(weights))
+    meta = save_converted_state(loaded, variables, name, staging, config, source)
     if out.exists():
         shutil.rmtree(replaced, ignore_errors=True)
         out.rename(replaced)
@@ -132,10 +152,10 @@ def convert_keras_checkpoint(
     return meta
 
 
-def write_converted_run(
+def save_converted_state(
     loaded: ResNet, variables: dict[str, Any], name: str, out: Path, config: ml_collections.ConfigDict, source: str
 ) -> dict[str, Any]:
-    """Write ``variables`` of the converted model ``loaded`` (registry ``name``) as step 0 of a run in ``out``."""
+    """Save ``variables`` as the step-0 train state that `load_run` rebuilds for ``config`` with model ``name``."""
     config = config.copy_and_resolve_references()
     config.model = name
     model = build_model(config, loaded.num_classes)  # with the config's dtype and overrides, as load_run builds it
