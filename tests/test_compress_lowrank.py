@@ -89,6 +89,9 @@ def test_the_lowrank_command_writes_a_factorised_run(idx_dir, tmp_path, capsys):
     assert main(args) == 2  # the folder is taken
     assert main(["lowrank", "--checkpoint", str(out), "--out", str(tmp_path / "again")]) == 2
     assert "already compressed" in capsys.readouterr().err
+    assert main(["quantize", "--checkpoint", str(out), "--out", str(tmp_path / "int8")]) == 2
+    assert "is a low-rank run, whose factorised convs int8 quantization does not cover" in capsys.readouterr().err
+    assert not (tmp_path / "int8").exists()
 
 
 @pytest.mark.slow  # a training run

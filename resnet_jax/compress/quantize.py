@@ -116,6 +116,11 @@ def check_quantizable(state: TrainState, config: ml_collections.ConfigDict, chec
     """Refuse a run that is already quantized or whose weights are not finite (a diverged run)."""
     if config.get("quantize") is not None:
         raise ValueError(f"{checkpoint} is already quantized; quantize the float run it was made from.")
+    if config.get("lowrank") is not None:  # its factorised convs have no quantized form
+        raise ValueError(
+            f"{checkpoint} is a low-rank run, whose factorised convs int8 quantization does not cover; quantize a "
+            "run with whole convs (e.g. the one it was factorised from)."
+        )
     finite = all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves((state.params, state.batch_stats)))
     if not finite:
         raise ValueError(f"{checkpoint} holds non-finite weights (a diverged run); quantize a run that trained.")
