@@ -219,6 +219,37 @@ def add_train_and_eval_commands(commands: Any) -> None:
     p.set_defaults(run=evaluate)
 
 
+def add_convert_command(commands: Any) -> None:
+    """``convert``: PyTorch or Keras weights in, a run's weights out to PyTorch."""
+    p = commands.add_parser(
+        "convert",
+        help="PyTorch (torchvision-layout) or Keras weights into a run folder, or a run's weights out to PyTorch",
+        epilog="--from-torch writes step 0 of a run of --config (default configs/default.py) on imagenet2012 "
+        "(validation split); --config.KEY=VALUE changes it, e.g. --config.data_dir=DIR. The folder is what eval "
+        "--workdir, predict/features/analyze --checkpoint and the init_from config key read. torchvision's ImageNet "
+        "weights, e.g. https://download.pytorch.org/models/resnet50-0676ba61.pth, load with --model resnet50. "
+        "--from-keras reads keras.applications' ResNet50/101/152 (--model resnet50_keras, ...) and ResNet50V2/101V2/"
+        "152V2 (--model resnet50v2_keras, ...); the run records Keras' preprocess_input as its input normalisation "
+        "(config.input_mean/input_std) and takes RGB images, so eval, predict and export feed it as Keras did. An "
+        "existing --out is replaced only with --force, once the new run is written whole.",
+    )
+    direction = p.add_mutually_exclusive_group(required=True)
+    direction.add_argument("--from-torch", metavar="FILE", help="a state_dict: .pth/.pt (torch.save) or .safetensors")
+    direction.add_argument("--from-keras", metavar="FILE", help="a Keras ResNet: .keras or .h5 (whole or weights)")
+    direction.add_argument("--to-torch", metavar="FILE", help="write --checkpoint's weights to this .pth/.safetensors")
+    p.add_argument(
+        "--model",
+        help="the model the file holds: resnet18..152, wide_resnet50_2, resnext50_32x4d, ... (torch); "
+        "resnet50_keras, resnet50v2_keras, ... (Keras)",
+    )
+    p.add_argument("--out", help="new folder for the converted run (with --from-torch or --from-keras)")
+    p.add_argument("--config", default="configs/default.py", help="the run's recorded config (default %(default)s)")
+    p.add_argument("--checkpoint", metavar="DIR", help="a run or convert output (with --to-torch)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    add_force_argument(p)
+    p.set_defaults(run=convert, takes_config_overrides=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="resnet-jax", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -247,33 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("models", help="list the named models")
     p.set_defaults(run=list_names)
 
-    p = commands.add_parser(
-        "convert",
-        help="PyTorch (torchvision-layout) or Keras weights into a run folder, or a run's weights out to PyTorch",
-        epilog="--from-torch writes step 0 of a run of --config (default configs/default.py) on imagenet2012 "
-        "(validation split); --config.KEY=VALUE changes it, e.g. --config.data_dir=DIR. The folder is what eval "
-        "--workdir, predict/features/analyze --checkpoint and the init_from config key read. torchvision's ImageNet "
-        "weights, e.g. https://download.pytorch.org/models/resnet50-0676ba61.pth, load with --model resnet50. "
-        "--from-keras reads keras.applications' ResNet50/101/152 (--model resnet50_keras, ...) and ResNet50V2/101V2/"
-        "152V2 (--model resnet50v2_keras, ...); the run records Keras' preprocess_input as its input normalisation "
-        "(config.input_mean/input_std) and takes RGB images, so eval, predict and export feed it as Keras did. An "
-        "existing --out is replaced only with --force, once the new run is written whole.",
-    )
-    direction = p.add_mutually_exclusive_group(required=True)
-    direction.add_argument("--from-torch", metavar="FILE", help="a state_dict: .pth/.pt (torch.save) or .safetensors")
-    direction.add_argument("--from-keras", metavar="FILE", help="a Keras ResNet: .keras or .h5 (whole or weights)")
-    direction.add_argument("--to-torch", metavar="FILE", help="write --checkpoint's weights to this .pth/.safetensors")
-    p.add_argument(
-        "--model",
-        help="the model the file holds: resnet18..152, wide_resnet50_2, resnext50_32x4d, ... (torch); "
-        "resnet50_keras, resnet50v2_keras, ... (Keras)",
-    )
-    p.add_argument("--out", help="new folder for the converted run (with --from-torch or --from-keras)")
-    p.add_argument("--config", default="configs/default.py", help="the run's recorded config (default %(default)s)")
-    p.add_argument("--checkpoint", metavar="DIR", help="a run or convert output (with --to-torch)")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-    add_force_argument(p)
-    p.set_defaults(run=convert, takes_config_overrides=True)
+    add_convert_command(commands)
 
     p = commands.add_parser(
         "predict",
