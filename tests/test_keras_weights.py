@@ -70,22 +70,21 @@ def images() -> np.ndarray:
     return np.random.default_rng(1).normal(size=(2, SIZE, SIZE, 3)).astype(np.float32)
 
 
+def saved_keras_resnet(folder: Path, application: str, file_name: str) -> tuple[Path, keras.Model]:
+    """A random ``keras.applications.<application>`` saved whole to ``folder / file_name``, and the model."""
+    model = random_keras_resnet(application)
+    model.save(folder / file_name)
+    return folder / file_name, model
+
+
 @pytest.fixture(scope="module")
 def v2_file(tmp_path_factory) -> tuple[Path, keras.Model]:
-    """A ResNet50V2 saved as a .keras file, and the model."""
-    model = random_keras_resnet("ResNet50V2")
-    path = tmp_path_factory.mktemp("keras") / "resnet50v2.keras"
-    model.save(path)
-    return path, model
+    return saved_keras_resnet(tmp_path_factory.mktemp("keras"), "ResNet50V2", "resnet50v2.keras")
 
 
 @pytest.fixture(scope="module")
 def v1_file(tmp_path_factory) -> tuple[Path, keras.Model]:
-    """A ResNet50 saved whole in Keras' HDF5 format, and the model."""
-    model = random_keras_resnet("ResNet50")
-    path = tmp_path_factory.mktemp("keras") / "resnet50.h5"
-    model.save(path)
-    return path, model
+    return saved_keras_resnet(tmp_path_factory.mktemp("keras"), "ResNet50", "resnet50.h5")  # Keras' HDF5 format
 
 
 @pytest.fixture(scope="module")
