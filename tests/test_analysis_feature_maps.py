@@ -70,6 +70,7 @@ def test_analyze_features_writes_a_picture_per_model(snapshots, tmp_path):
         analyze_features(snapshots, smooth_images(2), tmp_path / "bad", top=0)
 
 
+@pytest.mark.slow  # two models through the command; the library test above covers the maps
 def test_analyze_features_draws_residual_and_plain_from_the_command_line(tmp_path, capsys):
     data = tmp_path / "idx"
     make_idx_folder(data, compressed=False, num_train=4, num_test=4)

@@ -98,6 +98,7 @@ def test_bench_without_torch_prints_jax_rows_only(tmp_path, capsys):
     assert [row["variant"] for row in record["train"]] == ["jit"]
 
 
+@pytest.mark.slow  # two extra compilations of the step; the default suite stays under 15 minutes
 def test_bench_xla_options_rows_compile_the_same_step_with_those_options(tmp_path, capsys):
     dump = tmp_path / "dump"
     options = f"xla_dump_to={dump},xla_cpu_multi_thread_eigen=false"
