@@ -34,9 +34,7 @@ from resnet_jax.deploy.servable import Servable, class_list
 from resnet_jax.deploy.verify import agreement, check_agreement, run_in_fresh_process
 from resnet_jax.models import create_model
 from resnet_jax.models.blocks import Conv
-from resnet_jax.train.checkpoint import Checkpoints
-from resnet_jax.train.config import read_saved_config
-from resnet_jax.train.runs import load_run
+from resnet_jax.train.runs import load_run, run_config
 
 # The packages whose versions an artifact's JSON records, by format.
 RUNTIME_PACKAGES = {
@@ -154,18 +152,6 @@ def export_checkpoint(
     )
     serving, notes = serving_form(servable, config, fmt, meta, len(check.representative))
     return export_servable(serving, fmt, out, check, reference=servable, force=force, notes=notes)
-
-
-def run_config(workdir: str | Path, step: int | None) -> tuple[Any, dict[str, Any]]:
-    """The config and checkpoint meta of a run's step (default: the latest), read without loading its weights."""
-    checkpoints = Checkpoints(workdir, every_steps=1, keep_latest=1, async_save=False, read_only=True)
-    try:
-        if not checkpoints.steps():
-            raise FileNotFoundError(f"No checkpoint in {checkpoints.directory}; train first with `resnet-jax train`.")
-        meta = checkpoints.read_meta(step)
-    finally:
-        checkpoints.close()
-    return read_saved_config(meta["config"]), meta
 
 
 def servable_images(servable: Servable, stored: np.ndarray) -> np.ndarray:

@@ -72,11 +72,11 @@ def serving_form(
     servable: Servable, config: ml_collections.ConfigDict, fmt: str, meta: dict[str, Any], representative: int
 ) -> tuple[Servable, dict[str, Any]]:
     """What goes out for ``servable``, a run of ``config`` (checkpoint ``meta``) built with its own conv, in
-    ``fmt``, and the JSON entries that say so: batch norm folded for a float run; for a quantized run, see the
-    module's docstring (``representative``: how many images the TFLite converter calibrates on)."""
+    ``fmt``, and the JSON entries to add: a float run batch norm folded, nothing to add (the JSON says it is folded);
+    a quantized run as the module's docstring says (``representative``: the TFLite converter's calibration images)."""
     settings = config.get("quantize")
     if settings is None:
-        return fold_for_serving(servable), {"batch_norm": "folded into the convs"}
+        return fold_for_serving(servable), {}
     run = {"quantized_from": meta.get("quantized_from")}
     run |= {key: settings.get(key) for key in ("calibration", "calibration_images", "percentile", "arithmetic")}
     run["qat_steps"] = settings.get("qat_steps", 0)

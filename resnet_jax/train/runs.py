@@ -195,10 +195,8 @@ def load_run(workdir: str | Path, step: int | None = None) -> tuple[ResNet, Trai
     Without ``step``, the newest checkpoint that passes the check: a damaged one is skipped with a warning (and
     left in place: reading a run changes nothing in it). A damaged ``step`` raises `CorruptDataError`.
     """
-    checkpoints = Checkpoints(workdir, every_steps=1, keep_latest=1, async_save=False, read_only=True)
+    checkpoints = open_run(workdir)
     try:
-        if not checkpoints.steps():
-            raise FileNotFoundError(f"No checkpoint in {checkpoints.directory}; train first with `resnet-jax train`.")
         if step is None:
             return checkpoints.newest_readable(lambda newest: _load_step(checkpoints, newest), set_aside=False)[1]
         try:
@@ -209,6 +207,25 @@ def load_run(workdir: str | Path, step: int | None = None) -> tuple[ResNet, Trai
             ) from None
     finally:
         checkpoints.close()
+
+
+def open_run(workdir: str | Path) -> Checkpoints:
+    """A run's checkpoints, read-only; FileNotFoundError when it has none. The caller closes them."""
+    checkpoints = Checkpoints(workdir, every_steps=1, keep_latest=1, async_save=False, read_only=True)
+    if not checkpoints.steps():
+        checkpoints.close()
+        raise FileNotFoundError(f"No checkpoint in {checkpoints.directory}; train first with `resnet-jax train`.")
+    return checkpoints
+
+
+def run_config(workdir: str | Path, step: int | None = None) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
+    """The config and checkpoint meta of a run's step (default: the latest), read without loading its weights."""
+    checkpoints = open_run(workdir)
+    try:
+        meta = checkpoints.read_meta(step)
+    finally:
+        checkpoints.close()
+    return read_saved_config(meta["config"]), meta
 
 
 def _load_step(checkpoints: Checkpoints, step: int) -> tuple[ResNet, TrainState, ml_collections.ConfigDict]:

@@ -102,7 +102,7 @@ def convert_torch_checkpoint(
     """
     check_converted_destination(Path(out), force)
     loaded, variables = load_torch_weights(weights, name)
-    return write_converted_run(loaded, variables, name, Path(out), config, str(weights), force)
+    return write_converted_run(loaded, variables, name, Path(out), config, str(weights))
 
 
 def convert_keras_checkpoint(
@@ -116,7 +116,7 @@ def convert_keras_checkpoint(
     variables, mean, std = keras_run_input(variables, name)
     config = config.copy_and_resolve_references()
     config.input_mean, config.input_std = mean, std  # what Keras' preprocess_input did to its training images
-    return write_converted_run(loaded, variables, name, Path(out), config, str(weights), force)
+    return write_converted_run(loaded, variables, name, Path(out), config, str(weights))
 
 
 def check_converted_destination(out: Path, force: bool) -> None:
@@ -132,13 +132,12 @@ def write_converted_run(
     out: Path,
     config: ml_collections.ConfigDict,
     source: str,
-    force: bool = False,
 ) -> dict[str, Any]:
-    """Write ``variables`` of the converted model ``loaded`` (registry ``name``) as step 0 of a run in ``out``.
+    """Write ``variables`` of the converted model ``loaded`` (registry ``name``) as step 0 of a run in ``out``,
+    whose destination the caller checked (`check_converted_destination`, before reading any weights).
 
-    The run is written complete beside ``out`` first; an existing ``out`` (only with ``force``) is replaced whole
-    after that, so a conversion that fails leaves it as it was."""
-    check_converted_destination(out, force)
+    The run is written complete beside ``out`` first; an existing ``out`` is replaced whole after that, so a
+    conversion that fails leaves it as it was."""
     staging, replaced = out.with_name(f".{out.name}.converting"), out.with_name(f".{out.name}.replaced")
     shutil.rmtree(staging, ignore_errors=True)
     meta = save_converted_state(loaded, variables, name, staging, config, source)
