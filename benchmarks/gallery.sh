@@ -11,6 +11,8 @@
 #   4. degradation (He et al.): the six training runs' error curves (the training itself)
 #   5. feature reuse: CKA of resnet110 and plain110
 #   6. block Jacobians: resnet110 against plain110
+#   7. stochastic depth (Huang et al.): resnet56 trained with drop_path_rate DROP (default 0.5, the paper's), its
+#      lesions against resnet56's
 #
 #   benchmarks/gallery.sh                       # from the repository root; runs in runs/gallery, analyses beside
 #   CPU=1 benchmarks/gallery.sh                 # with the CPU's batch-parts step (about 4 hours on 2 cores)
@@ -49,6 +51,8 @@ else
     SMALL=() CKA=() JACOBIAN=()
     LIMITS=(36000 7200)
 fi
+DROP=${DROP:-0.5}
+DROP_RUN=$RUNS/stochastic_depth/resnet${MID}_drop$DROP
 DEEP_RUNS=(--checkpoint "$RUNS/runs/resnet$DEEP" --checkpoint "$RUNS/runs/plain$DEEP")
 MID_RUNS=(--checkpoint "$RUNS/runs/resnet$MID" --checkpoint "$RUNS/runs/plain$MID")
 
@@ -91,6 +95,13 @@ part "5. CKA" "$OUT/cka/cka.json" "${LIMITS[1]}" \
     "${RJ[@]}" analyze cka "${DEEP_RUNS[@]}" "${CKA[@]}" "${DATA[@]}" --out "$OUT/cka"
 part "6. block Jacobians" "$OUT/jacobian/jacobian.json" "${LIMITS[1]}" \
     "${RJ[@]}" analyze jacobian "${DEEP_RUNS[@]}" "${JACOBIAN[@]}" "${DATA[@]}" --out "$OUT/jacobian"
+
+part "7. stochastic depth: train resnet$MID with drop_path_rate $DROP" "$DROP_RUN/curves.png" "${LIMITS[0]}" \
+    "${RJ[@]}" train "${TRAIN[@]}" --config.model="resnet$MID" --config.model_overrides.drop_path_rate="$DROP" \
+    --workdir "$DROP_RUN"
+part "7. stochastic depth: lesions" "$OUT/lesion_drop_path/lesion.json" "${LIMITS[1]}" \
+    "${RJ[@]}" analyze lesion --checkpoint "$RUNS/runs/resnet$MID" --checkpoint "$DROP_RUN" "${DATA[@]}" \
+    --out "$OUT/lesion_drop_path"
 
 if ((${#failed[@]})); then
     echo "not done: ${failed[*]}"

@@ -12,10 +12,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUTS = ("paths/paths.json", "paths_half/paths.json", "lesion/lesion.json", "landscape/landscape.json")
-OUTPUTS += ("hessian/hessian.json", "cka/cka.json", "jacobian/jacobian.json")
+OUTPUTS += ("hessian/hessian.json", "cka/cka.json", "jacobian/jacobian.json", "lesion_drop_path/lesion.json")
 
 
-@pytest.mark.slow  # four toy training runs and seven analyses: minutes
+@pytest.mark.slow  # five toy training runs and eight analyses: minutes
 def test_the_gallery_script_trains_analyses_and_resumes_at_toy_sizes(tmp_path):
     env = os.environ | {
         "DRY": "1",
@@ -38,7 +38,8 @@ def test_the_gallery_script_trains_analyses_and_resumes_at_toy_sizes(tmp_path):
         "resnet14",
         "resnet8",
     ]
+    assert (tmp_path / "gallery" / "stochastic_depth" / "resnet8_drop0.5" / "curves.png").is_file()
     for output in OUTPUTS:
         assert (tmp_path / "gallery" / "analysis" / output).is_file(), output
     again = run()  # everything is there: nothing runs again
-    assert again.count("done before") == 1 + len(OUTPUTS) and "limit" not in again
+    assert again.count("done before") == 2 + len(OUTPUTS) and "limit" not in again
