@@ -428,6 +428,21 @@ def test_sigint_while_the_state_is_built_stops_with_one_line(idx_dir, tmp_path):
     assert not (workdir / "checkpoints").exists() or not any((workdir / "checkpoints").iterdir())
 
 
+def test_sigint_while_the_command_loads_jax_stops_with_one_line():
+    """The `resnet-jax` entry point (resnet_jax.console) under a real Ctrl-C sent while JAX is being imported."""
+    command = [sys.executable, "-c", "import sys; from resnet_jax.console import main; sys.exit(main())", "models"]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    maps = Path(f"/proc/{process.pid}/maps")
+    deadline = time.monotonic() + 60
+    while "jaxlib" not in maps.read_text():  # jaxlib's first library is mapped: the import has begun, not ended
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.002)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGINT, err[-3000:]
+    assert err.strip() == "resnet-jax: interrupted while loading; nothing ran" and not out
+
+
 def test_an_unwritable_workdir_is_one_line_with_the_storage_exit_status(idx_dir, tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
