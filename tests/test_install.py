@@ -131,3 +131,12 @@ def test_the_wheel_ships_the_configs_and_a_name_resolves_in_the_installed_packag
     )
     assert run.returncode == 0, run.stderr
     assert run.stdout.splitlines() == [str(site / "configs" / "fashion_mnist_resnet20.py"), "7"]
+    script = subprocess.run(  # the wheel's `resnet-jax` command, through its entry point
+        [sys.executable, str(site / "bin" / "resnet-jax"), "models"],
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert script.returncode == 0 and "resnet50" in script.stdout.split(), script.stderr
