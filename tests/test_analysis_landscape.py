@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from functools import partial
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 from idx_files import make_idx_folder
 
-from resnet_jax.analysis.common import ModelSnapshot
+from resnet_jax.analysis.common import ModelSnapshot, ProgressLine
 from resnet_jax.analysis.landscape import (
     basin_fraction,
     filter_normalized_direction,
@@ -126,6 +127,42 @@ def test_one_compilation_serves_the_whole_grid(snapshot, batch):
         jax.monitoring.unregister_event_duration_listener(count)
     assert loss.shape == accuracy.shape == (25,)
     np.testing.assert_allclose(loss, whole, rtol=1e-5)  # chunking changes nothing
+
+
+def test_a_grid_of_several_calls_reports_progress_and_compiles_once(snapshot, batch):
+    images, labels = batch
+    directions = random_directions(snapshot.variables["params"], 5)
+    points = np.stack(np.meshgrid(np.linspace(-1, 1, 9), np.linspace(-1, 1, 9)), -1).reshape(-1, 2)
+    done, traced = [], []
+
+    def count(event, duration, **kwargs):
+        if event == "/jax/core/compile/jaxpr_trace_duration" and kwargs.get("fun_name") == "_grid_metrics":
+            traced.append(kwargs)
+
+    jax.monitoring.register_event_duration_secs_listener(count)
+    try:
+        loss, _ = grid_metrics(snapshot.model, snapshot.variables, directions, points, images, labels, 3, done.append)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(count)
+    assert done == [66, 81]  # 81 points in calls of 66 (64 rounded up to chunks of 3): the second one padded
+    assert len(traced) == 1  # so both calls run one program
+    direct, _ = grid_metrics(snapshot.model, snapshot.variables, directions, points[60:70], images, labels, 10)
+    np.testing.assert_allclose(loss[60:70], direct, rtol=1e-5)  # points across the calls' border are the same
+
+
+def test_progress_line_writes_a_trail_in_logs_with_an_eta():
+    every = io.StringIO()
+    line = ProgressLine("landscape resnet8", 40, "points", stream=every, every_s=0.0)
+    for done in (10, 20, 40):
+        line.update(done)
+    first, second, last = every.getvalue().splitlines()
+    assert first == "landscape resnet8: 10/40 points" and last == "landscape resnet8: 40/40 points"
+    assert second.startswith("landscape resnet8: 20/40 points | ETA ")
+    sparse = io.StringIO()
+    line = ProgressLine("paths resnet8", 40, "measurements", stream=sparse, every_s=3600.0)
+    for done in (10, 20, 40):
+        line.update(done)
+    assert sparse.getvalue().splitlines() == ["paths resnet8: 10/40 measurements", "paths resnet8: 40/40 measurements"]
 
 
 def test_basin_and_nonconvexity_measures_on_known_surfaces():

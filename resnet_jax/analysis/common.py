@@ -11,9 +11,12 @@ import ctypes
 import dataclasses
 import glob
 import json
+import math
+import sys
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TextIO
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +29,7 @@ from resnet_jax.cpu.conv import model_conv
 from resnet_jax.cpu.processes import available_cores
 from resnet_jax.models import ResNet, create_model
 from resnet_jax.train.checkpoint import Checkpoints
+from resnet_jax.train.reporting import format_duration
 from resnet_jax.train.runs import load_run
 from resnet_jax.train.steps import create_train_state
 
@@ -232,3 +236,36 @@ def _plain(value: Any) -> Any:
     """JSON for numpy and jax scalars and arrays."""
     array = np.asarray(value)
     return array.item() if array.ndim == 0 else array.tolist()
+
+
+class ProgressLine:
+    """The progress of one long measurement, e.g. ``landscape resnet56 step 2345: 1,088/2,601 points | ETA 12m40s``.
+
+    On a terminal the line rewrites itself at every update; in a log it is written at most every ``every_s``
+    seconds, and at the end, so that a run of hours leaves a readable trail. The ETA takes the rate since the
+    first update, which leaves out the compilation before it.
+    """
+
+    def __init__(self, label: str, total: int, unit: str, stream: TextIO | None = None, every_s: float = 60.0):
+        self.label, self.total, self.unit, self.every_s = label, total, unit, every_s
+        self.stream = stream or sys.stdout
+        self.tty = self.stream.isatty()
+        self._first: tuple[int, float] | None = None
+        self._written = -math.inf
+
+    def update(self, done: int) -> None:
+        """``done`` of the ``total`` units are measured."""
+        now = time.perf_counter()
+        if self._first is None:
+            self._first = (done, now)
+        if not self.tty and done < self.total and now - self._written < self.every_s:
+            return
+        self._written = now
+        text = f"{self.label}: {done:,}/{self.total:,} {self.unit}"
+        first_done, first_time = self._first
+        if first_done < done < self.total:
+            rate = (done - first_done) / (now - first_time)
+            text += f" | ETA {format_duration((self.total - done) / rate)}"
+        end = "\n" if done >= self.total or not self.tty else ""
+        self.stream.write(("\r\033[K" if self.tty else "") + text + end)
+        self.stream.flush()

@@ -9,9 +9,9 @@ direction zero (Li et al.'s "ignore biases and BN"), and the BN running statisti
 L(theta + a d1 + b d2), mean cross-entropy with BN in inference mode and no augmentation, is evaluated
 on one fixed batch of real images at every point of an odd grid over [-1, 1]^2 (the weights at its
 centre; the 1-D curve is its b = 0 row) by ONE compiled program: lax.map over the points, one point per
-step by default. Vectorising a chunk of points (vmap over the weights) turns every conv into a grouped
-conv, which costs XLA:CPU several times the compute of a loop over the points, so chunks > 1 are for
-accelerators, where they may pay.
+step by default, called on 64 points at a time so that a grid of hours shows its progress. Vectorising a
+chunk of points (vmap over the weights) turns every conv into a grouped conv, which costs XLA:CPU several
+times the compute of a loop over the points, so chunks > 1 are for accelerators, where they may pay.
 
 Two numbers per surface, both defined on any grid:
 - basin_fraction: share of the plane's grid where the loss is below chance, log(classes), i.e. where
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from resnet_jax.analysis.common import ModelSnapshot, line_styles, pyplot, save_figure, write_csv, write_json
+from resnet_jax.analysis.common import (
+    ModelSnapshot,
+    ProgressLine,
+    line_styles,
+    pyplot,
+    save_figure,
+    write_csv,
+    write_json,
+)
 from resnet_jax.train.steps import cross_entropy
 
 NONCONVEX_RATIO = 0.05  # |lambda_min| / max |lambda| above which a negative curvature counts
@@ -81,6 +89,11 @@ def grid_axis(resolution: int) -> np.ndarray:
     return np.linspace(-1.0, 1.0, resolution)
 
 
+# Points per call of the compiled grid program (rounded up to whole chunks): each call is one progress update,
+# and every call has the same shape, so one program serves the whole grid.
+POINTS_PER_CALL = 64
+
+
 def grid_metrics(
     model: nn.Module,
     variables: dict[str, Any],
@@ -89,16 +102,26 @@ def grid_metrics(
     images: jax.Array,
     labels: jax.Array,
     chunk: int = 1,
+    progress: Callable[[int], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Mean cross-entropy and accuracy (BN in inference mode) at theta + a d1 + b d2 for every row (a, b) of
-    ``points``, ``chunk`` points at a time, in one compiled program."""
+    ``points``, ``chunk`` points at a time, by one compiled program; ``progress`` hears how many points are done."""
     if chunk < 1:
         raise ValueError(f"chunk={chunk}: evaluate at least one grid point at a time.")
     count = len(points)
     chunk = min(chunk, count)
-    padded = np.concatenate([points, np.repeat(points[-1:], -count % chunk, axis=0)]).astype(np.float32)
-    loss, accuracy = _grid_metrics(model, chunk, variables, directions, padded, images, labels)
-    return np.asarray(loss)[:count], np.asarray(accuracy)[:count]
+    per_call = min(-(-POINTS_PER_CALL // chunk), -(-count // chunk)) * chunk
+    # The points are padded to whole calls: a remainder would trace (and compile) the model a second time.
+    padded = np.concatenate([points, np.repeat(points[-1:], -count % per_call, axis=0)]).astype(np.float32)
+    losses, accuracies = [], []
+    for start in range(0, len(padded), per_call):
+        part = padded[start : start + per_call]
+        loss, accuracy = _grid_metrics(model, chunk, variables, directions, part, images, labels)
+        losses.append(np.asarray(loss))
+        accuracies.append(np.asarray(accuracy))
+        if progress is not None:
+            progress(min(start + per_call, count))
+    return np.concatenate(losses)[:count], np.concatenate(accuracies)[:count]
 
 
 @partial(jax.jit, static_argnums=(0, 1))
@@ -119,7 +142,6 @@ def _grid_metrics(
         logits, _ = model.apply({**variables, "params": params}, images, train=False)
         return cross_entropy(logits, labels).mean(), jnp.mean(jnp.argmax(logits, -1) == labels)
 
-    # The points are padded to whole chunks: a remainder would trace (and compile) the model a second time.
     return jax.lax.map(metrics_at, points, batch_size=chunk)
 
 
@@ -150,7 +172,10 @@ def landscape(
     points = np.stack([a.ravel(), b.ravel()], axis=-1)
     began = time.perf_counter()
     directions = random_directions(snapshot.variables["params"], seed)
-    loss, accuracy = grid_metrics(snapshot.model, snapshot.variables, directions, points, images, labels, chunk)
+    line = ProgressLine(f"landscape {snapshot.label}", len(points), "points")
+    loss, accuracy = grid_metrics(
+        snapshot.model, snapshot.variables, directions, points, images, labels, chunk, line.update
+    )
     seconds = time.perf_counter() - began
     loss, accuracy = loss.reshape(resolution, resolution), accuracy.reshape(resolution, resolution)
     middle = resolution // 2

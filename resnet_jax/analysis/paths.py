@@ -33,7 +33,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from resnet_jax.analysis.common import ModelSnapshot, line_styles, pyplot, save_figure, write_csv, write_json
+from resnet_jax.analysis.common import (
+    ModelSnapshot,
+    ProgressLine,
+    line_styles,
+    pyplot,
+    save_figure,
+    write_csv,
+    write_json,
+)
 from resnet_jax.analysis.interception import BRANCH, SKIP, Call, intercept
 from resnet_jax.train.steps import cross_entropy
 
@@ -131,9 +139,11 @@ class PathGradients:
         gates: np.ndarray,
         batch_size: int,
         rng: np.random.Generator,
+        progress: Callable[[int], None] | None = None,
     ) -> np.ndarray:
         """The gradient norm for each gate vector of ``gates`` (S, blocks, 2); each chunk measures on its own
-        random batch of ``batch_size`` of the ``images`` (the last chunk is padded with repeats)."""
+        random batch of ``batch_size`` of the ``images`` (the last chunk is padded with repeats). ``progress``
+        hears how many are measured after each chunk."""
         norms = np.empty(len(gates))
         for start in range(0, len(gates), self.chunk):
             part = gates[start : start + self.chunk]
@@ -141,6 +151,8 @@ class PathGradients:
             batch = np.sort(rng.choice(len(images), batch_size, replace=False))
             result = self._program(variables, images[batch], labels[batch], jnp.asarray(padded, jnp.float32))
             norms[start : start + len(part)] = np.asarray(result)[: len(part)]
+            if progress is not None:
+                progress(start + len(part))
         return norms
 
 
@@ -240,7 +252,8 @@ def snapshot_paths(
     began = time.perf_counter()
     n = _count_blocks(snapshot.model, snapshot.variables, images)
     gates, lengths = sample_gates(n, samples, rng)
-    norms = measure(snapshot.variables, images, labels, gates)
+    line = ProgressLine(f"paths {snapshot.label}", len(gates), "measurements")
+    norms = measure(snapshot.variables, images, labels, gates, progress=line.update)
     return {
         **snapshot.report_fields(),
         "blocks": n,
