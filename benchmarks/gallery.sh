@@ -43,14 +43,16 @@ if [[ $DRY == 1 ]]; then  # nets of 8 and 14 layers trained 4 steps, for the mid
     TRAIN+=(--config.depths="(8,14)" --config.num_train_steps=4 --config.warmup_steps=1 --config.log_every_steps=2
         --config.eval_every_steps=4 --config.checkpoint_every_steps=2 --config.eval_split="test[:64]")
     SMALL=(--examples 16)
+    LANDSCAPE=("${SMALL[@]}")
     CKA=(--examples 16 --batch-size 8)
     JACOBIAN=(--iterations 5 --probes 8 --exact-size 0)
     LIMITS=(600 300)
 else
     DEEP=110 MID=56 RESOLUTION=${RESOLUTION:-51}
-    # The paper's 1,000 path samples per length are GPU work: a CPU measures 64 and 32 (docs/results.md: times)
-    if [[ ${CPU:-0} == 1 ]]; then SAMPLES=${SAMPLES:-64}; else SAMPLES=${SAMPLES:-1000}; fi
-    SMALL=() CKA=() JACOBIAN=()
+    SMALL=() CKA=() JACOBIAN=() LANDSCAPE=()
+    # The paper's 1,000 path samples per length are GPU work: a CPU measures 64 and 32, and its landscapes on 64
+    # images, the Hessian's batch, instead of 256 (docs/results.md gives the times)
+    if [[ ${CPU:-0} == 1 ]]; then SAMPLES=${SAMPLES:-64} LANDSCAPE=(--examples 64); else SAMPLES=${SAMPLES:-1000}; fi
     LIMITS=(36000 7200)
 fi
 DROP=${DROP:-0.5}
@@ -89,7 +91,7 @@ part "1. paths, $((SAMPLES / 2)) samples per length" "$OUT/paths_half/paths.json
 part "2. lesions" "$OUT/lesion/lesion.json" "${LIMITS[1]}" \
     "${RJ[@]}" analyze lesion "${DEEP_RUNS[@]}" "${DATA[@]}" --out "$OUT/lesion"
 part "3. landscapes at ${RESOLUTION}x$RESOLUTION" "$OUT/landscape/landscape.json" "${LIMITS[1]}" \
-    "${RJ[@]}" analyze landscape "${MID_RUNS[@]}" --resolution "$RESOLUTION" "${SMALL[@]}" "${DATA[@]}" \
+    "${RJ[@]}" analyze landscape "${MID_RUNS[@]}" --resolution "$RESOLUTION" "${LANDSCAPE[@]}" "${DATA[@]}" \
     --out "$OUT/landscape"
 part "3. Hessian spectra" "$OUT/hessian/hessian.json" "${LIMITS[1]}" \
     "${RJ[@]}" analyze hessian "${MID_RUNS[@]}" "${SMALL[@]}" "${DATA[@]}" --out "$OUT/hessian"
