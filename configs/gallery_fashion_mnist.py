@@ -7,8 +7,8 @@
 The first trains plain and residual nets of 20, 56 and 110 layers (resumable) into runs/gallery/runs/<model>, where
 the gallery's analyses read them (docs/results.md), and plots their error curves; the second trains one alone.
 
-Expected and time: not measured to the end yet (resnet110: 82.8% test accuracy after epoch 1, 28 min on 2 shared
-CPU cores); the results gallery will give each model's accuracy and training time.
+Expected and time, 2 shared CPU cores with --config.parallelism=batch_parts: resnet56 92.59% test accuracy in 63
+min, plain56 87.77% in 49 min; docs/results.md gives every model's accuracy and training time.
 """
 
 from configs import default
