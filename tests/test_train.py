@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import io
 import json
 import logging
 import os
@@ -19,13 +20,14 @@ import optax
 import pytest
 from idx_files import idx_folder_fixture
 
+from resnet_jax.analysis.common import ProgressLine
 from resnet_jax.cli import main
 from resnet_jax.data import BatchSettings, load_source
 from resnet_jax.train.checkpoint import DIGEST, Checkpoints, state_digest
 from resnet_jax.train.config import REQUIRED_KEYS, load_config, read_saved_config
 from resnet_jax.train.loop import Callback, evaluate, next_stop, train_and_evaluate
 from resnet_jax.train.optim import create_optimizer, learning_rate_schedule
-from resnet_jax.train.reporting import MetricsLog, read_metrics
+from resnet_jax.train.reporting import MetricsLog, Progress, read_metrics
 from resnet_jax.train.runs import build_model
 from resnet_jax.train.steps import TrainState, compile_steps, create_train_state, make_mesh
 
@@ -305,6 +307,33 @@ def test_a_resumed_run_forgets_the_metrics_logged_after_its_checkpoint(tmp_path)
     assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path)] == [(2, 0.5), (4, 0.25), (6, 0.5)]
     MetricsLog(tmp_path, start_step=6).close()  # nothing after the checkpoint: the file is left as it is
     assert len(read_metrics(tmp_path)) == 3
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_status_lines_rewrite_themselves_on_a_terminal_and_keep_only_what_must_stay():
+    """A training line and an analysis line on one terminal: each update replaces the line before it, and only
+    the messages and the end of a measurement are left standing."""
+    terminal = Terminal()
+    progress = Progress(total_steps=10, start_step=0, batch_size=8, stream=terminal)
+    progress.compiled(1.5)
+    progress.update(5, {"loss": 0.5})
+    analysis = ProgressLine("paths resnet8", 4, "measurements", stream=terminal)
+    analysis.update(2)
+    analysis.update(4)
+    progress.message("done")
+    writes = terminal.getvalue().split("\r\033[K")
+    assert writes == [
+        "",
+        "compiled the train step in 1.5s\n",
+        "step 5/10 | loss 0.5000",
+        "paths resnet8: 2/4 measurements",
+        "paths resnet8: 4/4 measurements\n",
+        "done\n",
+    ]
 
 
 @pytest.mark.slow  # over 20 s on 2 cores

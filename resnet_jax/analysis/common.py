@@ -29,7 +29,7 @@ from resnet_jax.cpu.conv import model_conv
 from resnet_jax.cpu.processes import available_cores
 from resnet_jax.models import ResNet, create_model
 from resnet_jax.train.checkpoint import Checkpoints
-from resnet_jax.train.reporting import format_duration
+from resnet_jax.train.reporting import format_duration, write_status
 from resnet_jax.train.runs import load_run
 from resnet_jax.train.steps import create_train_state
 
@@ -266,6 +266,4 @@ class ProgressLine:
         if first_done < done < self.total:
             rate = (done - first_done) / (now - first_time)
             text += f" | ETA {format_duration((self.total - done) / rate)}"
-        end = "\n" if done >= self.total or not self.tty else ""
-        self.stream.write(("\r\033[K" if self.tty else "") + text + end)
-        self.stream.flush()
+        write_status(self.stream, text, tty=self.tty, keep=done >= self.total)

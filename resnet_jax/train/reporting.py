@@ -84,6 +84,16 @@ def plot_curves(workdir: str | Path) -> Path:
     return out
 
 
+def write_status(stream: TextIO, text: str, *, tty: bool, keep: bool) -> None:
+    """One status line. On a terminal it replaces the status line before it and stays only when ``keep``
+    (so a live line never scrolls the terminal); in a log every line is kept, since nothing can be rewritten."""
+    if tty:
+        stream.write("\r\033[K" + text + ("\n" if keep else ""))
+    else:
+        stream.write(text + "\n")
+    stream.flush()
+
+
 def format_duration(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     hours, rest = divmod(seconds, 3600)
@@ -106,7 +116,7 @@ class Progress:
         self._rate = None
 
     def compiled(self, seconds: float) -> None:
-        self._print(f"compiled the train step in {seconds:.1f}s", newline=True)
+        self._print(f"compiled the train step in {seconds:.1f}s", keep=True)
 
     def start_timing(self, step: int) -> None:
         """Start the img/s clock (after compilation, so compile time never counts as training)."""
@@ -121,16 +131,11 @@ class Progress:
         if self._rate:
             eta = (self.total - step) * self.batch_size / self._rate
             parts += [f"{self._rate:,.0f} img/s", f"ETA {format_duration(eta)}"]
-        self._print(" | ".join(parts), newline=not self.tty)
+        self._print(" | ".join(parts), keep=False)
 
     def message(self, text: str) -> None:
-        self._print(text, newline=True, clear=self.tty)
+        self._print(text, keep=True)
 
-    def _print(self, text: str, newline: bool, clear: bool = False) -> None:
-        if not self.enabled:
-            return
-        if self.tty:
-            self.stream.write("\r\033[K" + text + ("\n" if newline else ""))
-        else:
-            self.stream.write(text + "\n")
-        self.stream.flush()
+    def _print(self, text: str, keep: bool) -> None:
+        if self.enabled:
+            write_status(self.stream, text, tty=self.tty, keep=keep)
