@@ -139,7 +139,7 @@ def test_random_orders_and_deletion_sets():
     assert len(drawn) == 3 and all(len(set(s)) == 2 and set(s) <= {0, 1, 3, 5} for s in drawn)
 
 
-def test_one_compiled_program_serves_every_lesion():
+def test_one_compiled_program_serves_every_lesion(capsys):
     model, variables, images = _setup("resnet14")
     evaluate = LesionEval(model, batch_size=8)
     labels = jnp.arange(6) % 10
@@ -147,6 +147,8 @@ def test_one_compiled_program_serves_every_lesion():
         ModelSnapshot("resnet14", model, variables), images, labels, evaluate, 2, np.random.default_rng(0)
     )
     assert evaluate.traces == 1
+    evaluations = 1 + 6 + 7 + 4  # baseline, single deletions, random deletions, reorderings
+    assert capsys.readouterr().out.splitlines()[-1] == f"lesion resnet14 init: {evaluations}/{evaluations} evaluations"
     assert len(report["single"]) == 6 and all(row["error"] is not None for row in report["single"])
     assert [row["deleted"] for row in report["random"]] == [1, 1, 2, 2, 3, 3, 4]  # the four-block set only once
     assert len(report["reorder"]) == 4 and all(

@@ -30,7 +30,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from resnet_jax.analysis.blocks import BlockInfo, capture_blocks
-from resnet_jax.analysis.common import ModelSnapshot, line_styles, pyplot, save_figure, write_csv, write_json
+from resnet_jax.analysis.common import (
+    ModelSnapshot,
+    ProgressLine,
+    line_styles,
+    pyplot,
+    save_figure,
+    write_csv,
+    write_json,
+)
 from resnet_jax.analysis.interception import BLOCK, SKIP, Call, intercept
 
 # --- deleting blocks -----------------------------------------------------------------------------------------
@@ -179,54 +187,67 @@ def lesion_snapshot(
     rng: np.random.Generator,
 ) -> dict[str, Any]:
     """Baseline, single deletions, and for residual nets random deletions of k shape-preserving blocks and
-    random reorderings (1 to as many swaps as there are swappable blocks), ``draws`` per k and per swap count."""
+    random reorderings (1 to as many swaps as there are swappable blocks), ``draws`` per k and per swap count.
+
+    Every deletion set and order is drawn first, so that the progress line knows the number of evaluations (a
+    110-layer net takes hundreds)."""
     began = time.perf_counter()
     infos = block_infos(snapshot.model, snapshot.variables, images)
     n = len(infos)
     residual = infos[0].kind != "plain"
+    singles = [info.depth for info in infos if deletable(info)]
+    deletions, orders = _random_lesions(infos, draws, rng) if residual else ([], [])
+    line = ProgressLine(f"lesion {snapshot.label}", 1 + len(singles) + len(deletions) + len(orders), "evaluations")
+    done = 0
 
-    def error(delete: Sequence[bool], variables: dict[str, Any] = snapshot.variables) -> float:
-        return evaluate.error(variables, images, labels, delete)
+    def error(deleted: Sequence[int], variables: dict[str, Any] = snapshot.variables) -> float:
+        nonlocal done
+        value = evaluate.error(variables, images, labels, [d in deleted for d in range(n)])
+        done += 1
+        line.update(done)
+        return value
 
-    baseline = error([False] * n)
-    single = [
+    report = {
+        **snapshot.report_fields(),
+        "residual": residual,
+        "chance_error": 1 - 1 / snapshot.model.num_classes,
+        "baseline_error": error(()),
+    }
+    single_errors = {depth: error((depth,)) for depth in singles}
+    report["single"] = [
         {
             "name": info.name,
             "depth": info.depth,
             "kind": info.kind,
             "downsampling": info.input_shape != info.output_shape,
-            "error": error([d == info.depth for d in range(n)]) if deletable(info) else None,
+            "error": single_errors.get(info.depth),
         }
         for info in infos
     ]
-    report = {
-        **snapshot.report_fields(),
-        "residual": residual,
-        "chance_error": 1 - 1 / snapshot.model.num_classes,
-        "baseline_error": baseline,
-        "single": single,
-    }
     if residual:
-        candidates = [info.depth for info in infos if info.input_shape == info.output_shape]
-        report["random"] = [
-            {"deleted": k, "blocks": list(chosen), "error": error([d in chosen for d in range(n)])}
-            for k in range(1, len(candidates) + 1)
-            for chosen in deletion_sets(candidates, k, draws, rng)
-        ]
-        groups = swap_groups(infos)
-        orders = [
-            random_order(groups, n, swaps, rng) for swaps in range(1, sum(map(len, groups)) + 1) for _ in range(draws)
-        ]
+        report["random"] = [{"deleted": len(s), "blocks": list(s), "error": error(s)} for s in deletions]
         report["reorder"] = [
             {
                 "order": order,
                 "kendall_tau": kendall_tau(order),
-                "error": error([False] * n, reordered_variables(snapshot.variables, infos, order)),
+                "error": error((), reordered_variables(snapshot.variables, infos, order)),
             }
             for order in orders
         ]
     report["seconds"] = time.perf_counter() - began
     return report
+
+
+def _random_lesions(
+    infos: Sequence[BlockInfo], draws: int, rng: np.random.Generator
+) -> tuple[list[tuple[int, ...]], list[list[int]]]:
+    """A residual net's random lesions: ``draws`` deletion sets of each size k of its shape-preserving blocks, and
+    ``draws`` orders after each number of swaps from 1 to the number of blocks that can swap."""
+    candidates = [info.depth for info in infos if info.input_shape == info.output_shape]
+    deletions = [s for k in range(1, len(candidates) + 1) for s in deletion_sets(candidates, k, draws, rng)]
+    groups = swap_groups(infos)
+    swaps = range(1, sum(map(len, groups)) + 1)
+    return deletions, [random_order(groups, len(infos), k, rng) for k in swaps for _ in range(draws)]
 
 
 def analyze_lesions(
