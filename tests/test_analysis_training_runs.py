@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from idx_files import idx_folder_fixture
 
+from resnet_jax.analysis.common import line_styles
 from resnet_jax.cli import main
 from resnet_jax.train.config import load_config
 from resnet_jax.train.loop import train_and_evaluate
@@ -76,3 +77,16 @@ def test_hessian_along_training(runs, idx_dir, tmp_path, capsys):
     report = json.loads((out / "hessian.json").read_text())
     assert [row["label"] for row in report["summary"]] == [f"resnet8 step {step}" for step in (0, 2, 4, 6)]
     assert len({row["lambda_max"] for row in report["summary"]}) == 4  # training moved the curvature
+
+
+def test_plot_colours_follow_runs_and_shade_each_runs_checkpoints():
+    """Two runs of one model (with and without stochastic depth) must be told apart in a plot; the checkpoints of
+    one run read as a progression of one colour, lighter before."""
+    run_a = [{"model": "resnet56", "label": f"a {s}", "workdir": "runs/a"} for s in (100, 200)]
+    run_b = [{"model": "resnet56", "label": "b 200", "workdir": "runs/b"}]
+    at_init = [{"model": "plain56", "label": f"seed {s}", "workdir": None} for s in (0, 1)]
+    a_early, a_late, b, init_0, init_1 = line_styles(run_a + run_b + at_init)
+    assert a_early["color"] == a_late["color"] and a_early["alpha"] < a_late["alpha"] == 1.0
+    assert b["color"] != a_late["color"] and b["alpha"] == 1.0
+    assert init_0["color"] == init_1["color"] not in (a_late["color"], b["color"])
+    assert [style["label"] for style in (a_early, b, init_1)] == ["a 100", "b 200", "seed 1"]

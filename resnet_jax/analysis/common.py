@@ -189,18 +189,22 @@ def save_figure(fig: Any, path: Path, title: str) -> Path:
 
 
 def line_styles(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Plot styles for reports (each with "model" and "label"): one colour per model, lighter for its earlier
-    checkpoints, so that one model's curves read as a progression."""
+    """Plot styles for reports (each with "model" and "label", and "workdir" for a checkpoint): one colour per
+    training run, lighter for its earlier checkpoints, so that one run's curves read as a progression. Two runs of
+    one model (e.g. with and without stochastic depth) get two colours; models at initialisation, one per model."""
     from matplotlib import colormaps
 
-    models = list(dict.fromkeys(report["model"] for report in reports))
+    def run(report: dict[str, Any]) -> str:
+        return report.get("workdir") or report["model"]
+
+    runs = list(dict.fromkeys(map(run, reports)))
     styles = []
     for index, report in enumerate(reports):
-        # By position: reports of one model that compare equal (two seeds at init) would be found twice, and
+        # By position: reports of one run that compare equal (two seeds at init) would be found twice, and
         # comparing reports that hold arrays raises.
-        same = [i for i, r in enumerate(reports) if r["model"] == report["model"]]
+        same = [i for i, r in enumerate(reports) if run(r) == run(report)]
         shade = 0.35 + 0.65 * (same.index(index) + 1) / len(same)
-        colour = colormaps["tab10"](models.index(report["model"]) % 10)
+        colour = colormaps["tab10"](runs.index(run(report)) % 10)
         styles.append({"color": colour, "alpha": shade, "label": report["label"]})
     return styles
 
