@@ -272,7 +272,8 @@ def test_analyze_jacobian_writes_numbers_and_plots(idx_dir, tmp_path, capsys):
     args += ["--examples", "1", "--input-size", "8", "--exact-size", "8", "--iterations", "6", "--probes", "4"]
     args += ["--top-k", "2"]
     assert main([*args, "--out", str(out)]) == 0
-    assert str(out) in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert str(out) in printed and "jacobian resnet8 init: 3/3 blocks" in printed
     report = json.loads((out / "jacobian.json").read_text())
     assert [m["label"] for m in report["models"]] == ["resnet8 init", "plain8 init"]
     resnet, plain = report["models"]

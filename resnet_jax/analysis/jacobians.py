@@ -29,6 +29,7 @@ import numpy as np
 from resnet_jax.analysis.blocks import Block, block_parts, capture_blocks
 from resnet_jax.analysis.common import (
     ModelSnapshot,
+    ProgressLine,
     line_styles,
     pyplot,
     save_figure,
@@ -361,9 +362,12 @@ def snapshot_jacobians(
     seconds = {}
     began = time.perf_counter()
     blocks = []
-    for block in capture_blocks(snapshot.model, snapshot.variables, images):
+    captured = capture_blocks(snapshot.model, snapshot.variables, images)
+    line = ProgressLine(f"jacobian {snapshot.label}", len(captured), "blocks")  # a 110-layer net takes minutes
+    for block in captured:
         estimates = jacobians.estimate(block, np.random.default_rng([seed, 1, block.info.depth]))
         blocks.append(_block_row(block, estimates))
+        line.update(len(blocks))
     seconds["estimates"] = time.perf_counter() - began
     if exact_images is not None:
         began = time.perf_counter()
