@@ -336,6 +336,26 @@ def test_status_lines_rewrite_themselves_on_a_terminal_and_keep_only_what_must_s
     ]
 
 
+def test_progress_rate_and_eta_survive_one_long_interval():
+    """A paused job (or an evaluation) makes one interval long; the rate and ETA shown after it stay those of
+    training, and a lasting change of speed shows once it is most of the recent intervals."""
+    now = [0.0]
+    log = io.StringIO()
+    progress = Progress(total_steps=1000, start_step=0, batch_size=10, stream=log, clock=lambda: now[0])
+    progress.start_timing(0)
+    for step, seconds in [(10, 1.0), (20, 1.0), (30, 3600.0), (40, 1.0)]:
+        now[0] += seconds
+        progress.update(step, {})
+    lines = log.getvalue().splitlines()
+    assert lines[1] == "step 20/1000 | 100 img/s | ETA 1m38s"
+    assert lines[2].endswith("| 100 img/s | ETA 1m37s")  # the hour-long interval is an outlier, not the rate
+    assert lines[3] == "step 40/1000 | 100 img/s | ETA 1m36s"
+    for step in (50, 60, 70):  # training now runs at half the speed
+        now[0] += 2.0
+        progress.update(step, {})
+    assert log.getvalue().splitlines()[-1] == "step 70/1000 | 50 img/s | ETA 3m06s"
+
+
 @pytest.mark.slow  # over 20 s on 2 cores
 def test_stop_at_test_accuracy_stops_at_the_first_evaluation_reaching_it_and_a_rerun_trains_no_further(
     idx_dir, tmp_path, capsys

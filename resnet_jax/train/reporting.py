@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 import time
+from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
@@ -103,34 +106,46 @@ def format_duration(seconds: float) -> str:
 class Progress:
     """One status line: step, loss, accuracy, img/s and ETA; compile time is reported once, apart.
 
-    On a terminal the line rewrites itself; in a log file each update is a new line.
+    On a terminal the line rewrites itself; in a log file each update is a new line. The rate is the median
+    over the last few intervals between updates, so one slow interval (an evaluation, a checkpoint, a laptop
+    asleep, a paused job) does not turn the ETA into days until the next update.
     """
 
+    RATE_WINDOW = 5  # intervals; the median ignores up to two outliers among them
+
     def __init__(
-        self, total_steps: int, start_step: int, batch_size: int, enabled: bool = True, stream: TextIO | None = None
+        self,
+        total_steps: int,
+        start_step: int,
+        batch_size: int,
+        enabled: bool = True,
+        stream: TextIO | None = None,
+        clock: Callable[[], float] = time.perf_counter,
     ):
         self.total, self.batch_size, self.enabled = total_steps, batch_size, enabled
         self.stream = stream or sys.stdout
         self.tty = self.stream.isatty()
+        self._clock = clock
         self._mark_step, self._mark_time = start_step, None
-        self._rate = None
+        self._rates: deque[float] = deque(maxlen=self.RATE_WINDOW)
 
     def compiled(self, seconds: float) -> None:
         self._print(f"compiled the train step in {seconds:.1f}s", keep=True)
 
     def start_timing(self, step: int) -> None:
         """Start the img/s clock (after compilation, so compile time never counts as training)."""
-        self._mark_step, self._mark_time = step, time.perf_counter()
+        self._mark_step, self._mark_time = step, self._clock()
 
     def update(self, step: int, metrics: dict[str, float]) -> None:
-        now = time.perf_counter()
-        if self._mark_time is not None and step > self._mark_step:
-            self._rate = (step - self._mark_step) * self.batch_size / (now - self._mark_time)
+        now = self._clock()
+        if self._mark_time is not None and step > self._mark_step and now > self._mark_time:
+            self._rates.append((step - self._mark_step) * self.batch_size / (now - self._mark_time))
         self._mark_step, self._mark_time = step, now
         parts = [f"step {step}/{self.total}"] + [f"{k} {v:.4f}" for k, v in metrics.items()]
-        if self._rate:
-            eta = (self.total - step) * self.batch_size / self._rate
-            parts += [f"{self._rate:,.0f} img/s", f"ETA {format_duration(eta)}"]
+        if self._rates:
+            rate = statistics.median(self._rates)
+            eta = (self.total - step) * self.batch_size / rate
+            parts += [f"{rate:,.0f} img/s", f"ETA {format_duration(eta)}"]
         self._print(" | ".join(parts), keep=False)
 
     def message(self, text: str) -> None:
