@@ -50,7 +50,7 @@ if [[ $DRY == 1 ]]; then  # nets of 8 and 14 layers trained 4 steps, for the mid
 else
     DEEP=110 MID=56 RESOLUTION=${RESOLUTION:-51}
     SMALL=() JACOBIAN=() LANDSCAPE=()
-    CKA=(--examples 10000)  # the whole test split in minibatches of 256, as Nguyen et al. use it
+    CKA=(--examples 10000)  # the whole test split, as Nguyen et al. use it
     # The paper's 1,000 path samples per length are GPU work: a CPU measures 64 and 32, and its landscapes on 64
     # images, the Hessian's batch, instead of 256 (docs/results.md gives the times)
     if [[ ${CPU:-0} == 1 ]]; then SAMPLES=${SAMPLES:-64} LANDSCAPE=(--examples 64); else SAMPLES=${SAMPLES:-1000}; fi
