@@ -6,8 +6,8 @@ Fashion-MNIST, one short recipe, sized for a 2-core CPU.
 
 The first trains plain8, plain20, resnet8 and resnet20 (each in OUT/runs/<model>, resumed if rerun) and plots
 their training and test error; the second is one of its runs alone.
-Expected (seed 0): "degradation shown": plain nets' training error rises with depth and residual nets' falls,
-by about one point, no more than another seed may move (benchmarks/training-runs.md).
+Expected (seed 0): "He et al.'s Fig. 6 reproduces": plain nets' training error rises with depth and residual
+nets' falls, by about one point, no more than another seed may move (benchmarks/training-runs.md).
 Time: about 6-7 minutes on 2 CPU cores (estimated).
 """
 
