@@ -169,13 +169,14 @@ def test_cka_report_splits_the_matrix_by_snapshot_and_pair(snapshots):
     assert pair["matched_block_cka"] == pytest.approx(np.mean(np.diag(pair["cka"])))
 
 
-def test_analyze_cka_writes_its_files_and_refuses_a_bad_batch_size_first(snapshots, tmp_path):
+def test_analyze_cka_writes_its_files_and_refuses_a_bad_batch_size_first(snapshots, tmp_path, capsys):
     images = smooth_images(12, seed=9)
     with pytest.raises(ValueError, match="batch_size=13"):
         analyze_cka(snapshots, images, tmp_path / "bad", batch_size=13)
     assert not (tmp_path / "bad").exists()
     report = analyze_cka(snapshots, images, tmp_path / "out", batch_size=5)
     assert report["settings"]["examples"] == 10  # two whole minibatches
+    assert capsys.readouterr().out.splitlines()[-1] == "cka 2 nets: 2/2 minibatches"
     written = json.loads((tmp_path / "out" / "cka.json").read_text())
     assert written["runs"][1]["branch_to_skip"] == [None] * 3
     assert len(written["pairs"]) == 1 and np.asarray(written["pairs"][0]["cka"]).shape == (3, 3)

@@ -34,7 +34,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from resnet_jax.analysis.common import ModelSnapshot, line_styles, pyplot, save_figure, write_csv, write_json
+from resnet_jax.analysis.common import (
+    ModelSnapshot,
+    ProgressLine,
+    line_styles,
+    pyplot,
+    save_figure,
+    write_csv,
+    write_json,
+)
 
 # The names under which `ResidualBlock` sows its values (models/blocks.py): its output y, its branch F(x)
 # and its shortcut's value s(x) (blocks with a skip connection only). Read only through these.
@@ -190,12 +198,14 @@ def block_cka(
     count = check_batching(len(images), batch_size)
     accumulator = MinibatchCKA()
     ratio_sums: list[Any] = [0.0] * len(snapshots)
+    line = ProgressLine(f"cka {len(snapshots)} nets", count // batch_size, "minibatches")  # 110 layers: minutes
     for start in range(0, count, batch_size):
         batch = images[start : start + batch_size]
         statistics = [block_statistics(s.model, s.variables, batch) for s in snapshots]
         accumulator.add(jnp.concatenate([grams for grams, _ in statistics]))
         ratios = [np.asarray(r, np.float64).sum(1) for _, r in statistics]
         ratio_sums = [total + part for total, part in zip(ratio_sums, ratios, strict=True)]
+        line.update(start // batch_size + 1)
     return accumulator.value(), [sums / count for sums in ratio_sums]
 
 
