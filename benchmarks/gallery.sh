@@ -15,7 +15,7 @@
 #      lesions against resnet56's
 #
 #   benchmarks/gallery.sh                       # from the repository root; runs in runs/gallery, analyses beside
-#   CPU=1 benchmarks/gallery.sh                 # the CPU's batch-parts step, 64 path samples: hours, resumable
+#   CPU=1 benchmarks/gallery.sh                 # the CPU's batch-parts step, 32 path samples: hours, resumable
 #   DRY=1 benchmarks/gallery.sh                 # toy depths and sizes in a temporary folder: checks every command
 #
 # RUNS (default runs/gallery) holds the training runs (RUNS/runs/<model>) and OUT (default RUNS/analysis) the
@@ -42,18 +42,23 @@ if [[ $DRY == 1 ]]; then  # nets of 8 and 14 layers trained 4 steps, for the mid
     DEEP=14 MID=8 SAMPLES=${SAMPLES:-4} RESOLUTION=${RESOLUTION:-3}
     TRAIN+=(--config.depths="(8,14)" --config.num_train_steps=4 --config.warmup_steps=1 --config.log_every_steps=2
         --config.eval_every_steps=4 --config.checkpoint_every_steps=2 --config.eval_split="test[:64]")
-    SMALL=(--examples 16)
+    SMALL=(--examples 16) LESION=()
     LANDSCAPE=("${SMALL[@]}")
     CKA=(--examples 16 --batch-size 8)
     JACOBIAN=(--iterations 5 --probes 8 --exact-size 0)
     LIMITS=(600 300)
 else
     DEEP=110 MID=56 RESOLUTION=${RESOLUTION:-51}
-    SMALL=() JACOBIAN=() LANDSCAPE=()
+    SMALL=() JACOBIAN=() LANDSCAPE=() LESION=()
     CKA=(--examples 10000)  # the whole test split, as Nguyen et al. use it
-    # The paper's 1,000 path samples per length are GPU work: a CPU measures 64 and 32, and its landscapes on 64
-    # images, the Hessian's batch, instead of 256 (docs/results.md gives the times)
-    if [[ ${CPU:-0} == 1 ]]; then SAMPLES=${SAMPLES:-64} LANDSCAPE=(--examples 64); else SAMPLES=${SAMPLES:-1000}; fi
+    # The paper's 1,000 path samples per length are GPU work: a CPU measures 32 and 16, its landscapes on 64
+    # images (the Hessian's batch) instead of 256, and the deep lesions on 500 test images instead of 1,000
+    # (docs/results.md gives the times)
+    if [[ ${CPU:-0} == 1 ]]; then
+        SAMPLES=${SAMPLES:-32} LANDSCAPE=(--examples 64) LESION=(--examples 500)
+    else
+        SAMPLES=${SAMPLES:-1000}
+    fi
     LIMITS=(36000 7200)
 fi
 DROP=${DROP:-0.5}
@@ -94,7 +99,7 @@ part "1. paths, $((SAMPLES / 2)) samples per length" "$OUT/paths_half/paths.json
     "${RJ[@]}" analyze paths --checkpoint "$RUNS/runs/resnet$DEEP" --samples "$((SAMPLES / 2))" "${DATA[@]}" \
     --out "$OUT/paths_half"
 part "2. lesions" "$OUT/lesion/lesion.json" "${LIMITS[1]}" \
-    "${RJ[@]}" analyze lesion "${DEEP_RUNS[@]}" "${DATA[@]}" --out "$OUT/lesion"
+    "${RJ[@]}" analyze lesion "${DEEP_RUNS[@]}" "${LESION[@]}" "${DATA[@]}" --out "$OUT/lesion"
 part "3. landscapes at ${RESOLUTION}x$RESOLUTION" "$OUT/landscape/landscape.json" "${LIMITS[1]}" \
     "${RJ[@]}" analyze landscape "${MID_RUNS[@]}" --resolution "$RESOLUTION" "${LANDSCAPE[@]}" "${DATA[@]}" \
     --out "$OUT/landscape"
