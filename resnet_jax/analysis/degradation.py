@@ -188,8 +188,10 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def plot_degradation(runs: list[dict[str, Any]], path: Path) -> Path:
     """Error against step, plain nets left and residual nets right: thin lines training error, bold test error,
-    one colour per depth in both panels (He et al. 2015, Fig. 6)."""
+    one colour per depth in both panels (He et al. 2015, Fig. 6). The error axis is logarithmic, so that a plain
+    net stuck near chance and residual nets a point apart are both readable on one figure."""
     from matplotlib import colormaps
+    from matplotlib.ticker import FuncFormatter, LogLocator
 
     plt = pyplot()
     depths = sorted({run["depth"] for run in runs})
@@ -202,6 +204,9 @@ def plot_degradation(runs: list[dict[str, Any]], path: Path) -> Path:
             ax.plot(*zip(*run["test"], strict=True), "o-", color=colour, linewidth=2.2, markersize=4, label=test)
         ax.set_title("plain nets" if family == "plain" else "residual nets")
         ax.set_xlabel("training step")
-        ax.grid(alpha=0.3)
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3, which="both")
+    axes[0].yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))  # 5, 10, 20, 50 (%): readable without a key
+    axes[0].yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
     axes[0].set_ylabel("error (%)")
     return save_figure(fig, path, "Training (thin) and test (bold) error by depth")
