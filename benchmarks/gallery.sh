@@ -15,7 +15,7 @@
 #      lesions against resnet56's
 #
 #   benchmarks/gallery.sh                       # from the repository root; runs in runs/gallery, analyses beside
-#   CPU=1 benchmarks/gallery.sh                 # the CPU's batch-parts step, 32 path samples: hours, resumable
+#   CPU=1 benchmarks/gallery.sh                 # the CPU's batch-parts step, 64 path samples: hours, resumable
 #   DRY=1 benchmarks/gallery.sh                 # toy depths and sizes in a temporary folder: checks every command
 #
 # RUNS (default runs/gallery) holds the training runs (RUNS/runs/<model>) and OUT (default RUNS/analysis) the
@@ -51,11 +51,11 @@ else
     DEEP=110 MID=56 RESOLUTION=${RESOLUTION:-51}
     SMALL=() JACOBIAN=() LANDSCAPE=() LESION=()
     CKA=(--examples 10000)  # the whole test split, as Nguyen et al. use it
-    # The paper's 1,000 path samples per length are GPU work: a CPU measures 32 and 16, its landscapes on 64
+    # The paper's 1,000 path samples per length are GPU work: a CPU measures 64 and 32, its landscapes on 64
     # images (the Hessian's batch) instead of 256, and the deep lesions on 500 test images instead of 1,000
     # (docs/results.md gives the times)
     if [[ ${CPU:-0} == 1 ]]; then
-        SAMPLES=${SAMPLES:-32} LANDSCAPE=(--examples 64) LESION=(--examples 500)
+        SAMPLES=${SAMPLES:-64} LANDSCAPE=(--examples 64) LESION=(--examples 500)
     else
         SAMPLES=${SAMPLES:-1000}
     fi
