@@ -29,6 +29,7 @@ from resnet_jax.analysis.paths import (
     path_counts,
     path_probabilities,
     sample_gates,
+    scaled_norms,
     summarize_lengths,
 )
 from resnet_jax.cli import main
@@ -159,6 +160,18 @@ def test_one_compiled_program_serves_every_path_length_and_sample():
     for row, length, norm in zip(gates, lengths, norms, strict=True):
         expected = gated_gradient(model, variables, images, labels, jnp.asarray(row))
         assert norm == pytest.approx(float(jnp.linalg.norm(expected)), rel=1e-5), length
+
+
+def test_gradient_norms_survive_magnitudes_whose_squares_underflow_float32():
+    """A path through 25 branches of a trained resnet110 carries about 1e-21: squared, that is below float32's
+    range, and a plain sum of squares reads 0."""
+    values = np.random.default_rng(0).normal(size=(3, 4, 5)).astype(np.float32)
+    expected = np.linalg.norm(values.astype(np.float64).reshape(3, -1), axis=1)
+    scales = np.array([1.0, 1e-21, 1e-30], np.float32)[:, None, None]
+    tiny = jnp.asarray(values * scales)
+    assert float(jnp.sqrt(jnp.sum(jnp.square(tiny[1])))) == 0.0  # what the scaling is for
+    np.testing.assert_allclose(np.asarray(scaled_norms(tiny)), expected * scales[:, 0, 0], rtol=1e-5)
+    assert np.asarray(scaled_norms(jnp.zeros((2, 3)))).tolist() == [0.0, 0.0]
 
 
 def test_sampled_gates_pass_exactly_k_branches_and_the_other_skips():

@@ -109,6 +109,15 @@ def input_gradient(
     return jax.grad(lambda x: gated_loss(model, variables, x, labels, gates))(images)
 
 
+def scaled_norms(values: jax.Array) -> jax.Array:
+    """The Frobenius norm of each ``values[i]``, scaled by its largest entry first. Long paths carry gradients
+    of 1e-20 and less, whose squares underflow float32 (below about 1e-38) and would read as 0."""
+    flat = values.reshape(values.shape[0], -1)
+    largest = jnp.max(jnp.abs(flat), axis=1, keepdims=True)
+    scale = jnp.where(largest > 0, largest, 1.0)
+    return scale[:, 0] * jnp.sqrt(jnp.sum(jnp.square(flat / scale), axis=1))
+
+
 class PathGradients:
     """||dL/d images|| (Frobenius over the batch) for any number of gate vectors, ``chunk`` at a time.
 
@@ -129,7 +138,7 @@ class PathGradients:
     def _norms(self, variables: dict[str, Any], images: jax.Array, labels: jax.Array, gates: jax.Array) -> jax.Array:
         self.traces += 1
         gradients = jax.vmap(partial(input_gradient, self.model, variables, images, labels))(gates)
-        return jnp.sqrt(jnp.sum(jnp.square(gradients), axis=tuple(range(1, gradients.ndim))))
+        return scaled_norms(gradients)
 
     def __call__(
         self,
